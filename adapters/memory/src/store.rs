@@ -1,0 +1,504 @@
+//! The in-memory store: events, coordination state, checkpoints and read-model tables.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use orchestrator_core::ports::{
+    Appended, CheckpointStore, CoordinationStore, EventStore, Fence, HeartbeatAck, ReadRequest,
+    StoreError, StoreResult,
+};
+use orchestrator_core::{
+    Clock, Epoch, Event, EventId, ExpectedVersion, Generation, GenerationPlan, Incarnation, Lease,
+    NewEvent, Position, ReplicaSetName, Slot, SlotAction, SlotCount, SlotRecord, Snapshot,
+    StreamId, Timestamp, WorkerId, WorkerRecord,
+};
+
+/// Every port of the orchestrator, in memory. Cloning shares the same state.
+#[derive(Debug, Clone)]
+pub struct MemoryStore {
+    state: Arc<Mutex<State>>,
+    clock: Arc<dyn Clock>,
+    slot_count: SlotCount,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    events: Vec<Event>,
+    /// Indexes into `events`, per slot, in position order.
+    events_by_slot: BTreeMap<Slot, Vec<usize>>,
+    stream_versions: BTreeMap<StreamId, u64>,
+    event_ids: BTreeSet<EventId>,
+    replica_sets: BTreeMap<ReplicaSetName, ReplicaSetState>,
+    checkpoints: BTreeMap<(ReplicaSetName, String, Slot), Position>,
+    tables: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
+}
+
+#[derive(Debug)]
+struct ReplicaSetState {
+    slot_count: SlotCount,
+    generation: Generation,
+    members: Vec<WorkerId>,
+    lease: Option<LeaseState>,
+    last_incarnation: Incarnation,
+    workers: BTreeMap<WorkerId, WorkerState>,
+    slots: Vec<SlotRecord>,
+}
+
+#[derive(Debug, Clone)]
+struct LeaseState {
+    holder: WorkerId,
+    incarnation: Incarnation,
+    expires_at: Timestamp,
+}
+
+#[derive(Debug, Clone)]
+struct WorkerState {
+    incarnation: Incarnation,
+    registered_at: Timestamp,
+    last_heartbeat: Timestamp,
+    acked_generation: Generation,
+}
+
+impl MemoryStore {
+    /// An empty store bucketing events into `slot_count` slots, telling time by `clock`.
+    pub fn new(slot_count: SlotCount, clock: Arc<dyn Clock>) -> Self {
+        Self { state: Arc::default(), clock, slot_count }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent data (every mutation completes
+        // before the guard drops), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A committed read-model row written through a [`MemoryTx`].
+    pub fn read_model_row(&self, table: &str, key: &str) -> Option<Vec<u8>> {
+        self.lock().tables.get(table).and_then(|rows| rows.get(key).cloned())
+    }
+
+    /// Every committed row of a read-model table, by key.
+    pub fn read_model_table(&self, table: &str) -> BTreeMap<String, Vec<u8>> {
+        self.lock().tables.get(table).cloned().unwrap_or_default()
+    }
+
+    /// Number of events appended.
+    pub fn event_count(&self) -> usize {
+        self.lock().events.len()
+    }
+}
+
+fn not_registered(replica_set: &ReplicaSetName, worker: &WorkerId) -> StoreError {
+    StoreError::NotRegistered { replica_set: replica_set.clone(), worker: worker.clone() }
+}
+
+impl State {
+    fn replica_set(&mut self, name: &ReplicaSetName) -> StoreResult<&mut ReplicaSetState> {
+        self.replica_sets.get_mut(name).ok_or_else(|| StoreError::UnknownReplicaSet(name.clone()))
+    }
+}
+
+impl ReplicaSetState {
+    fn worker(
+        &mut self,
+        replica_set: &ReplicaSetName,
+        worker: &WorkerId,
+        incarnation: Incarnation,
+    ) -> StoreResult<&mut WorkerState> {
+        self.workers
+            .get_mut(worker)
+            .filter(|w| w.incarnation == incarnation)
+            .ok_or_else(|| not_registered(replica_set, worker))
+    }
+}
+
+#[async_trait]
+impl EventStore for MemoryStore {
+    fn slot_count(&self) -> SlotCount {
+        self.slot_count
+    }
+
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> StoreResult<Appended> {
+        let now = self.clock.now();
+        let mut state = self.lock();
+        let current = state.stream_versions.get(stream).copied().unwrap_or(0);
+        let conflict = match expected {
+            ExpectedVersion::Any => false,
+            ExpectedVersion::NoStream => current != 0,
+            ExpectedVersion::Exact(version) => current != version,
+        };
+        if conflict {
+            return Err(StoreError::VersionConflict {
+                stream: stream.clone(),
+                expected,
+                actual: current,
+            });
+        }
+        let mut batch_ids = BTreeSet::new();
+        for event in &events {
+            if state.event_ids.contains(&event.event_id) || !batch_ids.insert(event.event_id) {
+                return Err(StoreError::DuplicateEvent { event_id: event.event_id });
+            }
+        }
+        let slot = self.slot_count.slot_of(&stream.aggregate_id);
+        let first_global = state.events.len() as u64 + 1;
+        let mut version = current;
+        for new in events {
+            version += 1;
+            let index = state.events.len();
+            state.event_ids.insert(new.event_id);
+            state.events.push(Event {
+                position: Position::global(index as u64 + 1),
+                stream: stream.clone(),
+                aggregate_version: version,
+                slot,
+                event_id: new.event_id,
+                event_type: new.event_type,
+                event_version: new.event_version,
+                payload: new.payload,
+                metadata: new.metadata,
+                tracing: new.tracing,
+                created_at: now,
+            });
+            state.events_by_slot.entry(slot).or_default().push(index);
+        }
+        state.stream_versions.insert(stream.clone(), version);
+        Ok(Appended { first_global, last_global: state.events.len() as u64, version })
+    }
+
+    async fn read(&self, request: &ReadRequest) -> StoreResult<Vec<Event>> {
+        let state = self.lock();
+        // Merge the per-slot index lists, each from just after its cursor, in position order.
+        let mut heads = BinaryHeap::new();
+        let mut lists = Vec::new();
+        for (slot, after) in &request.cursors {
+            let Some(list) = state.events_by_slot.get(slot) else { continue };
+            let start = list.partition_point(|&i| state.events[i].position <= *after);
+            if start < list.len() {
+                heads.push(Reverse((list[start], lists.len(), start)));
+            }
+            lists.push(list);
+        }
+        let mut out = Vec::new();
+        while out.len() < request.limit {
+            let Some(Reverse((index, list_idx, pos))) = heads.pop() else { break };
+            let event = &state.events[index];
+            if request.scope.includes(&event.stream) {
+                out.push(event.clone());
+            }
+            if let Some(&next) = lists[list_idx].get(pos + 1) {
+                heads.push(Reverse((next, list_idx, pos + 1)));
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl CoordinationStore for MemoryStore {
+    async fn register(
+        &self,
+        replica_set: &ReplicaSetName,
+        slot_count: SlotCount,
+        worker: &WorkerId,
+    ) -> StoreResult<Incarnation> {
+        let now = self.clock.now();
+        let mut state = self.lock();
+        let set =
+            state.replica_sets.entry(replica_set.clone()).or_insert_with(|| ReplicaSetState {
+                slot_count,
+                generation: Generation::ZERO,
+                members: Vec::new(),
+                lease: None,
+                last_incarnation: Incarnation::ZERO,
+                workers: BTreeMap::new(),
+                slots: vec![SlotRecord::default(); slot_count.get() as usize],
+            });
+        if set.slot_count != slot_count {
+            return Err(StoreError::SlotCountMismatch {
+                replica_set: replica_set.clone(),
+                stored: set.slot_count,
+                configured: slot_count,
+            });
+        }
+        set.last_incarnation = set.last_incarnation.next();
+        let incarnation = set.last_incarnation;
+        set.workers.insert(
+            worker.clone(),
+            WorkerState {
+                incarnation,
+                registered_at: now,
+                last_heartbeat: now,
+                acked_generation: Generation::ZERO,
+            },
+        );
+        for record in set.slots.iter_mut().filter(|r| r.owner.as_ref() == Some(worker)) {
+            record.epoch = record.epoch.next();
+        }
+        Ok(incarnation)
+    }
+
+    async fn heartbeat(
+        &self,
+        replica_set: &ReplicaSetName,
+        worker: &WorkerId,
+        incarnation: Incarnation,
+        lease: Duration,
+    ) -> StoreResult<HeartbeatAck> {
+        let now = self.clock.now();
+        let mut state = self.lock();
+        let set = state.replica_set(replica_set)?;
+        set.worker(replica_set, worker, incarnation)?.last_heartbeat = now;
+        let takeable = match &set.lease {
+            None => true,
+            Some(held) => {
+                held.expires_at <= now
+                    || (&held.holder == worker && held.incarnation == incarnation)
+            }
+        };
+        if takeable {
+            set.lease =
+                Some(LeaseState { holder: worker.clone(), incarnation, expires_at: now + lease });
+        }
+        Ok(HeartbeatAck { leader: takeable })
+    }
+
+    async fn snapshot(&self, replica_set: &ReplicaSetName) -> StoreResult<Snapshot> {
+        let now = self.clock.now();
+        let mut state = self.lock();
+        let set = state.replica_set(replica_set)?;
+        Ok(Snapshot {
+            replica_set: replica_set.clone(),
+            slot_count: set.slot_count,
+            generation: set.generation,
+            members: set.members.clone(),
+            lease: set.lease.as_ref().map(|lease| Lease {
+                holder: lease.holder.clone(),
+                incarnation: lease.incarnation,
+                remaining: Timestamp(lease.expires_at.as_millis()).saturating_since(now),
+            }),
+            workers: set
+                .workers
+                .iter()
+                .map(|(id, w)| WorkerRecord {
+                    id: id.clone(),
+                    incarnation: w.incarnation,
+                    heartbeat_age: now.saturating_since(w.last_heartbeat),
+                    registered_age: now.saturating_since(w.registered_at),
+                    acked_generation: w.acked_generation,
+                })
+                .collect(),
+            slots: set.slots.clone(),
+        })
+    }
+
+    async fn create_generation(
+        &self,
+        replica_set: &ReplicaSetName,
+        plan: &GenerationPlan,
+    ) -> StoreResult<()> {
+        let now = self.clock.now();
+        let mut state = self.lock();
+        let set = state.replica_set(replica_set)?;
+        let conflict = || StoreError::GenerationConflict {
+            replica_set: replica_set.clone(),
+            expected: plan.expected,
+            actual: set.generation,
+        };
+        let leads = set.lease.as_ref().is_some_and(|lease| {
+            lease.holder == plan.leader
+                && lease.incarnation == plan.leader_incarnation
+                && lease.expires_at > now
+        });
+        let epochs_match = plan.changes.iter().all(|change| {
+            set.slots.get(change.slot.0 as usize).is_some_and(|r| r.epoch == change.epoch)
+        });
+        if set.generation != plan.expected || plan.generation != plan.expected.next() {
+            return Err(conflict());
+        }
+        if !leads || !epochs_match {
+            return Err(conflict());
+        }
+        for change in &plan.changes {
+            let record = &mut set.slots[change.slot.0 as usize];
+            match &change.action {
+                SlotAction::Grant { to } => {
+                    record.owner = Some(to.clone());
+                    record.next_owner = None;
+                    record.epoch = record.epoch.next();
+                }
+                SlotAction::Handoff { to } => record.next_owner = Some(to.clone()),
+                SlotAction::CancelHandoff => record.next_owner = None,
+            }
+        }
+        for evicted in &plan.evict {
+            set.workers.remove(evicted);
+        }
+        set.generation = plan.generation;
+        set.members = plan.members.clone();
+        Ok(())
+    }
+
+    async fn release_slot(
+        &self,
+        replica_set: &ReplicaSetName,
+        worker: &WorkerId,
+        slot: Slot,
+        epoch: Epoch,
+    ) -> StoreResult<()> {
+        let mut state = self.lock();
+        let set = state.replica_set(replica_set)?;
+        let fenced = || StoreError::Fenced { worker: worker.clone(), slot };
+        let record = set.slots.get_mut(slot.0 as usize).ok_or_else(fenced)?;
+        if record.owner.as_ref() != Some(worker) || record.epoch != epoch {
+            return Err(fenced());
+        }
+        let Some(next) = record.next_owner.take() else {
+            return Err(fenced());
+        };
+        record.owner = Some(next);
+        record.epoch = record.epoch.next();
+        Ok(())
+    }
+
+    async fn ack_generation(
+        &self,
+        replica_set: &ReplicaSetName,
+        worker: &WorkerId,
+        incarnation: Incarnation,
+        generation: Generation,
+    ) -> StoreResult<()> {
+        let mut state = self.lock();
+        let set = state.replica_set(replica_set)?;
+        let record = set.worker(replica_set, worker, incarnation)?;
+        record.acked_generation = record.acked_generation.max(generation);
+        Ok(())
+    }
+
+    async fn deregister(
+        &self,
+        replica_set: &ReplicaSetName,
+        worker: &WorkerId,
+        incarnation: Incarnation,
+    ) -> StoreResult<()> {
+        let mut state = self.lock();
+        let set = state.replica_set(replica_set)?;
+        if set.worker(replica_set, worker, incarnation).is_err() {
+            return Ok(());
+        }
+        set.workers.remove(worker);
+        for record in set.slots.iter_mut().filter(|r| r.owner.as_ref() == Some(worker)) {
+            record.owner = record.next_owner.take();
+            record.epoch = record.epoch.next();
+        }
+        if set.lease.as_ref().is_some_and(|l| &l.holder == worker && l.incarnation == incarnation) {
+            set.lease = None;
+        }
+        Ok(())
+    }
+}
+
+/// A transaction on the in-memory store: read-model writes are buffered and applied at commit.
+#[derive(Debug)]
+pub struct MemoryTx {
+    state: Arc<Mutex<State>>,
+    writes: Vec<(String, String, Option<Vec<u8>>)>,
+}
+
+impl MemoryTx {
+    /// Writes a read-model row (visible to others only after commit).
+    pub fn put(&mut self, table: &str, key: &str, value: Vec<u8>) {
+        self.writes.push((table.to_owned(), key.to_owned(), Some(value)));
+    }
+
+    /// Deletes a read-model row (at commit).
+    pub fn delete(&mut self, table: &str, key: &str) {
+        self.writes.push((table.to_owned(), key.to_owned(), None));
+    }
+
+    /// Reads a row as this transaction sees it: its own writes over committed state.
+    pub fn get(&self, table: &str, key: &str) -> Option<Vec<u8>> {
+        if let Some((_, _, value)) =
+            self.writes.iter().rev().find(|(t, k, _)| t == table && k == key)
+        {
+            return value.clone();
+        }
+        let state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        state.tables.get(table).and_then(|rows| rows.get(key).cloned())
+    }
+}
+
+#[async_trait]
+impl CheckpointStore for MemoryStore {
+    type Tx = MemoryTx;
+
+    async fn load(
+        &self,
+        replica_set: &ReplicaSetName,
+        projection: &str,
+        slots: &[Slot],
+    ) -> StoreResult<BTreeMap<Slot, Position>> {
+        let state = self.lock();
+        Ok(slots
+            .iter()
+            .map(|slot| {
+                let key = (replica_set.clone(), projection.to_owned(), *slot);
+                (*slot, state.checkpoints.get(&key).copied().unwrap_or(Position::START))
+            })
+            .collect())
+    }
+
+    async fn begin(&self) -> StoreResult<MemoryTx> {
+        Ok(MemoryTx { state: Arc::clone(&self.state), writes: Vec::new() })
+    }
+
+    async fn commit(
+        &self,
+        tx: MemoryTx,
+        fence: &Fence,
+        projection: &str,
+        checkpoints: &BTreeMap<Slot, Position>,
+    ) -> StoreResult<()> {
+        let mut state = self.lock();
+        let set = state.replica_set(&fence.replica_set)?;
+        for slot in checkpoints.keys() {
+            let owned = fence.grants.get(slot).is_some_and(|epoch| {
+                set.slots.get(slot.0 as usize).is_some_and(|record| {
+                    record.owner.as_ref() == Some(&fence.worker) && record.epoch == *epoch
+                })
+            });
+            if !owned {
+                return Err(StoreError::Fenced { worker: fence.worker.clone(), slot: *slot });
+            }
+        }
+        for (slot, position) in checkpoints {
+            let key = (fence.replica_set.clone(), projection.to_owned(), *slot);
+            if state.checkpoints.get(&key).is_some_and(|stored| stored > position) {
+                return Err(StoreError::CheckpointRegression {
+                    projection: projection.to_owned(),
+                    slot: *slot,
+                });
+            }
+        }
+        for (slot, position) in checkpoints {
+            state
+                .checkpoints
+                .insert((fence.replica_set.clone(), projection.to_owned(), *slot), *position);
+        }
+        for (table, key, value) in tx.writes {
+            let rows = state.tables.entry(table).or_default();
+            match value {
+                Some(value) => rows.insert(key, value),
+                None => rows.remove(&key),
+            };
+        }
+        Ok(())
+    }
+}

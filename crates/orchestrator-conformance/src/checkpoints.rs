@@ -1,0 +1,148 @@
+//! Cases for the [`CheckpointStore`] contract.
+
+use std::collections::BTreeMap;
+
+use orchestrator_core::ports::{CheckpointStore, CoordinationStore, Fence, StoreError};
+use orchestrator_core::{Epoch, Position, ReplicaSetName, Slot, SlotAction, SlotChange, WorkerId};
+
+use crate::coordination::{first_generation, replica_set, slots, worker};
+use crate::{Harness, SLOTS};
+
+fn fence(worker: &WorkerId, grants: &[(u32, u64)]) -> Fence {
+    Fence {
+        replica_set: replica_set(),
+        worker: worker.clone(),
+        grants: grants.iter().map(|(s, e)| (Slot(*s), Epoch(*e))).collect(),
+    }
+}
+
+fn at(pairs: &[(u32, u64)]) -> BTreeMap<Slot, Position> {
+    pairs.iter().map(|(s, g)| (Slot(*s), Position::global(*g))).collect()
+}
+
+/// Slots never committed load as `Position::START`.
+pub async fn unknown_checkpoints_start_at_the_beginning<H: Harness>(h: &H) {
+    let loaded = h.store().load(&replica_set(), "orders", &[Slot(0), Slot(5)]).await.unwrap();
+    assert_eq!(loaded, at(&[(0, 0), (5, 0)]));
+}
+
+/// A fenced commit by the owner advances its checkpoints and keeps its read-model writes.
+pub async fn commit_advances_checkpoints_and_read_model_together<H: Harness>(h: &H) {
+    let store = h.store();
+    let w1 = worker("w1");
+    first_generation(store, &w1).await;
+    let mut tx = store.begin().await.unwrap();
+    h.put_row(&mut tx, "order-1", "placed").await;
+    store
+        .commit(tx, &fence(&w1, &[(0, 1), (1, 1)]), "orders", &at(&[(0, 10), (1, 12)]))
+        .await
+        .unwrap();
+    assert_eq!(h.get_row("order-1").await.as_deref(), Some("placed"));
+    let loaded = store.load(&replica_set(), "orders", &[Slot(0), Slot(1), Slot(2)]).await.unwrap();
+    assert_eq!(loaded, at(&[(0, 10), (1, 12), (2, 0)]));
+}
+
+/// A zombie committing under an epoch the slot has moved past is `Fenced`, and its read-model
+/// writes and checkpoints are rolled back together.
+pub async fn stale_epoch_is_fenced_and_read_model_writes_roll_back<H: Harness>(h: &H) {
+    let store = h.store();
+    let rs = replica_set();
+    let (w1, w2) = (worker("w1"), worker("w2"));
+    let incarnation = first_generation(store, &w1).await;
+    store.register(&rs, slots(), &w2).await.unwrap();
+
+    // The zombie opened its transaction and wrote before the slot moved.
+    let mut zombie_tx = store.begin().await.unwrap();
+    h.put_row(&mut zombie_tx, "order-1", "zombie").await;
+
+    let plan = orchestrator_core::GenerationPlan {
+        expected: orchestrator_core::Generation(1),
+        generation: orchestrator_core::Generation(2),
+        leader: w1.clone(),
+        leader_incarnation: incarnation,
+        members: vec![w2.clone()],
+        changes: vec![SlotChange {
+            slot: Slot(0),
+            epoch: Epoch(1),
+            action: SlotAction::Grant { to: w2.clone() },
+        }],
+        evict: Vec::new(),
+    };
+    store.create_generation(&rs, &plan).await.unwrap();
+
+    let err = store
+        .commit(zombie_tx, &fence(&w1, &[(0, 1), (1, 1)]), "orders", &at(&[(0, 50), (1, 50)]))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Fenced { .. }), "{err}");
+    assert!(err.is_conflict() && !err.is_retryable());
+    assert_eq!(h.get_row("order-1").await, None, "read-model write rolled back");
+    let loaded = store.load(&rs, "orders", &[Slot(0), Slot(1)]).await.unwrap();
+    assert_eq!(loaded, at(&[(0, 0), (1, 0)]), "no checkpoint moved, not even the still-owned slot");
+
+    // The new owner commits under the new epoch.
+    let mut tx = store.begin().await.unwrap();
+    h.put_row(&mut tx, "order-1", "owner").await;
+    store.commit(tx, &fence(&w2, &[(0, 2)]), "orders", &at(&[(0, 50)])).await.unwrap();
+    assert_eq!(h.get_row("order-1").await.as_deref(), Some("owner"));
+}
+
+/// A checkpoint for a slot the fence does not claim is `Fenced`.
+pub async fn slot_outside_the_fence_is_fenced<H: Harness>(h: &H) {
+    let store = h.store();
+    let w1 = worker("w1");
+    first_generation(store, &w1).await;
+    let tx = store.begin().await.unwrap();
+    let err = store
+        .commit(tx, &fence(&w1, &[(0, 1)]), "orders", &at(&[(0, 5), (1, 5)]))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Fenced { slot: Slot(1), .. }), "{err}");
+    let tx = store.begin().await.unwrap();
+    let err = store
+        .commit(tx, &fence(&worker("w9"), &[(0, 1)]), "orders", &at(&[(0, 5)]))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Fenced { .. }), "{err}");
+}
+
+/// A checkpoint never moves backwards; the failed commit keeps nothing.
+pub async fn checkpoints_never_move_backwards<H: Harness>(h: &H) {
+    let store = h.store();
+    let w1 = worker("w1");
+    first_generation(store, &w1).await;
+    let all: Vec<(u32, u64)> = (0..SLOTS).map(|s| (s, 1)).collect();
+    let tx = store.begin().await.unwrap();
+    store.commit(tx, &fence(&w1, &all), "orders", &at(&[(0, 20)])).await.unwrap();
+    let mut tx = store.begin().await.unwrap();
+    h.put_row(&mut tx, "k", "v").await;
+    let err = store.commit(tx, &fence(&w1, &all), "orders", &at(&[(0, 19)])).await.unwrap_err();
+    assert!(matches!(err, StoreError::CheckpointRegression { .. }), "{err}");
+    assert_eq!(h.get_row("k").await, None);
+    let tx = store.begin().await.unwrap();
+    store.commit(tx, &fence(&w1, &all), "orders", &at(&[(0, 20)])).await.unwrap();
+}
+
+/// A transaction dropped without commit keeps nothing.
+pub async fn dropped_transaction_keeps_nothing<H: Harness>(h: &H) {
+    let store = h.store();
+    let mut tx = store.begin().await.unwrap();
+    h.put_row(&mut tx, "k", "v").await;
+    drop(tx);
+    assert_eq!(h.get_row("k").await, None);
+}
+
+/// Checkpoints are kept per (replica set, projection, slot).
+pub async fn checkpoints_are_per_replica_set_and_projection<H: Harness>(h: &H) {
+    let store = h.store();
+    let w1 = worker("w1");
+    first_generation(store, &w1).await;
+    let tx = store.begin().await.unwrap();
+    store.commit(tx, &fence(&w1, &[(0, 1)]), "orders", &at(&[(0, 7)])).await.unwrap();
+    let other_projection = store.load(&replica_set(), "invoices", &[Slot(0)]).await.unwrap();
+    assert_eq!(other_projection, at(&[(0, 0)]));
+    let other_set = ReplicaSetName::new("analytics").unwrap();
+    assert_eq!(store.load(&other_set, "orders", &[Slot(0)]).await.unwrap(), at(&[(0, 0)]));
+    // The replica set need not have a generation for its checkpoints to be read.
+    store.register(&other_set, slots(), &w1).await.unwrap();
+}

@@ -1,0 +1,269 @@
+//! Cases for the [`EventStore`] contract.
+
+use orchestrator_core::ports::{EventStore, ReadRequest, StoreError};
+use orchestrator_core::{
+    Event, EventId, ExpectedVersion, NewEvent, Position, Scope, Slot, StreamId, Tracing,
+};
+
+use crate::Harness;
+
+/// A distinct event id for each `n`.
+pub fn event_id(n: u64) -> EventId {
+    let mut bytes = [0u8; 16];
+    bytes[8..].copy_from_slice(&n.to_be_bytes());
+    bytes[6] = 0x40; // version 4 layout, so SQL uuid columns accept it as a plain UUID
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    EventId(bytes)
+}
+
+/// `n` events of type `type_` with ids starting at `first_id`.
+pub fn new_events(first_id: u64, n: u64, type_: &str) -> Vec<NewEvent> {
+    (first_id..first_id + n)
+        .map(|id| NewEvent {
+            event_id: event_id(id),
+            event_type: type_.to_owned(),
+            event_version: 1,
+            payload: format!("{{\"n\":{id}}}").into_bytes(),
+            metadata: "{}".to_owned(),
+            tracing: Tracing {
+                causation_id: Some(format!("cause-{id}")),
+                correlation_id: Some("corr".to_owned()),
+                trace_id: None,
+            },
+        })
+        .collect()
+}
+
+fn order(id: &str) -> StreamId {
+    StreamId::new("sales", "Order", id)
+}
+
+fn all_slots_from_start<S: EventStore>(store: &S) -> Vec<(Slot, Position)> {
+    store.slot_count().all().map(|slot| (slot, Position::START)).collect()
+}
+
+async fn read_all<S: EventStore>(store: &S) -> Vec<Event> {
+    let request =
+        ReadRequest { cursors: all_slots_from_start(store), scope: Scope::all(), limit: 10_000 };
+    store.read(&request).await.expect("read")
+}
+
+/// Versions continue from 1 per stream; global positions increase; fields round-trip.
+pub async fn append_assigns_versions_and_positions<H: Harness>(h: &H) {
+    let store = h.store();
+    let first = store
+        .append(&order("o-1"), ExpectedVersion::NoStream, new_events(1, 2, "Placed"))
+        .await
+        .unwrap();
+    assert_eq!(first.version, 2);
+    assert_eq!(first.last_global - first.first_global, 1);
+    let second = store
+        .append(&order("o-1"), ExpectedVersion::Exact(2), new_events(3, 1, "Paid"))
+        .await
+        .unwrap();
+    assert_eq!(second.version, 3);
+    assert!(second.first_global > first.last_global);
+
+    let events = read_all(store).await;
+    assert_eq!(events.len(), 3);
+    assert_eq!(events.iter().map(|e| e.aggregate_version).collect::<Vec<_>>(), vec![1, 2, 3]);
+    let e = &events[0];
+    let sent = &new_events(1, 1, "Placed")[0];
+    assert_eq!(e.stream, order("o-1"));
+    assert_eq!(e.event_id, sent.event_id);
+    assert_eq!(e.event_type, "Placed");
+    assert_eq!(e.event_version, 1);
+    assert_eq!(e.payload, sent.payload);
+    assert_eq!(e.metadata, "{}");
+    assert_eq!(e.tracing, sent.tracing);
+    assert_eq!(e.position.global, first.first_global);
+    assert!(e.created_at.as_millis() > 0);
+}
+
+/// `NoStream` on a stream with events is a `VersionConflict` carrying the actual version.
+pub async fn append_no_stream_conflicts_when_stream_exists<H: Harness>(h: &H) {
+    let store = h.store();
+    store
+        .append(&order("o-1"), ExpectedVersion::NoStream, new_events(1, 1, "Placed"))
+        .await
+        .unwrap();
+    let err = store
+        .append(&order("o-1"), ExpectedVersion::NoStream, new_events(2, 1, "Placed"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::VersionConflict { actual: 1, .. }), "{err}");
+    assert!(!err.is_retryable());
+    assert_eq!(read_all(store).await.len(), 1);
+}
+
+/// `Exact(v)` fails unless the stream is at `v`, including `Exact(0)` on a missing stream.
+pub async fn append_exact_version_conflicts_when_version_differs<H: Harness>(h: &H) {
+    let store = h.store();
+    let err = store
+        .append(&order("o-1"), ExpectedVersion::Exact(1), new_events(1, 1, "Placed"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::VersionConflict { actual: 0, .. }), "{err}");
+    store
+        .append(&order("o-1"), ExpectedVersion::Exact(0), new_events(2, 2, "Placed"))
+        .await
+        .unwrap();
+    let err = store
+        .append(&order("o-1"), ExpectedVersion::Exact(1), new_events(4, 1, "Paid"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::VersionConflict { actual: 2, .. }), "{err}");
+    assert_eq!(read_all(store).await.len(), 2);
+}
+
+/// `Any` appends whatever the version.
+pub async fn append_any_never_conflicts<H: Harness>(h: &H) {
+    let store = h.store();
+    for i in 0..3 {
+        let appended = store
+            .append(&order("o-1"), ExpectedVersion::Any, new_events(i * 10, 2, "X"))
+            .await
+            .unwrap();
+        assert_eq!(appended.version, (i + 1) * 2);
+    }
+}
+
+/// A duplicate event id fails the whole batch; nothing of it is written.
+pub async fn duplicate_event_id_is_rejected_and_nothing_is_written<H: Harness>(h: &H) {
+    let store = h.store();
+    store.append(&order("o-1"), ExpectedVersion::Any, new_events(1, 1, "Placed")).await.unwrap();
+    let mut batch = new_events(2, 2, "Placed");
+    batch[1].event_id = event_id(1);
+    let err = store.append(&order("o-2"), ExpectedVersion::Any, batch).await.unwrap_err();
+    assert!(matches!(err, StoreError::DuplicateEvent { .. }), "{err}");
+    assert_eq!(read_all(store).await.len(), 1);
+    // The stream did not come into existence.
+    store
+        .append(&order("o-2"), ExpectedVersion::NoStream, new_events(5, 1, "Placed"))
+        .await
+        .unwrap();
+}
+
+/// An empty append writes nothing and reports the current version.
+pub async fn empty_append_writes_nothing<H: Harness>(h: &H) {
+    let store = h.store();
+    store.append(&order("o-1"), ExpectedVersion::Any, new_events(1, 2, "Placed")).await.unwrap();
+    let appended =
+        store.append(&order("o-1"), ExpectedVersion::Exact(2), Vec::new()).await.unwrap();
+    assert_eq!(appended.version, 2);
+    assert!(appended.first_global > appended.last_global);
+    assert_eq!(read_all(store).await.len(), 2);
+}
+
+/// Each event's slot is `fnv1a_32(aggregate_id) mod slot_count`.
+pub async fn slot_is_hash_of_aggregate_id<H: Harness>(h: &H) {
+    let store = h.store();
+    for i in 0..20 {
+        let id = format!("agg-{i}");
+        store.append(&order(&id), ExpectedVersion::NoStream, new_events(i, 1, "X")).await.unwrap();
+    }
+    for event in read_all(store).await {
+        assert_eq!(event.slot, store.slot_count().slot_of(&event.stream.aggregate_id));
+    }
+}
+
+/// Only events of the requested slots come back, each strictly after its slot's cursor.
+pub async fn read_returns_only_requested_slots_after_their_cursors<H: Harness>(h: &H) {
+    let store = h.store();
+    for i in 0..40 {
+        let id = format!("agg-{}", i % 10);
+        store.append(&order(&id), ExpectedVersion::Any, new_events(i, 1, "X")).await.unwrap();
+    }
+    let all = read_all(store).await;
+    let (a, b) = (all[0].slot, all.iter().map(|e| e.slot).find(|s| *s != all[0].slot).unwrap());
+    let cursor_a = all.iter().filter(|e| e.slot == a).nth(1).unwrap().position;
+    let request = ReadRequest {
+        cursors: vec![(a, cursor_a), (b, Position::START)],
+        scope: Scope::all(),
+        limit: 1000,
+    };
+    let got = store.read(&request).await.unwrap();
+    let expected: Vec<_> = all
+        .iter()
+        .filter(|e| (e.slot == a && e.position > cursor_a) || e.slot == b)
+        .map(|e| e.position)
+        .collect();
+    assert_eq!(got.iter().map(|e| e.position).collect::<Vec<_>>(), expected);
+}
+
+/// Scope filters by aggregate type and bounded context.
+pub async fn read_filters_by_scope<H: Harness>(h: &H) {
+    let store = h.store();
+    let streams = [
+        StreamId::new("sales", "Order", "1"),
+        StreamId::new("sales", "Customer", "2"),
+        StreamId::new("billing", "Order", "3"),
+    ];
+    for (i, stream) in streams.iter().enumerate() {
+        store
+            .append(stream, ExpectedVersion::NoStream, new_events(i as u64, 1, "X"))
+            .await
+            .unwrap();
+    }
+    let scope =
+        Scope { aggregate_types: vec!["Order".into()], bounded_contexts: vec!["sales".into()] };
+    let request = ReadRequest { cursors: all_slots_from_start(store), scope, limit: 100 };
+    let got = store.read(&request).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].stream, streams[0]);
+}
+
+/// Reads come in ascending position order, at most `limit` at a time, and resume after a cursor.
+pub async fn read_pages_with_limit_in_position_order<H: Harness>(h: &H) {
+    let store = h.store();
+    for i in 0..25 {
+        store
+            .append(&order(&format!("agg-{i}")), ExpectedVersion::Any, new_events(i, 1, "X"))
+            .await
+            .unwrap();
+    }
+    let mut cursors = all_slots_from_start(store);
+    let mut seen = Vec::new();
+    loop {
+        let request = ReadRequest { cursors: cursors.clone(), scope: Scope::all(), limit: 7 };
+        let page = store.read(&request).await.unwrap();
+        assert!(page.len() <= 7);
+        if page.is_empty() {
+            break;
+        }
+        for event in &page {
+            let cursor = cursors.iter_mut().find(|(slot, _)| *slot == event.slot).unwrap();
+            cursor.1 = event.position;
+            seen.push(event.position);
+        }
+    }
+    assert_eq!(seen.len(), 25);
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "positions ascend: {seen:?}");
+}
+
+/// Events of one stream come back in version order, interleaved with other streams.
+pub async fn read_keeps_version_order_per_stream<H: Harness>(h: &H) {
+    let store = h.store();
+    for round in 0..5 {
+        for agg in 0..4 {
+            let id = round * 4 + agg;
+            store
+                .append(
+                    &order(&format!("agg-{agg}")),
+                    ExpectedVersion::Exact(round),
+                    new_events(id, 1, "X"),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    let events = read_all(store).await;
+    for agg in 0..4 {
+        let versions: Vec<u64> = events
+            .iter()
+            .filter(|e| e.stream.aggregate_id == format!("agg-{agg}"))
+            .map(|e| e.aggregate_version)
+            .collect();
+        assert_eq!(versions, vec![1, 2, 3, 4, 5]);
+    }
+}

@@ -1,0 +1,108 @@
+//! The adapter conformance suite: one case per contract bullet of the ports in
+//! `orchestrator-core`, run by every adapter (memory, SQLite, PostgreSQL). Every case is mandatory.
+//!
+//! An adapter implements [`Harness`] (a fresh, isolated store per case, a way to let the store's
+//! clock advance, and a way to write a read-model row inside a checkpoint transaction), then
+//! expands [`conformance_tests!`] in a test file, which generates one `#[tokio::test]` per case.
+#![deny(missing_docs)]
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use orchestrator_core::ports::{CheckpointStore, CoordinationStore, EventStore};
+
+pub mod checkpoints;
+pub mod coordination;
+pub mod events;
+
+/// The store every case runs against.
+pub trait ConformanceStore:
+    EventStore + CoordinationStore + CheckpointStore + Send + Sync + 'static
+{
+}
+
+impl<T> ConformanceStore for T where
+    T: EventStore + CoordinationStore + CheckpointStore + Send + Sync + 'static
+{
+}
+
+/// What an adapter provides to run the suite.
+#[async_trait]
+pub trait Harness: Send + Sync + Sized + 'static {
+    /// The adapter's store, implementing every port.
+    type Store: ConformanceStore;
+
+    /// A fresh store with no data, isolated from every other case, with events bucketed into
+    /// 8 slots. `None` skips the case (after printing why); adapters that must run (CI) panic instead.
+    async fn start() -> Option<Self>;
+
+    /// The store under test.
+    fn store(&self) -> &Self::Store;
+
+    /// Lets at least `by` pass on the store's clock (a manual clock moves; a database is waited for).
+    async fn advance(&self, by: Duration);
+
+    /// Writes a read-model row inside a checkpoint transaction.
+    async fn put_row(&self, tx: &mut <Self::Store as CheckpointStore>::Tx, key: &str, value: &str);
+
+    /// Reads a committed read-model row.
+    async fn get_row(&self, key: &str) -> Option<String>;
+}
+
+/// The slot count every harness buckets events into.
+pub const SLOTS: u32 = 8;
+
+/// How long leases last in the cases; short so that SQL stores wait little.
+pub const LEASE: Duration = Duration::from_millis(300);
+
+/// Expands to one `#[tokio::test]` per conformance case for the harness type `$harness`.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($harness:ty) => {
+        $crate::conformance_tests!(@cases $harness;
+            events::append_assigns_versions_and_positions,
+            events::append_no_stream_conflicts_when_stream_exists,
+            events::append_exact_version_conflicts_when_version_differs,
+            events::append_any_never_conflicts,
+            events::duplicate_event_id_is_rejected_and_nothing_is_written,
+            events::empty_append_writes_nothing,
+            events::slot_is_hash_of_aggregate_id,
+            events::read_returns_only_requested_slots_after_their_cursors,
+            events::read_filters_by_scope,
+            events::read_pages_with_limit_in_position_order,
+            events::read_keeps_version_order_per_stream,
+            coordination::register_creates_replica_set_and_checks_slot_count,
+            coordination::register_again_fences_the_previous_incarnation,
+            coordination::heartbeat_of_unknown_incarnation_is_refused,
+            coordination::snapshot_of_unknown_replica_set_is_refused,
+            coordination::lease_goes_to_first_heartbeat_and_changes_hands_only_after_expiry,
+            coordination::ages_are_measured_by_the_store_clock,
+            coordination::create_generation_is_compare_and_set,
+            coordination::create_generation_requires_the_lease,
+            coordination::create_generation_checks_slot_epochs,
+            coordination::handoff_then_release_moves_the_slot_and_bumps_the_epoch,
+            coordination::release_by_a_non_owner_is_fenced,
+            coordination::ack_generation_never_goes_back,
+            coordination::deregister_frees_slots_and_the_lease,
+            coordination::evicted_workers_are_removed,
+            checkpoints::unknown_checkpoints_start_at_the_beginning,
+            checkpoints::commit_advances_checkpoints_and_read_model_together,
+            checkpoints::stale_epoch_is_fenced_and_read_model_writes_roll_back,
+            checkpoints::slot_outside_the_fence_is_fenced,
+            checkpoints::checkpoints_never_move_backwards,
+            checkpoints::dropped_transaction_keeps_nothing,
+            checkpoints::checkpoints_are_per_replica_set_and_projection,
+        );
+    };
+    (@cases $harness:ty; $($module:ident :: $case:ident),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $case() {
+                let Some(harness) = <$harness as $crate::Harness>::start().await else {
+                    return;
+                };
+                $crate::$module::$case(&harness).await;
+            }
+        )*
+    };
+}

@@ -1,0 +1,183 @@
+//! Identifiers of the coordination domain: replica sets, workers, generations, epochs.
+
+use std::fmt;
+
+use thiserror::Error;
+
+/// A name or identifier given by the user was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("invalid {what} {value:?}: {rule}")]
+pub struct InvalidName {
+    /// Which kind of name was checked (`replica set name`, `worker id`, ...).
+    pub what: &'static str,
+    /// The rejected value.
+    pub value: String,
+    /// The rule it broke.
+    pub rule: String,
+}
+
+fn check_name(
+    what: &'static str,
+    value: &str,
+    max_len: usize,
+    allowed: fn(char) -> bool,
+    rule: &'static str,
+) -> Result<(), InvalidName> {
+    let fail = |rule: String| InvalidName { what, value: value.to_owned(), rule };
+    if value.is_empty() {
+        return Err(fail("must not be empty".to_owned()));
+    }
+    if value.len() > max_len {
+        return Err(fail(format!("must be at most {max_len} bytes")));
+    }
+    if !value.chars().all(allowed) || !value.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return Err(fail(rule.to_owned()));
+    }
+    Ok(())
+}
+
+/// Name of a replica set: a group of projections that scale together (`main-projections`).
+///
+/// 1 to 63 bytes of ASCII letters, digits, `-`, `_` and `.`, starting with a letter or digit,
+/// so that it is safe in logs, metric labels and Kubernetes object names.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ReplicaSetName(String);
+
+impl ReplicaSetName {
+    /// Validates and wraps a replica-set name.
+    pub fn new(name: impl Into<String>) -> Result<Self, InvalidName> {
+        let name = name.into();
+        check_name(
+            "replica set name",
+            &name,
+            63,
+            |c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'),
+            "use ASCII letters, digits, '-', '_' and '.', starting with a letter or digit",
+        )?;
+        Ok(Self(name))
+    }
+
+    /// The name as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ReplicaSetName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Identity of a worker within a replica set.
+///
+/// Stable across restarts when the user supplies one (for example the pod name), random otherwise.
+/// 1 to 128 bytes of printable ASCII without spaces, starting with a letter or digit.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WorkerId(String);
+
+impl WorkerId {
+    /// Validates and wraps a worker id.
+    pub fn new(id: impl Into<String>) -> Result<Self, InvalidName> {
+        let id = id.into();
+        check_name(
+            "worker id",
+            &id,
+            128,
+            |c| c.is_ascii_graphic(),
+            "use printable ASCII without spaces, starting with a letter or digit",
+        )?;
+        Ok(Self(id))
+    }
+
+    /// The id as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+macro_rules! counter {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+        pub struct $name(pub u64);
+
+        impl $name {
+            /// The value before the first one.
+            pub const ZERO: Self = Self(0);
+
+            /// The value that follows this one.
+            #[must_use]
+            pub fn next(self) -> Self {
+                Self(self.0 + 1)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
+}
+
+counter!(
+    /// Number of a configuration of a replica set (1, 2, 3, ...; 0 = none yet).
+    ///
+    /// Generations only move forward; creating one is a compare-and-set on the previous number.
+    Generation
+);
+counter!(
+    /// Ownership token of one slot: bumped every time the slot changes owner.
+    ///
+    /// A checkpoint commit carries the epoch under which the worker was granted the slot;
+    /// the store refuses it when the slot's epoch has moved on (fencing).
+    Epoch
+);
+counter!(
+    /// One registration of a worker id: bumped each time a process registers under that id.
+    ///
+    /// It tells a restarted process from the zombie it replaced when both use the same id.
+    Incarnation
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replica_set_names() {
+        assert!(ReplicaSetName::new("main-projections").is_ok());
+        assert!(ReplicaSetName::new("eu.west_2").is_ok());
+        for bad in ["", "has space", "-leading", "ünicode", &"x".repeat(64)] {
+            let err = ReplicaSetName::new(bad).unwrap_err();
+            assert_eq!(err.what, "replica set name");
+        }
+        let err = ReplicaSetName::new("main projections").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid replica set name \"main projections\": use ASCII letters, digits, '-', '_' and '.', starting with a letter or digit"
+        );
+    }
+
+    #[test]
+    fn worker_ids() {
+        assert!(WorkerId::new("projections-7d9f8-abcde").is_ok());
+        assert!(WorkerId::new("pod:1/2").is_ok());
+        assert!(WorkerId::new("a b").is_err());
+        assert!(WorkerId::new("").is_err());
+        assert!(WorkerId::new("x".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn counters_move_forward() {
+        assert_eq!(Generation::ZERO.next(), Generation(1));
+        assert!(Epoch(3) < Epoch(3).next());
+    }
+}

@@ -1,0 +1,27 @@
+//! The pure heart of the projection orchestrator: domain types, the sticky slot assignment, the
+//! per-worker coordination state machine ([`engine::Engine`]) and the port traits the adapters
+//! implement.
+//!
+//! Nothing here does IO or reads a clock: time arrives as a [`Timestamp`] argument, storage through
+//! the [`ports`] traits, and the runtime executes the [`engine::Command`]s the engine emits.
+#![deny(missing_docs)]
+
+pub mod assignment;
+pub mod engine;
+pub mod event;
+pub mod ids;
+pub mod plan;
+pub mod ports;
+pub mod slot;
+pub mod snapshot;
+pub mod time;
+pub mod timing;
+
+pub use engine::{Command, Engine, EngineConfig, Input, Notice, Strategy};
+pub use event::{Event, EventId, ExpectedVersion, NewEvent, Position, Scope, StreamId, Tracing};
+pub use ids::{Epoch, Generation, Incarnation, InvalidName, ReplicaSetName, WorkerId};
+pub use plan::{GenerationPlan, SlotAction, SlotChange};
+pub use slot::{Slot, SlotCount, fnv1a_32};
+pub use snapshot::{Lease, Partition, SlotRecord, Snapshot, WorkerRecord};
+pub use time::{Clock, Timestamp};
+pub use timing::{InvalidTiming, Timing};

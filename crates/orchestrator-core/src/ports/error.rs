@@ -1,0 +1,139 @@
+//! The one error type of every port, so the runtime can decide what to retry.
+
+use crate::event::{EventId, ExpectedVersion, StreamId};
+use crate::ids::{Generation, ReplicaSetName, WorkerId};
+use crate::slot::{Slot, SlotCount};
+
+/// Boxed error source from an adapter.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Result of a port call.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// An error from a port.
+///
+/// `Unavailable` is transient (retry with backoff); every other variant is a definite answer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// Optimistic concurrency on append failed.
+    #[error("version conflict on {stream}: expected {expected}, stream is at {actual}")]
+    VersionConflict {
+        /// The stream appended to.
+        stream: StreamId,
+        /// What the appender expected.
+        expected: ExpectedVersion,
+        /// The stream's version (0 when it does not exist).
+        actual: u64,
+    },
+    /// An event with this id already exists.
+    #[error("duplicate event id {event_id}")]
+    DuplicateEvent {
+        /// The event id.
+        event_id: EventId,
+    },
+    /// The worker no longer owns a slot at the epoch it committed under; nothing was written.
+    #[error("fenced: worker {worker} no longer owns slot {slot} at the epoch it was granted")]
+    Fenced {
+        /// The worker that tried to commit.
+        worker: WorkerId,
+        /// The first slot found not owned.
+        slot: Slot,
+    },
+    /// The generation moved on, or the proposer does not hold the leader lease, or a changed slot's
+    /// epoch moved: the plan was not applied.
+    #[error("generation conflict in {replica_set}: expected generation {expected}, found {actual}")]
+    GenerationConflict {
+        /// The replica set.
+        replica_set: ReplicaSetName,
+        /// Generation the plan expected.
+        expected: Generation,
+        /// Generation found (equal to `expected` when the lease or a slot epoch was the cause).
+        actual: Generation,
+    },
+    /// The worker is not registered under that incarnation (evicted, left, or re-registered).
+    #[error("worker {worker} is not registered in {replica_set} under this incarnation")]
+    NotRegistered {
+        /// The replica set.
+        replica_set: ReplicaSetName,
+        /// The worker.
+        worker: WorkerId,
+    },
+    /// The replica set does not exist yet.
+    #[error("replica set {0} does not exist")]
+    UnknownReplicaSet(ReplicaSetName),
+    /// The replica set exists with another slot count.
+    #[error("replica set {replica_set} has {stored} slots, the configuration says {configured}")]
+    SlotCountMismatch {
+        /// The replica set.
+        replica_set: ReplicaSetName,
+        /// Slot count stored with the replica set.
+        stored: SlotCount,
+        /// Slot count configured.
+        configured: SlotCount,
+    },
+    /// A checkpoint would move backwards.
+    #[error("checkpoint of {projection} slot {slot} would move backwards")]
+    CheckpointRegression {
+        /// The projection.
+        projection: String,
+        /// The slot.
+        slot: Slot,
+    },
+    /// Transient failure: connection lost, server restarting, serialization failure, deadlock, pool
+    /// timeout. Retry with backoff.
+    #[error("store unavailable: {message}")]
+    Unavailable {
+        /// What failed.
+        message: String,
+        /// The underlying error.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// The store is not set up as expected: missing tables (run migrations), wrong credentials,
+    /// invalid URL. Not retried.
+    #[error("store misconfigured: {message}")]
+    Misconfigured {
+        /// What is wrong and how to fix it.
+        message: String,
+        /// The underlying error.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// Anything else.
+    #[error("store error: {message}")]
+    Other {
+        /// What failed.
+        message: String,
+        /// The underlying error.
+        #[source]
+        source: Option<BoxError>,
+    },
+}
+
+impl StoreError {
+    /// Whether retrying the same call later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable { .. })
+    }
+
+    /// Whether the error means this worker lost a slot or the leader lost its plan: a definite "no".
+    pub fn is_conflict(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Fenced { .. }
+                | StoreError::GenerationConflict { .. }
+                | StoreError::VersionConflict { .. }
+        )
+    }
+
+    /// A transient failure with a message.
+    pub fn unavailable(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        StoreError::Unavailable { message: message.into(), source: Some(source.into()) }
+    }
+
+    /// An unclassified failure with a message.
+    pub fn other(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        StoreError::Other { message: message.into(), source: Some(source.into()) }
+    }
+}

@@ -1,0 +1,63 @@
+//! The event store port: append with optimistic concurrency, gap-safe read by slot.
+
+use async_trait::async_trait;
+
+use crate::event::{Event, ExpectedVersion, NewEvent, Position, Scope, StreamId};
+use crate::ports::error::StoreResult;
+use crate::slot::{Slot, SlotCount};
+
+/// What an append wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Global position of the first event written.
+    pub first_global: u64,
+    /// Global position of the last event written.
+    pub last_global: u64,
+    /// The stream's version after the append.
+    pub version: u64,
+}
+
+/// A read of the events of some slots, each after its own cursor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadRequest {
+    /// The slots to read, each with the position after which to read (its checkpoint).
+    pub cursors: Vec<(Slot, Position)>,
+    /// Only events in this scope are returned.
+    pub scope: Scope,
+    /// At most this many events.
+    pub limit: usize,
+}
+
+/// Events appended and read by global position.
+///
+/// # Contract
+/// - `append` writes all of `events` for one stream or none. Versions continue from the stream's
+///   current version (the first event of a new stream is version 1).
+///   `ExpectedVersion::NoStream` fails with `VersionConflict` if the stream has events;
+///   `Exact(v)` fails unless the stream's last version is `v`; `Any` never conflicts.
+///   A duplicate event id fails with `DuplicateEvent`. An empty `events` writes nothing and
+///   returns the current version with `first_global > last_global`.
+/// - The slot of every event is `slot_count().slot_of(aggregate_id)`, stored at append time.
+/// - One append is one transaction that writes nothing before it has checked the stream's version,
+///   and appends to one stream only; so commit order and version order agree per stream.
+/// - `read` returns, in ascending `Position` order, at most `limit` events whose slot is among the
+///   cursors, whose position is greater than that slot's cursor, and that are in scope.
+/// - `read` is gap-safe: once it has returned an event at position `p`, no event at a position
+///   below `p` can become visible later. Every committed event is eventually returned.
+/// - Events of one stream are returned in version order.
+#[async_trait]
+pub trait EventStore: Send + Sync {
+    /// The slot count events are bucketed by.
+    fn slot_count(&self) -> SlotCount;
+
+    /// Appends events to one stream atomically.
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> StoreResult<Appended>;
+
+    /// Reads the next events of some slots.
+    async fn read(&self, request: &ReadRequest) -> StoreResult<Vec<Event>>;
+}

@@ -1,0 +1,11 @@
+//! The ports: what the runtime needs from storage, implemented by the adapter crates.
+
+pub mod checkpoint;
+pub mod coordination;
+pub mod error;
+pub mod event_store;
+
+pub use checkpoint::{CheckpointStore, Fence};
+pub use coordination::{CoordinationStore, HeartbeatAck};
+pub use error::{BoxError, StoreError, StoreResult};
+pub use event_store::{Appended, EventStore, ReadRequest};
