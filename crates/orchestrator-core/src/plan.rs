@@ -108,7 +108,7 @@ pub fn plan_generation(
     if departed == 0 && joiners.is_empty() && ownership_settled {
         return Err(Deferral::Settled);
     }
-    if departed == 0 && !joiners.is_empty() && ownership_settled {
+    if departed == 0 && !joiners.is_empty() {
         let youngest = joiners.iter().map(|w| w.registered_age).min().unwrap_or_default();
         let oldest = joiners.iter().map(|w| w.registered_age).max().unwrap_or_default();
         if youngest < timing.registration_wait && oldest < timing.coordination_timeout {

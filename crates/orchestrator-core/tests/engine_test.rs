@@ -1,0 +1,250 @@
+//! The engine's exact commands for the steps of a join, a handoff and a graceful leave.
+
+use std::time::Duration;
+
+use orchestrator_core::{
+    Command, Engine, EngineConfig, Epoch, Generation, Incarnation, Input, Lease, Notice,
+    ReplicaSetName, Slot, SlotAction, SlotCount, SlotRecord, Snapshot, Strategy, Timestamp, Timing,
+    WorkerId, WorkerRecord,
+};
+
+const T0: Timestamp = Timestamp(1_000_000);
+
+fn id(name: &str) -> WorkerId {
+    WorkerId::new(name).unwrap()
+}
+
+fn engine(name: &str, strategy: Strategy) -> Engine {
+    Engine::new(EngineConfig {
+        replica_set: ReplicaSetName::new("main-projections").unwrap(),
+        worker_id: id(name),
+        slot_count: SlotCount::new(4).unwrap(),
+        timing: Timing::default(),
+        strategy,
+    })
+}
+
+fn worker(name: &str, incarnation: u64, registered_secs: u64, acked: u64) -> WorkerRecord {
+    WorkerRecord {
+        id: id(name),
+        incarnation: Incarnation(incarnation),
+        heartbeat_age: Duration::from_millis(100),
+        registered_age: Duration::from_secs(registered_secs),
+        acked_generation: Generation(acked),
+    }
+}
+
+fn snapshot(
+    generation: u64,
+    members: &[&str],
+    leader: &str,
+    workers: Vec<WorkerRecord>,
+    slots: Vec<SlotRecord>,
+) -> Snapshot {
+    let lease_incarnation =
+        workers.iter().find(|w| w.id.as_str() == leader).map(|w| w.incarnation).unwrap_or_default();
+    Snapshot {
+        replica_set: ReplicaSetName::new("main-projections").unwrap(),
+        slot_count: SlotCount::new(4).unwrap(),
+        generation: Generation(generation),
+        members: members.iter().map(|m| id(m)).collect(),
+        lease: Some(Lease {
+            holder: id(leader),
+            incarnation: lease_incarnation,
+            remaining: Duration::from_secs(20),
+        }),
+        workers,
+        slots,
+    }
+}
+
+fn owned(owner: &str, epoch: u64) -> SlotRecord {
+    SlotRecord { owner: Some(id(owner)), epoch: Epoch(epoch), next_owner: None }
+}
+
+fn registered(e: &mut Engine, incarnation: u64) {
+    e.handle(T0, Input::Start);
+    assert_eq!(e.take_commands(), vec![Command::Register]);
+    e.handle(T0, Input::Registered(Incarnation(incarnation)));
+    assert_eq!(
+        e.take_commands(),
+        vec![Command::Heartbeat { incarnation: Incarnation(incarnation) }, Command::Observe]
+    );
+}
+
+#[test]
+fn a_lone_leader_waits_for_the_registration_window_then_grants_everything() {
+    let mut a = engine("a", Strategy::Recreate);
+    registered(&mut a, 1);
+
+    let fresh = snapshot(0, &[], "a", vec![worker("a", 1, 0, 0)], vec![SlotRecord::default(); 4]);
+    a.handle(T0, Input::Observed(fresh));
+    assert_eq!(a.take_commands(), vec![], "joins are batched for registration_wait");
+    assert_eq!(a.next_deadline(), Some(T0 + Duration::from_secs(1)));
+
+    let waited = snapshot(0, &[], "a", vec![worker("a", 1, 1, 0)], vec![SlotRecord::default(); 4]);
+    a.handle(T0 + Duration::from_secs(1), Input::Observed(waited));
+    let commands = a.take_commands();
+    let Command::CreateGeneration(plan) = &commands[0] else { panic!("{commands:?}") };
+    assert_eq!((plan.expected, plan.generation), (Generation(0), Generation(1)));
+    assert_eq!(plan.members, vec![id("a")]);
+    assert!(plan.changes.iter().all(|c| c.action == SlotAction::Grant { to: id("a") }));
+    assert_eq!(plan.changes.len(), 4);
+    assert_eq!(commands[1], Command::Observe);
+}
+
+#[test]
+fn a_member_acks_then_starts_its_slots() {
+    let mut a = engine("a", Strategy::Recreate);
+    registered(&mut a, 1);
+    let gen1 = snapshot(1, &["a"], "a", vec![worker("a", 1, 2, 0)], vec![owned("a", 1); 4]);
+    a.handle(T0, Input::Observed(gen1));
+    let mut expected =
+        vec![Command::AckGeneration { incarnation: Incarnation(1), generation: Generation(1) }];
+    expected.extend((0..4).map(|s| Command::StartSlot { slot: Slot(s), epoch: Epoch(1) }));
+    assert_eq!(a.take_commands(), expected);
+    assert!(a.take_notices().contains(&Notice::Processing {
+        generation: Generation(1),
+        partition: Some(orchestrator_core::Partition { index: 0, count: 1 }),
+        slots: 4,
+    }));
+}
+
+fn running_alone(strategy: Strategy) -> Engine {
+    let mut a = engine("a", strategy);
+    registered(&mut a, 1);
+    let gen1 = snapshot(1, &["a"], "a", vec![worker("a", 1, 2, 0)], vec![owned("a", 1); 4]);
+    a.handle(T0, Input::Observed(gen1));
+    a.take_commands();
+    a.take_notices();
+    a
+}
+
+fn handoff_of_slot_3() -> Snapshot {
+    let mut slots = vec![owned("a", 1); 4];
+    slots[3].next_owner = Some(id("b"));
+    snapshot(2, &["a", "b"], "a", vec![worker("a", 1, 9, 1), worker("b", 2, 2, 0)], slots)
+}
+
+#[test]
+fn incremental_stops_and_releases_only_the_moved_slot() {
+    let mut a = running_alone(Strategy::Incremental);
+    a.handle(T0, Input::Observed(handoff_of_slot_3()));
+    assert_eq!(a.take_commands(), vec![Command::StopSlot { slot: Slot(3) }]);
+    a.handle(T0, Input::SlotStopped(Slot(3)));
+    a.handle(T0, Input::Observed(handoff_of_slot_3()));
+    assert_eq!(a.take_commands(), vec![Command::ReleaseSlot { slot: Slot(3), epoch: Epoch(1) }]);
+    assert_eq!(a.running().len(), 3, "unmoved slots never stopped");
+}
+
+#[test]
+fn recreate_stops_everything_and_restarts_after_everyone_acked() {
+    let mut a = running_alone(Strategy::Recreate);
+    a.handle(T0, Input::Observed(handoff_of_slot_3()));
+    assert_eq!(
+        a.take_commands(),
+        (0..4).map(|s| Command::StopSlot { slot: Slot(s) }).collect::<Vec<_>>()
+    );
+    for s in 0..4 {
+        a.handle(T0, Input::SlotStopped(Slot(s)));
+    }
+    a.handle(T0, Input::Observed(handoff_of_slot_3()));
+    assert_eq!(a.take_commands(), vec![Command::ReleaseSlot { slot: Slot(3), epoch: Epoch(1) }]);
+
+    // Released: a acks; b has not acked yet, so nothing starts.
+    let mut slots = vec![owned("a", 1); 4];
+    slots[3] = owned("b", 2);
+    let released = snapshot(
+        2,
+        &["a", "b"],
+        "a",
+        vec![worker("a", 1, 9, 1), worker("b", 2, 2, 0)],
+        slots.clone(),
+    );
+    a.handle(T0, Input::Observed(released));
+    assert_eq!(
+        a.take_commands(),
+        vec![Command::AckGeneration { incarnation: Incarnation(1), generation: Generation(2) }]
+    );
+
+    let everyone =
+        snapshot(2, &["a", "b"], "a", vec![worker("a", 1, 9, 2), worker("b", 2, 2, 2)], slots);
+    a.handle(T0 + Duration::from_millis(300), Input::Observed(everyone));
+    assert_eq!(
+        a.take_commands(),
+        (0..3).map(|s| Command::StartSlot { slot: Slot(s), epoch: Epoch(1) }).collect::<Vec<_>>()
+    );
+    assert!(
+        a.take_notices()
+            .iter()
+            .any(|n| matches!(n, Notice::AllCoordinated { generation: Generation(2), .. }))
+    );
+}
+
+#[test]
+fn a_slot_taken_away_is_stopped_at_once() {
+    let mut a = running_alone(Strategy::Incremental);
+    let mut slots = vec![owned("a", 1); 4];
+    slots[0] = owned("b", 2);
+    let workers = vec![worker("a", 1, 9, 1), worker("b", 2, 9, 1)];
+    a.handle(T0, Input::Observed(snapshot(1, &["a", "b"], "b", workers, slots)));
+    assert_eq!(a.take_commands(), vec![Command::StopSlot { slot: Slot(0) }]);
+    assert!(a.take_notices().contains(&Notice::OwnershipLost { slot: Slot(0) }));
+}
+
+#[test]
+fn graceful_leave_drains_then_deregisters() {
+    let mut a = running_alone(Strategy::Incremental);
+    a.handle(T0, Input::Shutdown);
+    assert_eq!(
+        a.take_commands(),
+        (0..4).map(|s| Command::StopSlot { slot: Slot(s) }).collect::<Vec<_>>()
+    );
+    for s in 0..3 {
+        a.handle(T0, Input::SlotStopped(Slot(s)));
+        assert_eq!(a.take_commands(), vec![]);
+    }
+    a.handle(T0, Input::SlotStopped(Slot(3)));
+    assert_eq!(a.take_commands(), vec![Command::Deregister { incarnation: Incarnation(1) }]);
+    a.handle(T0, Input::Deregistered);
+    assert!(a.has_left());
+}
+
+#[test]
+fn heartbeats_and_observes_follow_their_intervals() {
+    let mut a = running_alone(Strategy::Incremental);
+    a.handle(T0 + Duration::from_millis(999), Input::Tick);
+    assert_eq!(a.take_commands(), vec![]);
+    a.handle(T0 + Duration::from_secs(1), Input::Tick);
+    assert_eq!(a.take_commands(), vec![Command::Observe]);
+    a.handle(T0 + Duration::from_secs(5), Input::Tick);
+    assert_eq!(
+        a.take_commands(),
+        vec![Command::Heartbeat { incarnation: Incarnation(1) }, Command::Observe]
+    );
+}
+
+#[test]
+fn without_acknowledged_heartbeats_processing_stops() {
+    let mut a = running_alone(Strategy::Incremental);
+    a.handle(T0 + Duration::from_secs(31), Input::Tick);
+    let commands = a.take_commands();
+    assert!(commands.contains(&Command::StopSlot { slot: Slot(0) }), "{commands:?}");
+    assert!(a.take_notices().contains(&Notice::ContactLost));
+}
+
+#[test]
+fn an_evicted_worker_registers_again_and_a_superseded_one_leaves() {
+    let mut a = running_alone(Strategy::Incremental);
+    a.handle(T0, Input::NotRegistered);
+    let commands = a.take_commands();
+    assert_eq!(commands.last(), Some(&Command::Register));
+    assert_eq!(commands.len(), 5, "four stops then register: {commands:?}");
+
+    let mut b = running_alone(Strategy::Incremental);
+    let newer = snapshot(1, &["a"], "a", vec![worker("a", 7, 0, 0)], vec![owned("a", 2); 4]);
+    b.handle(T0, Input::Observed(newer));
+    assert_eq!(b.take_commands().len(), 4);
+    assert!(b.has_left());
+    assert!(b.take_notices().contains(&Notice::Superseded));
+}
