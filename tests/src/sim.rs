@@ -94,8 +94,13 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// An empty cluster.
+    /// An empty cluster with the fast [`sim_timing`].
     pub fn new(strategy: Strategy, slot_count: SlotCount) -> Self {
+        Self::with_timing(strategy, slot_count, sim_timing())
+    }
+
+    /// An empty cluster with the given timing.
+    pub fn with_timing(strategy: Strategy, slot_count: SlotCount, timing: Timing) -> Self {
         let clock = Arc::new(ManualClock::default());
         let store = MemoryStore::new(slot_count, clock.clone());
         Self {
@@ -107,7 +112,7 @@ impl Cluster {
             replica_set: ReplicaSetName::new("sim").expect("valid name"),
             slot_count,
             strategy,
-            timing: sim_timing(),
+            timing,
             appended: 0,
             highest_generation: Generation::ZERO,
             batch_size: 10,
@@ -460,6 +465,11 @@ impl Cluster {
     pub fn all_applied(&self) -> bool {
         let applied = self.store.read_model_table(APPLIED);
         applied.len() as u64 == self.appended && applied.values().all(|v| v[0] == 1)
+    }
+
+    /// Simulated time since the cluster was created.
+    pub fn elapsed(&self) -> Duration {
+        self.clock.now().saturating_since(ManualClock::default().now())
     }
 
     /// Number of events appended.

@@ -1,0 +1,131 @@
+//! Project automation, run as `cargo xtask <command>`; std only, so it builds in seconds.
+//!
+//! Commands:
+//! - `ci`: everything `.ci/run` checks besides the tests: fmt, clippy, check-deps, docs.
+//! - `test`: the test suite (nextest over the workspace, then doctests).
+//! - `check-deps`: fails if `orchestrator-core` gains a dependency outside its allow-list.
+//! - `demo`: the README's first command.
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, Result, bail};
+
+/// Crates `orchestrator-core` may depend on (normal edges): no IO, no runtime, no clock.
+const CORE_ALLOWED: &[&str] = &[
+    "orchestrator-core",
+    "async-trait",
+    "thiserror",
+    "thiserror-impl",
+    "proc-macro2",
+    "quote",
+    "syn",
+    "unicode-ident",
+];
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let Some(command) = args.first() else {
+        bail!("usage: cargo xtask <ci|test|check-deps|demo>");
+    };
+    match command.as_str() {
+        "ci" => ci(),
+        "test" => test(),
+        "check-deps" => check_deps(),
+        "demo" => demo(),
+        other => bail!("unknown command {other:?}; expected ci, test, check-deps or demo"),
+    }
+}
+
+fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+}
+
+fn cargo() -> Command {
+    let mut command = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
+    command.current_dir(project_root());
+    command
+}
+
+fn run_step(name: &str, mut command: Command) -> Result<()> {
+    eprintln!("==> {name}");
+    let status = command.status().with_context(|| format!("could not start {name}"))?;
+    if !status.success() {
+        bail!("{name} failed ({status})");
+    }
+    Ok(())
+}
+
+fn ci() -> Result<()> {
+    let mut fmt = cargo();
+    fmt.args(["fmt", "--all", "--", "--check"]);
+    run_step("cargo fmt --check", fmt)?;
+    let mut clippy = cargo();
+    clippy.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
+    run_step("cargo clippy -D warnings", clippy)?;
+    check_deps()?;
+    let mut doc = cargo();
+    doc.args(["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings");
+    run_step("cargo doc", doc)
+}
+
+fn test() -> Result<()> {
+    let mut nextest = cargo();
+    nextest.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
+    run_step("cargo nextest run", nextest)?;
+    let mut doctests = cargo();
+    doctests.args(["test", "--workspace", "--doc"]);
+    run_step("cargo test --doc", doctests)
+}
+
+fn check_deps() -> Result<()> {
+    eprintln!("==> check-deps: orchestrator-core stays free of IO crates");
+    let output = cargo()
+        .args(["tree", "-p", "orchestrator-core", "-e", "normal", "--prefix", "none", "-f", "{p}"])
+        .output()
+        .context("could not run cargo tree")?;
+    if !output.status.success() {
+        bail!("cargo tree failed: {}", String::from_utf8_lossy(&output.stderr).trim());
+    }
+    let tree = String::from_utf8(output.stdout).context("cargo tree printed non-UTF-8")?;
+    let offenders: Vec<&str> = tree
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| !CORE_ALLOWED.contains(name))
+        .collect();
+    if !offenders.is_empty() {
+        bail!(
+            "orchestrator-core must stay pure (no IO, runtime or clock crates) but depends on: {}",
+            offenders.join(", ")
+        );
+    }
+    eprintln!("    ok: {} crates, all allowed", tree.lines().count());
+    Ok(())
+}
+
+fn demo() -> Result<()> {
+    let mut sim = cargo();
+    sim.args([
+        "run",
+        "--quiet",
+        "--release",
+        "-p",
+        "orchestrator-tests",
+        "--bin",
+        "orchestrator-sim",
+        "--",
+        "demo",
+    ]);
+    run_step("cluster demo (simulated workers over the in-memory store)", sim)
+}
