@@ -47,6 +47,9 @@ pub trait Harness: Send + Sync + Sized + 'static {
 
     /// Reads a committed read-model row.
     async fn get_row(&self, key: &str) -> Option<String>;
+
+    /// Cleans up after a case that passed (a failed case leaves its data for inspection).
+    async fn finish(self) {}
 }
 
 /// The slot count every harness buckets events into.
@@ -102,6 +105,7 @@ macro_rules! conformance_tests {
                     return;
                 };
                 $crate::$module::$case(&harness).await;
+                $crate::Harness::finish(harness).await;
             }
         )*
     };

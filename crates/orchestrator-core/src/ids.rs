@@ -102,6 +102,54 @@ impl fmt::Display for WorkerId {
     }
 }
 
+/// Prefix of every table the SQL adapters create (default `orch_`), so several installations or
+/// test runs can share one database.
+///
+/// Empty, or 1 to 30 bytes of lowercase ASCII letters, digits and `_`, starting with a letter:
+/// it is spliced into SQL identifiers, so nothing else is accepted.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TablePrefix(String);
+
+impl TablePrefix {
+    /// Validates a table prefix.
+    pub fn new(prefix: impl Into<String>) -> Result<Self, InvalidName> {
+        let prefix = prefix.into();
+        if prefix.is_empty() {
+            return Ok(Self(prefix));
+        }
+        let valid = prefix.len() <= 30
+            && prefix.starts_with(|c: char| c.is_ascii_lowercase())
+            && prefix.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !valid {
+            return Err(InvalidName {
+                what: "table prefix",
+                value: prefix,
+                rule:
+                    "use at most 30 lowercase ASCII letters, digits and '_', starting with a letter"
+                        .to_owned(),
+            });
+        }
+        Ok(Self(prefix))
+    }
+
+    /// The prefix as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for TablePrefix {
+    fn default() -> Self {
+        Self("orch_".to_owned())
+    }
+}
+
+impl fmt::Display for TablePrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 macro_rules! counter {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
@@ -173,6 +221,16 @@ mod tests {
         assert!(WorkerId::new("a b").is_err());
         assert!(WorkerId::new("").is_err());
         assert!(WorkerId::new("x".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn table_prefixes_are_safe_identifiers() {
+        assert_eq!(TablePrefix::default().as_str(), "orch_");
+        assert!(TablePrefix::new("").is_ok());
+        assert!(TablePrefix::new("app2_").is_ok());
+        for bad in ["Orch", "1x", "a-b", "x; drop table y", "a\"b", &"a".repeat(31)] {
+            assert!(TablePrefix::new(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

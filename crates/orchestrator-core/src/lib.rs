@@ -19,7 +19,7 @@ pub mod timing;
 
 pub use engine::{Command, Engine, EngineConfig, Input, Notice, Strategy};
 pub use event::{Event, EventId, ExpectedVersion, NewEvent, Position, Scope, StreamId, Tracing};
-pub use ids::{Epoch, Generation, Incarnation, InvalidName, ReplicaSetName, WorkerId};
+pub use ids::{Epoch, Generation, Incarnation, InvalidName, ReplicaSetName, TablePrefix, WorkerId};
 pub use plan::{GenerationPlan, SlotAction, SlotChange};
 pub use slot::{Slot, SlotCount, fnv1a_32};
 pub use snapshot::{Lease, Partition, SlotRecord, Snapshot, WorkerRecord};

@@ -1,0 +1,458 @@
+//! The coordination store port on PostgreSQL. Every time is the database's `clock_timestamp()`.
+//!
+//! Lock order: a transaction that changes slots and the replica set row locks the replica set row
+//! first (`register`, `create_generation`, `deregister`), so they serialize without deadlocks.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use orchestrator_core::ports::{CoordinationStore, HeartbeatAck, StoreError, StoreResult};
+use orchestrator_core::{
+    Epoch, Generation, GenerationPlan, Incarnation, Lease, ReplicaSetName, Slot, SlotAction,
+    SlotCount, SlotRecord, Snapshot, WorkerId, WorkerRecord,
+};
+use sqlx::Row;
+
+use crate::error::classify;
+use crate::{PgStore, from_millis, millis};
+
+fn worker_id(text: String) -> StoreResult<WorkerId> {
+    WorkerId::new(text)
+        .map_err(|e| StoreError::Other { message: format!("corrupt worker id: {e}"), source: None })
+}
+
+#[async_trait]
+impl CoordinationStore for PgStore {
+    async fn register(
+        &self,
+        replica_set: &ReplicaSetName,
+        slot_count: SlotCount,
+        worker: &WorkerId,
+    ) -> StoreResult<Incarnation> {
+        let err = |e| classify("register", e);
+        let t = &self.tables;
+        let mut tx = self.pool.begin().await.map_err(err)?;
+        let created = sqlx::query(&format!(
+            "INSERT INTO {} (name, slot_count) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+            t.replica_sets
+        ))
+        .bind(replica_set.as_str())
+        .bind(slot_count.get() as i32)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?
+        .rows_affected()
+            == 1;
+        if created {
+            sqlx::query(&format!(
+                "INSERT INTO {} (replica_set, slot) SELECT $1, s FROM generate_series(0, $2 - 1) AS s",
+                t.slots
+            ))
+            .bind(replica_set.as_str())
+            .bind(slot_count.get() as i32)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+        }
+        let row = sqlx::query(&format!(
+            "UPDATE {} SET last_incarnation = last_incarnation + 1 WHERE name = $1 \
+             RETURNING slot_count, last_incarnation",
+            t.replica_sets
+        ))
+        .bind(replica_set.as_str())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(err)?;
+        let stored: i32 = row.get(0);
+        if stored as u32 != slot_count.get() {
+            return Err(StoreError::SlotCountMismatch {
+                replica_set: replica_set.clone(),
+                stored: SlotCount::new(stored as u64).unwrap_or_default(),
+                configured: slot_count,
+            });
+        }
+        let incarnation: i64 = row.get(1);
+        sqlx::query(&format!(
+            "INSERT INTO {} (replica_set, worker_id, incarnation, registered_at, last_heartbeat) \
+             VALUES ($1, $2, $3, clock_timestamp(), clock_timestamp()) \
+             ON CONFLICT (replica_set, worker_id) DO UPDATE SET incarnation = excluded.incarnation, \
+                 registered_at = excluded.registered_at, last_heartbeat = excluded.last_heartbeat, \
+                 acked_generation = 0",
+            t.workers
+        ))
+        .bind(replica_set.as_str())
+        .bind(worker.as_str())
+        .bind(incarnation)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        // Fence the previous incarnation of this id out of the slots it still owns.
+        sqlx::query(&format!(
+            "UPDATE {} SET epoch = epoch + 1 WHERE replica_set = $1 AND owner = $2",
+            t.slots
+        ))
+        .bind(replica_set.as_str())
+        .bind(worker.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        tx.commit().await.map_err(err)?;
+        Ok(Incarnation(incarnation as u64))
+    }
+
+    async fn heartbeat(
+        &self,
+        replica_set: &ReplicaSetName,
+        worker: &WorkerId,
+        incarnation: Incarnation,
+        lease: Duration,
+    ) -> StoreResult<HeartbeatAck> {
+        let err = |e| classify("heartbeat", e);
+        let t = &self.tables;
+        let mut tx = self.pool.begin().await.map_err(err)?;
+        let beat = sqlx::query(&format!(
+            "UPDATE {} SET last_heartbeat = clock_timestamp() \
+             WHERE replica_set = $1 AND worker_id = $2 AND incarnation = $3",
+            t.workers
+        ))
+        .bind(replica_set.as_str())
+        .bind(worker.as_str())
+        .bind(incarnation.0 as i64)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        if beat.rows_affected() == 0 {
+            return Err(StoreError::NotRegistered {
+                replica_set: replica_set.clone(),
+                worker: worker.clone(),
+            });
+        }
+        let leader = sqlx::query(&format!(
+            "UPDATE {} SET leader = $2, leader_incarnation = $3, \
+                 lease_expires_at = clock_timestamp() + $4 * INTERVAL '1 millisecond' \
+             WHERE name = $1 AND (leader IS NULL OR lease_expires_at IS NULL \
+                 OR lease_expires_at <= clock_timestamp() \
+                 OR (leader = $2 AND leader_incarnation = $3))",
+            t.replica_sets
+        ))
+        .bind(replica_set.as_str())
+        .bind(worker.as_str())
+        .bind(incarnation.0 as i64)
+        .bind(millis(lease))
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?
+        .rows_affected()
+            == 1;
+        tx.commit().await.map_err(err)?;
+        Ok(HeartbeatAck { leader })
+    }
+
+    async fn snapshot(&self, replica_set: &ReplicaSetName) -> StoreResult<Snapshot> {
+        let err = |e| classify("read coordination state", e);
+        let t = &self.tables;
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .map_err(err)?;
+        let Some(set) = sqlx::query(&format!(
+            "SELECT slot_count, generation, members, leader, leader_incarnation, \
+                 (GREATEST(EXTRACT(EPOCH FROM lease_expires_at - clock_timestamp()), 0) * 1000)::bigint \
+             FROM {} WHERE name = $1",
+            t.replica_sets
+        ))
+        .bind(replica_set.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(err)?
+        else {
+            return Err(StoreError::UnknownReplicaSet(replica_set.clone()));
+        };
+        let slot_count = SlotCount::new(set.get::<i32, _>(0) as u64).unwrap_or_default();
+        let members: Vec<String> = set.get(2);
+        let leader: Option<String> = set.get(3);
+        let lease = match leader {
+            Some(holder) => Some(Lease {
+                holder: worker_id(holder)?,
+                incarnation: Incarnation(set.get::<i64, _>(4) as u64),
+                remaining: from_millis(set.get::<Option<i64>, _>(5).unwrap_or(0)),
+            }),
+            None => None,
+        };
+        let workers = sqlx::query(&format!(
+            "SELECT worker_id, incarnation, \
+                 (EXTRACT(EPOCH FROM clock_timestamp() - last_heartbeat) * 1000)::bigint, \
+                 (EXTRACT(EPOCH FROM clock_timestamp() - registered_at) * 1000)::bigint, \
+                 acked_generation \
+             FROM {} WHERE replica_set = $1 ORDER BY worker_id",
+            t.workers
+        ))
+        .bind(replica_set.as_str())
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(err)?
+        .into_iter()
+        .map(|row| {
+            Ok(WorkerRecord {
+                id: worker_id(row.get(0))?,
+                incarnation: Incarnation(row.get::<i64, _>(1) as u64),
+                heartbeat_age: from_millis(row.get(2)),
+                registered_age: from_millis(row.get(3)),
+                acked_generation: Generation(row.get::<i64, _>(4) as u64),
+            })
+        })
+        .collect::<StoreResult<Vec<_>>>()?;
+        let mut slots = vec![SlotRecord::default(); slot_count.get() as usize];
+        for row in sqlx::query(&format!(
+            "SELECT slot, owner, epoch, next_owner FROM {} WHERE replica_set = $1",
+            t.slots
+        ))
+        .bind(replica_set.as_str())
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(err)?
+        {
+            let slot = row.get::<i32, _>(0) as usize;
+            if let Some(record) = slots.get_mut(slot) {
+                *record = SlotRecord {
+                    owner: row.get::<Option<String>, _>(1).map(worker_id).transpose()?,
+                    epoch: Epoch(row.get::<i64, _>(2) as u64),
+                    next_owner: row.get::<Option<String>, _>(3).map(worker_id).transpose()?,
+                };
+            }
+        }
+        tx.commit().await.map_err(err)?;
+        Ok(Snapshot {
+            replica_set: replica_set.clone(),
+            slot_count,
+            generation: Generation(set.get::<i64, _>(1) as u64),
+            members: members.into_iter().map(worker_id).collect::<StoreResult<_>>()?,
+            lease,
+            workers,
+            slots,
+        })
+    }
+
+    async fn create_generation(
+        &self,
+        replica_set: &ReplicaSetName,
+        plan: &GenerationPlan,
+    ) -> StoreResult<()> {
+        let err = |e| classify("create a generation", e);
+        let t = &self.tables;
+        let mut tx = self.pool.begin().await.map_err(err)?;
+        let Some(row) = sqlx::query(&format!(
+            "SELECT generation, leader = $2 AND leader_incarnation = $3 \
+                 AND lease_expires_at > clock_timestamp() \
+             FROM {} WHERE name = $1 FOR UPDATE",
+            t.replica_sets
+        ))
+        .bind(replica_set.as_str())
+        .bind(plan.leader.as_str())
+        .bind(plan.leader_incarnation.0 as i64)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(err)?
+        else {
+            return Err(StoreError::UnknownReplicaSet(replica_set.clone()));
+        };
+        let actual = Generation(row.get::<i64, _>(0) as u64);
+        let leads = row.get::<Option<bool>, _>(1).unwrap_or(false);
+        let conflict = StoreError::GenerationConflict {
+            replica_set: replica_set.clone(),
+            expected: plan.expected,
+            actual,
+        };
+        if actual != plan.expected || plan.generation != plan.expected.next() || !leads {
+            return Err(conflict);
+        }
+        if !plan.changes.is_empty() {
+            let slots: Vec<i32> = plan.changes.iter().map(|c| c.slot.0 as i32).collect();
+            let epochs: Vec<i64> = plan.changes.iter().map(|c| c.epoch.0 as i64).collect();
+            let kinds: Vec<&str> = plan
+                .changes
+                .iter()
+                .map(|c| match c.action {
+                    SlotAction::Grant { .. } => "grant",
+                    SlotAction::Handoff { .. } => "handoff",
+                    SlotAction::CancelHandoff => "cancel",
+                })
+                .collect();
+            let targets: Vec<Option<&str>> = plan
+                .changes
+                .iter()
+                .map(|c| match &c.action {
+                    SlotAction::Grant { to } | SlotAction::Handoff { to } => Some(to.as_str()),
+                    SlotAction::CancelHandoff => None,
+                })
+                .collect();
+            let updated = sqlx::query(&format!(
+                "UPDATE {} AS s SET \
+                     owner = CASE WHEN c.kind = 'grant' THEN c.target ELSE s.owner END, \
+                     next_owner = CASE WHEN c.kind = 'handoff' THEN c.target ELSE NULL END, \
+                     epoch = CASE WHEN c.kind = 'grant' THEN s.epoch + 1 ELSE s.epoch END \
+                 FROM unnest($2::int[], $3::bigint[], $4::text[], $5::text[]) AS c(slot, epoch, kind, target) \
+                 WHERE s.replica_set = $1 AND s.slot = c.slot AND s.epoch = c.epoch",
+                t.slots
+            ))
+            .bind(replica_set.as_str())
+            .bind(&slots)
+            .bind(&epochs)
+            .bind(&kinds)
+            .bind(&targets)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+            if updated.rows_affected() != plan.changes.len() as u64 {
+                return Err(conflict);
+            }
+        }
+        let evict: Vec<&str> = plan.evict.iter().map(WorkerId::as_str).collect();
+        sqlx::query(&format!(
+            "DELETE FROM {} WHERE replica_set = $1 AND worker_id = ANY($2)",
+            t.workers
+        ))
+        .bind(replica_set.as_str())
+        .bind(&evict)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        let members: Vec<&str> = plan.members.iter().map(WorkerId::as_str).collect();
+        sqlx::query(&format!(
+            "UPDATE {} SET generation = $2, members = $3 WHERE name = $1",
+            t.replica_sets
+        ))
+        .bind(replica_set.as_str())
+        .bind(plan.generation.0 as i64)
+        .bind(&members)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        sqlx::query(&format!(
+            "INSERT INTO {} (replica_set, generation, members, leader) VALUES ($1, $2, $3, $4)",
+            t.generations
+        ))
+        .bind(replica_set.as_str())
+        .bind(plan.generation.0 as i64)
+        .bind(&members)
+        .bind(plan.leader.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        sqlx::query(&format!(
+            "DELETE FROM {} WHERE replica_set = $1 AND generation <= $2 - 100",
+            t.generations
+        ))
+        .bind(replica_set.as_str())
+        .bind(plan.generation.0 as i64)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        tx.commit().await.map_err(err)
+    }
+
+    async fn release_slot(
+        &self,
+        replica_set: &ReplicaSetName,
+        worker: &WorkerId,
+        slot: Slot,
+        epoch: Epoch,
+    ) -> StoreResult<()> {
+        let released = sqlx::query(&format!(
+            "UPDATE {} SET owner = next_owner, next_owner = NULL, epoch = epoch + 1 \
+             WHERE replica_set = $1 AND slot = $2 AND owner = $3 AND epoch = $4 AND next_owner IS NOT NULL",
+            self.tables.slots
+        ))
+        .bind(replica_set.as_str())
+        .bind(slot.0 as i32)
+        .bind(worker.as_str())
+        .bind(epoch.0 as i64)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| classify("release a slot", e))?;
+        if released.rows_affected() == 0 {
+            return Err(StoreError::Fenced { worker: worker.clone(), slot });
+        }
+        Ok(())
+    }
+
+    async fn ack_generation(
+        &self,
+        replica_set: &ReplicaSetName,
+        worker: &WorkerId,
+        incarnation: Incarnation,
+        generation: Generation,
+    ) -> StoreResult<()> {
+        let acked = sqlx::query(&format!(
+            "UPDATE {} SET acked_generation = GREATEST(acked_generation, $4) \
+             WHERE replica_set = $1 AND worker_id = $2 AND incarnation = $3",
+            self.tables.workers
+        ))
+        .bind(replica_set.as_str())
+        .bind(worker.as_str())
+        .bind(incarnation.0 as i64)
+        .bind(generation.0 as i64)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| classify("acknowledge a generation", e))?;
+        if acked.rows_affected() == 0 {
+            return Err(StoreError::NotRegistered {
+                replica_set: replica_set.clone(),
+                worker: worker.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    async fn deregister(
+        &self,
+        replica_set: &ReplicaSetName,
+        worker: &WorkerId,
+        incarnation: Incarnation,
+    ) -> StoreResult<()> {
+        let err = |e| classify("deregister", e);
+        let t = &self.tables;
+        let mut tx = self.pool.begin().await.map_err(err)?;
+        sqlx::query(&format!("SELECT 1 FROM {} WHERE name = $1 FOR UPDATE", t.replica_sets))
+            .bind(replica_set.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+        let deleted = sqlx::query(&format!(
+            "DELETE FROM {} WHERE replica_set = $1 AND worker_id = $2 AND incarnation = $3",
+            t.workers
+        ))
+        .bind(replica_set.as_str())
+        .bind(worker.as_str())
+        .bind(incarnation.0 as i64)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        if deleted.rows_affected() == 0 {
+            return tx.commit().await.map_err(err);
+        }
+        sqlx::query(&format!(
+            "UPDATE {} SET owner = next_owner, next_owner = NULL, epoch = epoch + 1 \
+             WHERE replica_set = $1 AND owner = $2",
+            t.slots
+        ))
+        .bind(replica_set.as_str())
+        .bind(worker.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        sqlx::query(&format!(
+            "UPDATE {} SET leader = NULL, lease_expires_at = NULL \
+             WHERE name = $1 AND leader = $2 AND leader_incarnation = $3",
+            t.replica_sets
+        ))
+        .bind(replica_set.as_str())
+        .bind(worker.as_str())
+        .bind(incarnation.0 as i64)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        tx.commit().await.map_err(err)
+    }
+}

@@ -1,0 +1,113 @@
+//! PostgreSQL implementation of every port of `orchestrator-core`, on sqlx.
+//!
+//! - Events are read gap-safe: each event records its transaction's id (`xid8`), and readers only
+//!   read below the oldest transaction still running, in `(transaction_id, global_position)` order,
+//!   so an event whose transaction commits after a later one was read is still delivered.
+//!   [`PgStore::horizon_stall`] tells how long the oldest running transaction holds readers back.
+//! - Appends take a per-stream advisory lock before anything else, so a stream's events get
+//!   increasing transaction ids in version order.
+//! - Commits are fenced: the slot rows are locked `FOR SHARE` in the committing transaction and
+//!   checked against the worker's epochs, so a concurrent change of owner either waits for the
+//!   commit or makes it fail with `Fenced`, rolling back the projection's writes.
+//! - All coordination times use the database's `clock_timestamp()`.
+#![deny(missing_docs)]
+
+mod checkpoint_store;
+mod coordination_store;
+mod error;
+mod event_store;
+mod migrate;
+pub mod testing;
+
+use std::time::Duration;
+
+use orchestrator_core::ports::StoreResult;
+use orchestrator_core::{SlotCount, TablePrefix};
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+pub use migrate::migrate;
+
+use crate::error::classify;
+
+/// The transaction a transactional projection writes its read model through.
+pub type PgTx = sqlx::Transaction<'static, sqlx::Postgres>;
+
+/// Every port of the orchestrator on one PostgreSQL database. Cloning shares the pool.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    tables: std::sync::Arc<Tables>,
+    slot_count: SlotCount,
+}
+
+/// Table names under the configured prefix.
+#[derive(Debug)]
+struct Tables {
+    events: String,
+    replica_sets: String,
+    workers: String,
+    slots: String,
+    generations: String,
+    checkpoints: String,
+}
+
+impl PgStore {
+    /// Opens a store on a migrated database (see [`migrate`]).
+    pub async fn open(pool: PgPool, prefix: TablePrefix) -> StoreResult<Self> {
+        let mut conn = pool.acquire().await.map_err(|e| classify("connect", e))?;
+        let slot_count = migrate::stored_slot_count(&mut conn, prefix.as_str()).await?;
+        drop(conn);
+        let p = prefix.as_str();
+        let tables = Tables {
+            events: format!("{p}events"),
+            replica_sets: format!("{p}replica_sets"),
+            workers: format!("{p}workers"),
+            slots: format!("{p}slots"),
+            generations: format!("{p}generations"),
+            checkpoints: format!("{p}checkpoints"),
+        };
+        Ok(Self { pool, tables: std::sync::Arc::new(tables), slot_count })
+    }
+
+    /// Connects a pool to `url` with sensible defaults (`max_connections` connections, a 5 s
+    /// acquire timeout so an unreachable database is reported promptly).
+    pub async fn connect_pool(url: &str, max_connections: u32) -> StoreResult<PgPool> {
+        let options: PgConnectOptions =
+            url.parse().map_err(|e| classify("parse the database URL", e))?;
+        PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await
+            .map_err(|e| classify("connect to PostgreSQL", e))
+    }
+
+    /// The pool, for the application's own queries.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// How long the oldest transaction that has written anything has been running: readers cannot
+    /// read past it, so this is how long event delivery may be held back. Zero when none runs.
+    pub async fn horizon_stall(&self) -> StoreResult<Duration> {
+        let seconds: f64 = sqlx::query_scalar(
+            "SELECT COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - MIN(xact_start)), 0)::float8
+             FROM pg_stat_activity WHERE backend_xid IS NOT NULL",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| classify("read the transaction horizon", e))?;
+        Ok(Duration::from_secs_f64(seconds.max(0.0)))
+    }
+}
+
+/// Milliseconds as a `u64`, for SQL interval arithmetic.
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// A non-negative millisecond count from SQL as a `Duration`.
+fn from_millis(ms: i64) -> Duration {
+    Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
