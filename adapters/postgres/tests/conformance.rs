@@ -48,6 +48,22 @@ impl Harness for PgHarness {
             .unwrap()
     }
 
+    async fn settle(&self) {
+        // Wait until the transaction horizon has passed every event appended so far.
+        loop {
+            let visible: bool = sqlx::query_scalar(
+                "SELECT COALESCE(pg_snapshot_xmin(pg_current_snapshot()) > MAX(transaction_id), TRUE) FROM orch_events",
+            )
+            .fetch_one(&self.0.pool)
+            .await
+            .unwrap();
+            if visible {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     async fn finish(self) {
         self.0.drop_schema().await;
     }

@@ -51,10 +51,6 @@ pub async fn stale_epoch_is_fenced_and_read_model_writes_roll_back<H: Harness>(h
     let incarnation = first_generation(store, &w1).await;
     store.register(&rs, slots(), &w2).await.unwrap();
 
-    // The zombie opened its transaction and wrote before the slot moved.
-    let mut zombie_tx = store.begin().await.unwrap();
-    h.put_row(&mut zombie_tx, "order-1", "zombie").await;
-
     let plan = orchestrator_core::GenerationPlan {
         expected: orchestrator_core::Generation(1),
         generation: orchestrator_core::Generation(2),
@@ -69,6 +65,10 @@ pub async fn stale_epoch_is_fenced_and_read_model_writes_roll_back<H: Harness>(h
         evict: Vec::new(),
     };
     store.create_generation(&rs, &plan).await.unwrap();
+
+    // The zombie still believes it owns slot 0 at epoch 1 and processes a batch.
+    let mut zombie_tx = store.begin().await.unwrap();
+    h.put_row(&mut zombie_tx, "order-1", "zombie").await;
 
     let err = store
         .commit(zombie_tx, &fence(&w1, &[(0, 1), (1, 1)]), "orders", &at(&[(0, 50), (1, 50)]))

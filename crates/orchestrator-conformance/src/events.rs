@@ -42,7 +42,9 @@ fn all_slots_from_start<S: EventStore>(store: &S) -> Vec<(Slot, Position)> {
     store.slot_count().all().map(|slot| (slot, Position::START)).collect()
 }
 
-async fn read_all<S: EventStore>(store: &S) -> Vec<Event> {
+async fn read_all<H: Harness>(h: &H) -> Vec<Event> {
+    h.settle().await;
+    let store = h.store();
     let request =
         ReadRequest { cursors: all_slots_from_start(store), scope: Scope::all(), limit: 10_000 };
     store.read(&request).await.expect("read")
@@ -64,7 +66,7 @@ pub async fn append_assigns_versions_and_positions<H: Harness>(h: &H) {
     assert_eq!(second.version, 3);
     assert!(second.first_global > first.last_global);
 
-    let events = read_all(store).await;
+    let events = read_all(h).await;
     assert_eq!(events.len(), 3);
     assert_eq!(events.iter().map(|e| e.aggregate_version).collect::<Vec<_>>(), vec![1, 2, 3]);
     let e = &events[0];
@@ -93,7 +95,7 @@ pub async fn append_no_stream_conflicts_when_stream_exists<H: Harness>(h: &H) {
         .unwrap_err();
     assert!(matches!(err, StoreError::VersionConflict { actual: 1, .. }), "{err}");
     assert!(!err.is_retryable());
-    assert_eq!(read_all(store).await.len(), 1);
+    assert_eq!(read_all(h).await.len(), 1);
 }
 
 /// `Exact(v)` fails unless the stream is at `v`, including `Exact(0)` on a missing stream.
@@ -113,7 +115,7 @@ pub async fn append_exact_version_conflicts_when_version_differs<H: Harness>(h: 
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::VersionConflict { actual: 2, .. }), "{err}");
-    assert_eq!(read_all(store).await.len(), 2);
+    assert_eq!(read_all(h).await.len(), 2);
 }
 
 /// `Any` appends whatever the version.
@@ -136,7 +138,7 @@ pub async fn duplicate_event_id_is_rejected_and_nothing_is_written<H: Harness>(h
     batch[1].event_id = event_id(1);
     let err = store.append(&order("o-2"), ExpectedVersion::Any, batch).await.unwrap_err();
     assert!(matches!(err, StoreError::DuplicateEvent { .. }), "{err}");
-    assert_eq!(read_all(store).await.len(), 1);
+    assert_eq!(read_all(h).await.len(), 1);
     // The stream did not come into existence.
     store
         .append(&order("o-2"), ExpectedVersion::NoStream, new_events(5, 1, "Placed"))
@@ -152,7 +154,7 @@ pub async fn empty_append_writes_nothing<H: Harness>(h: &H) {
         store.append(&order("o-1"), ExpectedVersion::Exact(2), Vec::new()).await.unwrap();
     assert_eq!(appended.version, 2);
     assert!(appended.first_global > appended.last_global);
-    assert_eq!(read_all(store).await.len(), 2);
+    assert_eq!(read_all(h).await.len(), 2);
 }
 
 /// Each event's slot is `fnv1a_32(aggregate_id) mod slot_count`.
@@ -162,7 +164,7 @@ pub async fn slot_is_hash_of_aggregate_id<H: Harness>(h: &H) {
         let id = format!("agg-{i}");
         store.append(&order(&id), ExpectedVersion::NoStream, new_events(i, 1, "X")).await.unwrap();
     }
-    for event in read_all(store).await {
+    for event in read_all(h).await {
         assert_eq!(event.slot, store.slot_count().slot_of(&event.stream.aggregate_id));
     }
 }
@@ -174,7 +176,7 @@ pub async fn read_returns_only_requested_slots_after_their_cursors<H: Harness>(h
         let id = format!("agg-{}", i % 10);
         store.append(&order(&id), ExpectedVersion::Any, new_events(i, 1, "X")).await.unwrap();
     }
-    let all = read_all(store).await;
+    let all = read_all(h).await;
     let (a, b) = (all[0].slot, all.iter().map(|e| e.slot).find(|s| *s != all[0].slot).unwrap());
     let cursor_a = all.iter().filter(|e| e.slot == a).nth(1).unwrap().position;
     let request = ReadRequest {
@@ -205,6 +207,7 @@ pub async fn read_filters_by_scope<H: Harness>(h: &H) {
             .await
             .unwrap();
     }
+    h.settle().await;
     let scope =
         Scope { aggregate_types: vec!["Order".into()], bounded_contexts: vec!["sales".into()] };
     let request = ReadRequest { cursors: all_slots_from_start(store), scope, limit: 100 };
@@ -222,6 +225,7 @@ pub async fn read_pages_with_limit_in_position_order<H: Harness>(h: &H) {
             .await
             .unwrap();
     }
+    h.settle().await;
     let mut cursors = all_slots_from_start(store);
     let mut seen = Vec::new();
     loop {
@@ -257,7 +261,7 @@ pub async fn read_keeps_version_order_per_stream<H: Harness>(h: &H) {
                 .unwrap();
         }
     }
-    let events = read_all(store).await;
+    let events = read_all(h).await;
     for agg in 0..4 {
         let versions: Vec<u64> = events
             .iter()

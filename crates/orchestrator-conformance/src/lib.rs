@@ -48,6 +48,10 @@ pub trait Harness: Send + Sync + Sized + 'static {
     /// Reads a committed read-model row.
     async fn get_row(&self, key: &str) -> Option<String>;
 
+    /// Waits until every event appended so far is visible to readers. Stores whose readers hold
+    /// back behind running transactions (PostgreSQL's horizon) wait for them; others return at once.
+    async fn settle(&self) {}
+
     /// Cleans up after a case that passed (a failed case leaves its data for inspection).
     async fn finish(self) {}
 }

@@ -1,0 +1,182 @@
+//! The event store port on SQLite.
+
+use std::fmt::Write as _;
+
+use async_trait::async_trait;
+use orchestrator_core::ports::{Appended, EventStore, ReadRequest, StoreError, StoreResult};
+use orchestrator_core::{
+    Event, EventId, ExpectedVersion, NewEvent, Position, Slot, SlotCount, StreamId, Timestamp,
+    Tracing, fnv1a_32,
+};
+use sqlx::Row;
+use sqlx::sqlite::SqliteRow;
+
+use crate::error::{classify, is_unique_violation_on};
+use crate::{NOW_MS, SqliteStore};
+
+#[async_trait]
+impl EventStore for SqliteStore {
+    fn slot_count(&self) -> SlotCount {
+        self.slot_count
+    }
+
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> StoreResult<Appended> {
+        let err = |e| classify("append", e);
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(dup) = events.iter().find(|e| !seen.insert(e.event_id)) {
+            return Err(StoreError::DuplicateEvent { event_id: dup.event_id });
+        }
+        let mut tx = self.begin_write("append").await?;
+        let version_sql = format!(
+            "SELECT COALESCE(MAX(aggregate_version), 0) FROM {} \
+             WHERE bounded_context = ? AND aggregate_type = ? AND aggregate_id = ?",
+            self.tables.events
+        );
+        let current: i64 = sqlx::query_scalar(&version_sql)
+            .bind(&stream.bounded_context)
+            .bind(&stream.aggregate_type)
+            .bind(&stream.aggregate_id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(err)?;
+        let current = current as u64;
+        let conflict = match expected {
+            ExpectedVersion::Any => false,
+            ExpectedVersion::NoStream => current != 0,
+            ExpectedVersion::Exact(version) => current != version,
+        };
+        if conflict {
+            return Err(StoreError::VersionConflict {
+                stream: stream.clone(),
+                expected,
+                actual: current,
+            });
+        }
+        if events.is_empty() {
+            return Ok(Appended { first_global: 1, last_global: 0, version: current });
+        }
+        let hash = fnv1a_32(stream.aggregate_id.as_bytes());
+        let slot = self.slot_count.slot_of_hash(hash);
+        let insert_sql = format!(
+            "INSERT INTO {} (bounded_context, aggregate_type, aggregate_id, aggregate_version, slot, \
+                 partition_hash, event_id, event_type, event_version, payload, metadata, causation_id, \
+                 correlation_id, trace_id, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {NOW_MS}) RETURNING global_position",
+            self.tables.events
+        );
+        let (mut first_global, mut last_global) = (u64::MAX, 0);
+        for (i, event) in events.iter().enumerate() {
+            let position: i64 = sqlx::query_scalar(&insert_sql)
+                .bind(&stream.bounded_context)
+                .bind(&stream.aggregate_type)
+                .bind(&stream.aggregate_id)
+                .bind((current + i as u64 + 1) as i64)
+                .bind(slot.0 as i64)
+                .bind(i64::from(hash))
+                .bind(event.event_id.0.as_slice())
+                .bind(&event.event_type)
+                .bind(i64::from(event.event_version))
+                .bind(event.payload.as_slice())
+                .bind(&event.metadata)
+                .bind(event.tracing.causation_id.as_deref())
+                .bind(event.tracing.correlation_id.as_deref())
+                .bind(event.tracing.trace_id.as_deref())
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| {
+                    if is_unique_violation_on(&e, "event_id") {
+                        StoreError::DuplicateEvent { event_id: event.event_id }
+                    } else {
+                        classify("append", e)
+                    }
+                })?;
+            first_global = first_global.min(position as u64);
+            last_global = last_global.max(position as u64);
+        }
+        tx.commit().await.map_err(err)?;
+        Ok(Appended { first_global, last_global, version: current + events.len() as u64 })
+    }
+
+    async fn read(&self, request: &ReadRequest) -> StoreResult<Vec<Event>> {
+        if request.cursors.is_empty() || request.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let sql = read_sql(&self.tables.events, request);
+        let mut query = sqlx::query(&sql);
+        for (slot, after) in &request.cursors {
+            query = query.bind(slot.0 as i64).bind(after.global as i64);
+            for value in request.scope.aggregate_types.iter().chain(&request.scope.bounded_contexts)
+            {
+                query = query.bind(value);
+            }
+            query = query.bind(request.limit as i64);
+        }
+        query = query.bind(request.limit as i64);
+        let rows = query.fetch_all(&self.pool).await.map_err(|e| classify("read events", e))?;
+        rows.iter().map(event_from_row).collect()
+    }
+}
+
+/// One ordered index range per requested slot, each after that slot's cursor, merged by position.
+fn read_sql(events: &str, request: &ReadRequest) -> String {
+    let in_list = |column: &str, n: usize| {
+        if n == 0 {
+            String::new()
+        } else {
+            format!(" AND {column} IN ({})", vec!["?"; n].join(", "))
+        }
+    };
+    let scope = in_list("aggregate_type", request.scope.aggregate_types.len())
+        + &in_list("bounded_context", request.scope.bounded_contexts.len());
+    let mut sql = String::from("SELECT * FROM (");
+    for i in 0..request.cursors.len() {
+        if i > 0 {
+            sql.push_str(" UNION ALL ");
+        }
+        let _ = write!(
+            sql,
+            "SELECT * FROM (SELECT * FROM {events} WHERE slot = ? AND global_position > ?{scope} \
+             ORDER BY global_position LIMIT ?)"
+        );
+    }
+    sql.push_str(") ORDER BY global_position LIMIT ?");
+    sql
+}
+
+fn event_from_row(row: &SqliteRow) -> StoreResult<Event> {
+    let get_err = |e| classify("decode an event", e);
+    let id: Vec<u8> = row.try_get("event_id").map_err(get_err)?;
+    let event_id =
+        <[u8; 16]>::try_from(id.as_slice()).map(EventId).map_err(|_| StoreError::Other {
+            message: format!("event id of {} bytes, expected 16", id.len()),
+            source: None,
+        })?;
+    Ok(Event {
+        position: Position::global(
+            row.try_get::<i64, _>("global_position").map_err(get_err)? as u64
+        ),
+        stream: StreamId {
+            bounded_context: row.try_get("bounded_context").map_err(get_err)?,
+            aggregate_type: row.try_get("aggregate_type").map_err(get_err)?,
+            aggregate_id: row.try_get("aggregate_id").map_err(get_err)?,
+        },
+        aggregate_version: row.try_get::<i64, _>("aggregate_version").map_err(get_err)? as u64,
+        slot: Slot(row.try_get::<i64, _>("slot").map_err(get_err)? as u32),
+        event_id,
+        event_type: row.try_get("event_type").map_err(get_err)?,
+        event_version: row.try_get::<i64, _>("event_version").map_err(get_err)? as u32,
+        payload: row.try_get("payload").map_err(get_err)?,
+        metadata: row.try_get("metadata").map_err(get_err)?,
+        tracing: Tracing {
+            causation_id: row.try_get("causation_id").map_err(get_err)?,
+            correlation_id: row.try_get("correlation_id").map_err(get_err)?,
+            trace_id: row.try_get("trace_id").map_err(get_err)?,
+        },
+        created_at: Timestamp(row.try_get::<i64, _>("created_at").map_err(get_err)?.max(0) as u64),
+    })
+}

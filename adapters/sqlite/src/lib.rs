@@ -1,0 +1,108 @@
+//! SQLite implementation of every port of `orchestrator-core`, on sqlx: the embedded default.
+//!
+//! The database file is opened in WAL mode with a busy timeout, so several worker processes can
+//! share it. Every writing transaction starts with `BEGIN IMMEDIATE`: it takes SQLite's single
+//! write lock up front, so a fenced commit's ownership check and its writes cannot interleave with a
+//! change of owner, and a read-then-write transaction never fails to upgrade.
+//! With one writer at a time, events become visible in `global_position` order, so reads need no gap
+//! protection and positions carry no commit key (it is always 0).
+//! Times are integer milliseconds from SQLite's own clock.
+#![deny(missing_docs)]
+
+mod checkpoint_store;
+mod coordination_store;
+mod error;
+mod event_store;
+mod migrate;
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use orchestrator_core::ports::StoreResult;
+use orchestrator_core::{SlotCount, TablePrefix};
+use sqlx::SqlitePool;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+
+pub use migrate::migrate;
+
+use crate::error::classify;
+
+/// The transaction a transactional projection writes its read model through.
+pub type SqliteTx = sqlx::Transaction<'static, sqlx::Sqlite>;
+
+/// SQLite's clock in milliseconds since the Unix epoch.
+pub(crate) const NOW_MS: &str = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)";
+
+/// Every port of the orchestrator on one SQLite database. Cloning shares the pool.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    tables: Arc<Tables>,
+    slot_count: SlotCount,
+}
+
+#[derive(Debug)]
+struct Tables {
+    events: String,
+    replica_sets: String,
+    workers: String,
+    slots: String,
+    generations: String,
+    checkpoints: String,
+}
+
+impl SqliteStore {
+    /// Opens a store on a migrated database (see [`migrate`]).
+    pub async fn open(pool: SqlitePool, prefix: TablePrefix) -> StoreResult<Self> {
+        let mut conn = pool.acquire().await.map_err(|e| classify("open the database", e))?;
+        let slot_count = migrate::stored_slot_count(&mut conn, prefix.as_str()).await?;
+        drop(conn);
+        let p = prefix.as_str();
+        let tables = Tables {
+            events: format!("{p}events"),
+            replica_sets: format!("{p}replica_sets"),
+            workers: format!("{p}workers"),
+            slots: format!("{p}slots"),
+            generations: format!("{p}generations"),
+            checkpoints: format!("{p}checkpoints"),
+        };
+        Ok(Self { pool, tables: Arc::new(tables), slot_count })
+    }
+
+    /// Opens (creating if missing) the database at `url` (`sqlite:orchestrator.db`) in WAL mode
+    /// with a 5 s busy timeout.
+    pub async fn connect_pool(url: &str, max_connections: u32) -> StoreResult<SqlitePool> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(|e| classify("parse the database URL", e))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5))
+            .foreign_keys(true);
+        SqlitePoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .map_err(|e| classify("open the SQLite database", e))
+    }
+
+    /// The pool, for the application's own queries.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// Begins a writing transaction (`BEGIN IMMEDIATE`).
+    pub(crate) async fn begin_write(&self, what: &str) -> StoreResult<SqliteTx> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(|e| classify(what, e))
+    }
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn from_millis(ms: i64) -> Duration {
+    Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}

@@ -1,0 +1,84 @@
+//! Applies the embedded migrations idempotently inside `BEGIN IMMEDIATE`, so concurrent callers
+//! (several workers starting at once) wait for each other.
+
+use orchestrator_core::ports::{StoreError, StoreResult};
+use orchestrator_core::{SlotCount, TablePrefix};
+use sqlx::{Executor, SqlitePool};
+
+use crate::error::classify;
+
+/// The migrations, in order: (version, name, SQL with `{prefix}` placeholders).
+const MIGRATIONS: &[(i32, &str, &str)] =
+    &[(1, "init", include_str!("../../../migrations/sqlite/0001_init.sql"))];
+
+/// Creates or upgrades every table under `prefix`, and records the event store's slot count
+/// (`slot_count` on a new store; an existing store keeps its own and a different one is refused).
+pub async fn migrate(
+    pool: &SqlitePool,
+    prefix: &TablePrefix,
+    slot_count: SlotCount,
+) -> StoreResult<()> {
+    let err = |e| classify("migrate", e);
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
+    let create_ledger = format!(
+        "CREATE TABLE IF NOT EXISTS {prefix}schema_migrations (
+             version INTEGER PRIMARY KEY,
+             name TEXT NOT NULL,
+             applied_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')))"
+    );
+    tx.execute(create_ledger.as_str()).await.map_err(err)?;
+    let list = format!("SELECT version FROM {prefix}schema_migrations");
+    let applied: Vec<i32> = sqlx::query_scalar(&list).fetch_all(&mut *tx).await.map_err(err)?;
+    for &(version, name, sql) in MIGRATIONS {
+        if applied.contains(&version) {
+            continue;
+        }
+        let script = sql.replace("{prefix}", prefix.as_str());
+        tx.execute(script.as_str()).await.map_err(err)?;
+        let record = format!("INSERT INTO {prefix}schema_migrations (version, name) VALUES (?, ?)");
+        sqlx::query(&record).bind(version).bind(name).execute(&mut *tx).await.map_err(err)?;
+    }
+    let record_slots = format!(
+        "INSERT INTO {prefix}meta (key, value) VALUES ('slot_count', ?) ON CONFLICT (key) DO NOTHING"
+    );
+    sqlx::query(&record_slots)
+        .bind(slot_count.get().to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+    let stored = stored_slot_count(&mut tx, prefix.as_str()).await?;
+    if stored != slot_count {
+        return Err(StoreError::Misconfigured {
+            message: format!(
+                "the event store under prefix {prefix:?} buckets events into {stored} slots; \
+                 the configuration says {slot_count}"
+            ),
+            source: None,
+        });
+    }
+    tx.commit().await.map_err(err)
+}
+
+/// Reads the event store's slot count recorded by [`migrate`].
+pub(crate) async fn stored_slot_count(
+    conn: &mut sqlx::SqliteConnection,
+    prefix: &str,
+) -> StoreResult<SlotCount> {
+    let sql = format!("SELECT value FROM {prefix}meta WHERE key = 'slot_count'");
+    let value: Option<String> = sqlx::query_scalar(&sql)
+        .fetch_optional(conn)
+        .await
+        .map_err(|e| classify("read the event store's slot count", e))?;
+    let value = value.ok_or_else(|| StoreError::Misconfigured {
+        message: format!(
+            "no orchestrator schema under prefix {prefix:?}: run `orchestrator migrate`"
+        ),
+        source: None,
+    })?;
+    value.parse::<u64>().ok().and_then(|n| SlotCount::new(n).ok()).ok_or_else(|| {
+        StoreError::Misconfigured {
+            message: format!("corrupt slot count {value:?} in {prefix}meta"),
+            source: None,
+        }
+    })
+}
