@@ -11,8 +11,8 @@ use orchestrator_core::{
 use sqlx::Row;
 use sqlx::postgres::PgRow;
 
-use crate::PgStore;
 use crate::error::{classify, unique_violation_detail};
+use crate::{PgStore, PgTx};
 
 /// Namespace of the advisory locks appends take per stream (an arbitrary constant: "orch").
 const STREAM_LOCK_SPACE: i32 = 0x6f72_6368;
@@ -29,6 +29,41 @@ impl EventStore for PgStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> StoreResult<Appended> {
+        let (tx, appended) = self.append_uncommitted(stream, expected, &events).await?;
+        tx.commit().await.map_err(|e| duplicate_or(e, &self.tables.events, &events))?;
+        Ok(appended)
+    }
+
+    async fn read(&self, request: &ReadRequest) -> StoreResult<Vec<Event>> {
+        if request.cursors.is_empty() || request.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let sql = read_sql(&self.tables.events, request);
+        let mut query = sqlx::query(&sql)
+            .bind(request.limit as i64)
+            .bind(&request.scope.aggregate_types)
+            .bind(&request.scope.bounded_contexts);
+        for (slot, after) in &request.cursors {
+            query = query.bind(slot.0 as i32).bind(after.commit as i64).bind(after.global as i64);
+        }
+        let rows = query.fetch_all(&self.pool).await.map_err(|e| classify("read events", e))?;
+        rows.iter().map(event_from_row).collect()
+    }
+}
+
+impl PgStore {
+    /// Appends like [`EventStore::append`] but leaves the transaction open: nothing is visible
+    /// until the caller commits it, and dropping it appends nothing.
+    ///
+    /// The append is the transaction's first write, as the per-stream order requires; the caller
+    /// may write more (an outbox row, say) before committing. Holding it open holds back every
+    /// reader's horizon, which is what the gap-safety tests and `demo append --hold-open` exercise.
+    pub async fn append_uncommitted(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: &[NewEvent],
+    ) -> StoreResult<(PgTx, Appended)> {
         let err = |e| classify("append", e);
         let mut tx = self.pool.begin().await.map_err(err)?;
         // Lock the stream before any write: the transaction id is assigned at the first write,
@@ -68,7 +103,7 @@ impl EventStore for PgStore {
             return Err(StoreError::DuplicateEvent { event_id: dup.event_id });
         }
         if events.is_empty() {
-            return Ok(Appended { first_global: 1, last_global: 0, version: current });
+            return Ok((tx, Appended { first_global: 1, last_global: 0, version: current }));
         }
 
         let n = events.len() as u64;
@@ -113,27 +148,10 @@ impl EventStore for PgStore {
         .bind(&trace)
         .fetch_all(&mut *tx)
         .await
-        .map_err(|e| duplicate_or(e, &self.tables.events, &events))?;
-        tx.commit().await.map_err(|e| duplicate_or(e, &self.tables.events, &events))?;
+        .map_err(|e| duplicate_or(e, &self.tables.events, events))?;
         let first_global = inserted.iter().copied().min().unwrap_or(0) as u64;
         let last_global = inserted.iter().copied().max().unwrap_or(0) as u64;
-        Ok(Appended { first_global, last_global, version: current + n })
-    }
-
-    async fn read(&self, request: &ReadRequest) -> StoreResult<Vec<Event>> {
-        if request.cursors.is_empty() || request.limit == 0 {
-            return Ok(Vec::new());
-        }
-        let sql = read_sql(&self.tables.events, request);
-        let mut query = sqlx::query(&sql)
-            .bind(request.limit as i64)
-            .bind(&request.scope.aggregate_types)
-            .bind(&request.scope.bounded_contexts);
-        for (slot, after) in &request.cursors {
-            query = query.bind(slot.0 as i32).bind(after.commit as i64).bind(after.global as i64);
-        }
-        let rows = query.fetch_all(&self.pool).await.map_err(|e| classify("read events", e))?;
-        rows.iter().map(event_from_row).collect()
+        Ok((tx, Appended { first_global, last_global, version: current + n }))
     }
 }
 

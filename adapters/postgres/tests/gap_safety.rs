@@ -1,0 +1,236 @@
+//! Gap safety and fencing under real concurrency on PostgreSQL.
+//!
+//! Many appenders hold their transactions open for random times, so later positions commit before
+//! earlier ones, while a reader keeps reading: every event must be seen exactly once and each
+//! stream's events in version order. Without the transaction-horizon protection the reader skips
+//! the events of transactions that commit late, and this test fails.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use orchestrator_core::ports::{
+    CheckpointStore, CoordinationStore, EventStore, Fence, ReadRequest, StoreError,
+};
+use orchestrator_core::{
+    Epoch, EventId, ExpectedVersion, Generation, GenerationPlan, NewEvent, Position,
+    ReplicaSetName, Scope, Slot, SlotAction, SlotChange, SlotCount, StreamId, Tracing, WorkerId,
+};
+use orchestrator_postgres::testing::TestSchema;
+
+/// SplitMix64: a tiny deterministic generator, enough to spread hold times.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (z ^ (z >> 31)) % n
+    }
+}
+
+fn event(n: u64) -> NewEvent {
+    let mut id = [0u8; 16];
+    id[8..].copy_from_slice(&n.to_be_bytes());
+    NewEvent {
+        event_id: EventId(id),
+        event_type: "Deposited".into(),
+        event_version: 1,
+        payload: n.to_string().into_bytes(),
+        metadata: "{}".into(),
+        tracing: Tracing::default(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reader_never_skips_events_committed_out_of_order() {
+    const APPENDERS: u64 = 12;
+    const APPENDS_EACH: u64 = 25;
+    const EVENTS_PER_APPEND: u64 = 2;
+    let Some(schema) = TestSchema::start(SlotCount::new(2).unwrap()).await else { return };
+    let store = schema.store.clone();
+    let total = (APPENDERS * APPENDS_EACH * EVENTS_PER_APPEND) as usize;
+    let finished = Arc::new(AtomicUsize::new(0));
+
+    let mut appenders = Vec::new();
+    for appender in 0..APPENDERS {
+        let store = store.clone();
+        let finished = finished.clone();
+        appenders.push(tokio::spawn(async move {
+            let mut rng = Rng(appender);
+            for i in 0..APPENDS_EACH {
+                // Streams are shared between appenders, so versions interleave across them.
+                let stream = StreamId::new("bank", "Account", format!("acct-{}", rng.below(40)));
+                let n = (appender * APPENDS_EACH + i) * EVENTS_PER_APPEND;
+                let batch = vec![event(n), event(n + 1)];
+                let (tx, _) =
+                    store.append_uncommitted(&stream, ExpectedVersion::Any, &batch).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(rng.below(40))).await;
+                tx.commit().await.unwrap();
+            }
+            finished.fetch_add(1, Ordering::SeqCst);
+        }));
+    }
+
+    let slots: Vec<Slot> = SlotCount::new(2).unwrap().all().collect();
+    let mut cursors: BTreeMap<Slot, Position> =
+        slots.iter().map(|s| (*s, Position::START)).collect();
+    let mut seen = BTreeSet::new();
+    let mut last_version: BTreeMap<String, u64> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.len() < total {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {total} events seen after 30 s: events were skipped",
+            seen.len()
+        );
+        let request = ReadRequest {
+            cursors: cursors.iter().map(|(s, p)| (*s, *p)).collect(),
+            scope: Scope::all(),
+            limit: 7,
+        };
+        let batch = store.read(&request).await.unwrap();
+        if batch.is_empty() {
+            // Skipped events never arrive: the deadline above turns that into a failure.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            continue;
+        }
+        for e in batch {
+            assert!(seen.insert(e.position.global), "event {} delivered twice", e.position.global);
+            let last = last_version.entry(e.stream.aggregate_id.clone()).or_insert(0);
+            assert_eq!(e.aggregate_version, *last + 1, "{} out of order", e.stream.aggregate_id);
+            *last = e.aggregate_version;
+            let cursor = cursors.get_mut(&e.slot).unwrap();
+            assert!(e.position > *cursor);
+            *cursor = e.position;
+        }
+    }
+    for appender in appenders {
+        appender.await.unwrap();
+    }
+    assert_eq!(seen.len(), total);
+    schema.drop_schema().await;
+}
+
+#[tokio::test]
+async fn horizon_stall_reports_the_oldest_open_transaction() {
+    let Some(schema) = TestSchema::start(SlotCount::new(8).unwrap()).await else { return };
+    let store = schema.store.clone();
+    let (tx, _) = store
+        .append_uncommitted(
+            &StreamId::new("bank", "Account", "a"),
+            ExpectedVersion::Any,
+            &[event(1)],
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stall = store.horizon_stall().await.unwrap();
+    assert!(stall >= Duration::from_millis(300), "{stall:?}");
+    tx.commit().await.unwrap();
+    schema.drop_schema().await;
+}
+
+/// The zombie's transaction is open, with read-model writes, while its slot moves: PostgreSQL does
+/// not block the move, and the zombie's commit must then fail and roll back.
+#[tokio::test]
+async fn commit_after_a_concurrent_move_is_fenced() {
+    let Some(schema) = TestSchema::start(SlotCount::new(8).unwrap()).await else { return };
+    let store = schema.store.clone();
+    sqlx::query("CREATE TABLE rows (key TEXT PRIMARY KEY, value TEXT)")
+        .execute(&schema.pool)
+        .await
+        .unwrap();
+    let rs = ReplicaSetName::new("main").unwrap();
+    let (w1, w2) = (WorkerId::new("w1").unwrap(), WorkerId::new("w2").unwrap());
+    let slots = SlotCount::new(8).unwrap();
+    let inc = store.register(&rs, slots, &w1).await.unwrap();
+    store.register(&rs, slots, &w2).await.unwrap();
+    store.heartbeat(&rs, &w1, inc, Duration::from_secs(30)).await.unwrap();
+    let grant_all = |expected: u64, to: &WorkerId, epoch: u64| GenerationPlan {
+        expected: Generation(expected),
+        generation: Generation(expected + 1),
+        leader: w1.clone(),
+        leader_incarnation: inc,
+        members: vec![to.clone()],
+        changes: slots
+            .all()
+            .map(|slot| SlotChange {
+                slot,
+                epoch: Epoch(epoch),
+                action: SlotAction::Grant { to: to.clone() },
+            })
+            .collect(),
+        evict: Vec::new(),
+    };
+    store.create_generation(&rs, &grant_all(0, &w1, 0)).await.unwrap();
+
+    let mut zombie = store.begin().await.unwrap();
+    sqlx::query("INSERT INTO rows VALUES ('k', 'zombie')").execute(&mut *zombie).await.unwrap();
+    store.create_generation(&rs, &grant_all(1, &w2, 1)).await.unwrap();
+    let fence =
+        Fence { replica_set: rs.clone(), worker: w1.clone(), grants: [(Slot(0), Epoch(1))].into() };
+    let err = store
+        .commit(zombie, &fence, "p", &[(Slot(0), Position { commit: 1, global: 1 })].into())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Fenced { .. }), "{err}");
+    let row: Option<String> =
+        sqlx::query_scalar("SELECT value FROM rows").fetch_optional(&schema.pool).await.unwrap();
+    assert_eq!(row, None);
+    schema.drop_schema().await;
+}
+
+/// While a commit holds its slot rows, a change of owner waits for it instead of slipping in
+/// between the ownership check and the checkpoint write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_waits_for_a_commit_in_progress() {
+    let Some(schema) = TestSchema::start(SlotCount::new(8).unwrap()).await else { return };
+    let store = schema.store.clone();
+    let rs = ReplicaSetName::new("main").unwrap();
+    let (w1, w2) = (WorkerId::new("w1").unwrap(), WorkerId::new("w2").unwrap());
+    let slots = SlotCount::new(8).unwrap();
+    let inc = store.register(&rs, slots, &w1).await.unwrap();
+    store.register(&rs, slots, &w2).await.unwrap();
+    store.heartbeat(&rs, &w1, inc, Duration::from_secs(30)).await.unwrap();
+    let grant = |expected: u64, to: &WorkerId, epoch: u64| GenerationPlan {
+        expected: Generation(expected),
+        generation: Generation(expected + 1),
+        leader: w1.clone(),
+        leader_incarnation: inc,
+        members: vec![to.clone()],
+        changes: vec![SlotChange {
+            slot: Slot(0),
+            epoch: Epoch(epoch),
+            action: SlotAction::Grant { to: to.clone() },
+        }],
+        evict: Vec::new(),
+    };
+    store.create_generation(&rs, &grant(0, &w1, 0)).await.unwrap();
+
+    // Take the FOR SHARE lock the way commit does, then hold the transaction open.
+    let mut holder = store.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM orch_slots WHERE replica_set = 'main' AND slot = 0 FOR SHARE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let mover = {
+        let store = store.clone();
+        let rs = rs.clone();
+        let plan = grant(1, &w2, 1);
+        tokio::spawn(async move {
+            let started = Instant::now();
+            store.create_generation(&rs, &plan).await.unwrap();
+            started.elapsed()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!mover.is_finished(), "the move must wait for the commit holding the slot row");
+    holder.commit().await.unwrap();
+    let waited = mover.await.unwrap();
+    assert!(waited >= Duration::from_millis(250), "{waited:?}");
+    schema.drop_schema().await;
+}
