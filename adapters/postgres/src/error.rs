@@ -6,8 +6,11 @@ use orchestrator_core::ports::StoreError;
 /// timeout, server shutting down or starting, too many connections, connection exceptions.
 const TRANSIENT: &[&str] = &["40001", "40P01", "55P03", "57P01", "57P02", "57P03", "53300"];
 
-/// Classifies an error of the operation `what`.
-pub(crate) fn classify(what: &str, err: sqlx::Error) -> StoreError {
+/// Classifies an sqlx error of the operation `what` as a port error: transient failures
+/// (connection loss, restart, serialization failure, deadlock, pool timeout) become
+/// `Unavailable`, setup mistakes (missing schema, bad credentials, unknown database, bad URL)
+/// `Misconfigured`. Exposed for applications that run their own queries next to the store.
+pub fn classify(what: &str, err: sqlx::Error) -> StoreError {
     let message = format!("{what}: {err}");
     match &err {
         sqlx::Error::Database(db) => {

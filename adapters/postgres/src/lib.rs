@@ -26,6 +26,7 @@ use orchestrator_core::{SlotCount, TablePrefix};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
+pub use error::classify as classify_error;
 pub use migrate::migrate;
 
 use crate::error::classify;

@@ -2,8 +2,10 @@
 
 use orchestrator_core::ports::StoreError;
 
-/// Classifies an error of the operation `what`.
-pub(crate) fn classify(what: &str, err: sqlx::Error) -> StoreError {
+/// Classifies an sqlx error of the operation `what` as a port error: a busy or locked database
+/// and pool timeouts become `Unavailable`, a missing schema or unusable file `Misconfigured`.
+/// Exposed for applications that run their own queries next to the store.
+pub fn classify(what: &str, err: sqlx::Error) -> StoreError {
     let message = format!("{what}: {err}");
     match &err {
         sqlx::Error::Database(db) => {

@@ -24,6 +24,7 @@ use orchestrator_core::{SlotCount, TablePrefix};
 use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
+pub use error::classify as classify_error;
 pub use migrate::migrate;
 
 use crate::error::classify;
