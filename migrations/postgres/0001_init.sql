@@ -36,6 +36,10 @@ CREATE TABLE IF NOT EXISTS {prefix}events (
 CREATE INDEX IF NOT EXISTS {prefix}events_slot_order
     ON {prefix}events (slot, transaction_id, global_position);
 
+-- One range over every slot, for a reader that owns them all (a single worker, a rebuild).
+CREATE INDEX IF NOT EXISTS {prefix}events_commit_order
+    ON {prefix}events (transaction_id, global_position);
+
 CREATE TABLE IF NOT EXISTS {prefix}replica_sets (
     name               TEXT PRIMARY KEY,
     slot_count         INTEGER NOT NULL,

@@ -5,6 +5,7 @@
 //! - `test`: the test suite (nextest over the workspace, then doctests).
 //! - `check-deps`: fails if `orchestrator-core` gains a dependency outside its allow-list.
 //! - `demo`: the README's first command.
+//! - `bench [--events N] [--runs R]`: benchmarks against plain sqlx references (needs PostgreSQL).
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -37,14 +38,15 @@ fn main() -> ExitCode {
 fn run() -> Result<()> {
     let args: Vec<String> = env::args().skip(1).collect();
     let Some(command) = args.first() else {
-        bail!("usage: cargo xtask <ci|test|check-deps|demo>");
+        bail!("usage: cargo xtask <ci|test|check-deps|demo|bench>");
     };
     match command.as_str() {
         "ci" => ci(),
         "test" => test(),
         "check-deps" => check_deps(),
         "demo" => demo(),
-        other => bail!("unknown command {other:?}; expected ci, test, check-deps or demo"),
+        "bench" => bench(&args[1..]),
+        other => bail!("unknown command {other:?}; expected ci, test, check-deps, demo or bench"),
     }
 }
 
@@ -128,4 +130,10 @@ fn demo() -> Result<()> {
         "demo",
     ]);
     run_step("cluster demo (simulated workers over the in-memory store)", sim)
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    let mut bench = cargo();
+    bench.args(["run", "--quiet", "--release", "-p", "orchestrator-bench", "--"]).args(args);
+    run_step("benchmarks (each against a plain sqlx reference in the same run)", bench)
 }

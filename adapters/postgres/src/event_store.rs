@@ -38,13 +38,32 @@ impl EventStore for PgStore {
         if request.cursors.is_empty() || request.limit == 0 {
             return Ok(Vec::new());
         }
-        let sql = read_sql(&self.tables.events, request);
+        let every_slot = request.cursors.len() == self.slot_count.get() as usize
+            && request
+                .cursors
+                .iter()
+                .map(|(s, _)| s)
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+                == request.cursors.len();
+        let (sql, cursors) = match request.uniform_cursor() {
+            Some(after) if every_slot => {
+                (read_all_slots_sql(&self.tables.events), vec![(None, after)])
+            }
+            _ => (
+                read_per_slot_sql(&self.tables.events, request.cursors.len()),
+                request.cursors.iter().map(|(s, p)| (Some(*s), *p)).collect(),
+            ),
+        };
         let mut query = sqlx::query(&sql)
             .bind(request.limit as i64)
             .bind(&request.scope.aggregate_types)
             .bind(&request.scope.bounded_contexts);
-        for (slot, after) in &request.cursors {
-            query = query.bind(slot.0 as i32).bind(after.commit as i64).bind(after.global as i64);
+        for (slot, after) in cursors {
+            if let Some(slot) = slot {
+                query = query.bind(slot.0 as i32);
+            }
+            query = query.bind(after.commit as i64).bind(after.global as i64);
         }
         let rows = query.fetch_all(&self.pool).await.map_err(|e| classify("read events", e))?;
         rows.iter().map(event_from_row).collect()
@@ -155,20 +174,38 @@ impl PgStore {
     }
 }
 
-/// One ordered index range per requested slot, each starting after that slot's cursor and
-/// stopping below the transaction horizon, merged by position: PostgreSQL runs this as a Merge
-/// Append over index scans, reading about as many rows as it returns.
-fn read_sql(events: &str, request: &ReadRequest) -> String {
-    let mut sql = String::from(
-        "WITH horizon AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin) \
-         SELECT global_position, transaction_id::text::bigint AS commit_position, bounded_context, \
-                aggregate_type, aggregate_id, aggregate_version, slot, event_id::text AS event_id, \
-                event_type, event_version, payload, metadata::text AS metadata, causation_id, \
-                correlation_id, trace_id, \
-                (EXTRACT(EPOCH FROM created_at) * 1000)::bigint AS created_ms \
-         FROM (",
-    );
-    for (i, _) in request.cursors.iter().enumerate() {
+/// The columns of an event as [`event_from_row`] decodes them. The transaction id, event id,
+/// metadata and creation time are sent in PostgreSQL's binary form and decoded here, which costs
+/// the server nothing (converting them to text in SQL halved read throughput).
+const EVENT_COLUMNS: &str = "global_position, transaction_id, bounded_context, aggregate_type, \
+     aggregate_id, aggregate_version, slot, event_id, event_type, event_version, payload, metadata, \
+     causation_id, correlation_id, trace_id, created_at";
+
+/// The oldest transaction still running: nothing at or above it may be read yet.
+const HORIZON: &str =
+    "WITH horizon AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin) ";
+
+/// Scope filters on `$2` (aggregate types) and `$3` (bounded contexts); empty arrays match all.
+const SCOPE: &str = "AND (cardinality($2::text[]) = 0 OR aggregate_type = ANY($2)) \
+     AND (cardinality($3::text[]) = 0 OR bounded_context = ANY($3))";
+
+/// Every slot after one common cursor (`$4`, `$5`): one range of the commit-order index.
+fn read_all_slots_sql(events: &str) -> String {
+    format!(
+        "{HORIZON}SELECT {EVENT_COLUMNS} FROM {events} \
+         WHERE (transaction_id, global_position) > ($4::text::xid8, $5) \
+           AND transaction_id < (SELECT xmin FROM horizon) {SCOPE} \
+         ORDER BY transaction_id, global_position LIMIT $1"
+    )
+}
+
+/// One ordered index range per requested slot (`slot`, `commit`, `global` from `$4` on), each after
+/// that slot's cursor and below the horizon, merged by position: PostgreSQL runs this as a Merge
+/// Append over index scans, reading about as many rows as it returns whatever share of the slots
+/// the reader owns.
+fn read_per_slot_sql(events: &str, n_slots: usize) -> String {
+    let mut sql = format!("{HORIZON}SELECT {EVENT_COLUMNS} FROM (");
+    for i in 0..n_slots {
         let p = 4 + 3 * i;
         if i > 0 {
             sql.push_str(" UNION ALL ");
@@ -177,9 +214,7 @@ fn read_sql(events: &str, request: &ReadRequest) -> String {
             sql,
             "(SELECT * FROM {events} WHERE slot = ${p} \
                AND (transaction_id, global_position) > (${c}::text::xid8, ${g}) \
-               AND transaction_id < (SELECT xmin FROM horizon) \
-               AND (cardinality($2::text[]) = 0 OR aggregate_type = ANY($2)) \
-               AND (cardinality($3::text[]) = 0 OR bounded_context = ANY($3)) \
+               AND transaction_id < (SELECT xmin FROM horizon) {SCOPE} \
              ORDER BY transaction_id, global_position LIMIT $1)",
             c = p + 1,
             g = p + 2,
@@ -189,49 +224,67 @@ fn read_sql(events: &str, request: &ReadRequest) -> String {
     sql
 }
 
-fn event_from_row(row: &PgRow) -> StoreResult<Event> {
-    let get_err = |e| classify("decode an event", e);
-    let event_id: String = row.try_get("event_id").map_err(get_err)?;
-    Ok(Event {
-        position: Position {
-            commit: row.try_get::<i64, _>("commit_position").map_err(get_err)? as u64,
-            global: row.try_get::<i64, _>("global_position").map_err(get_err)? as u64,
-        },
-        stream: StreamId {
-            bounded_context: row.try_get("bounded_context").map_err(get_err)?,
-            aggregate_type: row.try_get("aggregate_type").map_err(get_err)?,
-            aggregate_id: row.try_get("aggregate_id").map_err(get_err)?,
-        },
-        aggregate_version: row.try_get::<i64, _>("aggregate_version").map_err(get_err)? as u64,
-        slot: Slot(row.try_get::<i32, _>("slot").map_err(get_err)? as u32),
-        event_id: parse_uuid(&event_id).ok_or_else(|| StoreError::Other {
-            message: format!("event id {event_id:?} is not a UUID"),
-            source: None,
-        })?,
-        event_type: row.try_get("event_type").map_err(get_err)?,
-        event_version: row.try_get::<i32, _>("event_version").map_err(get_err)? as u32,
-        payload: row.try_get("payload").map_err(get_err)?,
-        metadata: row.try_get("metadata").map_err(get_err)?,
-        tracing: Tracing {
-            causation_id: row.try_get("causation_id").map_err(get_err)?,
-            correlation_id: row.try_get("correlation_id").map_err(get_err)?,
-            trace_id: row.try_get("trace_id").map_err(get_err)?,
-        },
-        created_at: Timestamp(row.try_get::<i64, _>("created_ms").map_err(get_err)?.max(0) as u64),
+/// Microseconds from the Unix epoch to PostgreSQL's epoch, 2000-01-01.
+const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+/// The binary wire form of column `index`: `xid8` and `timestamptz` are 8 bytes big-endian, `uuid`
+/// 16 bytes, `jsonb` a version byte (1) and the JSON text.
+fn raw_column(row: &PgRow, index: usize) -> StoreResult<&[u8]> {
+    let corrupt = |message: String| StoreError::Other { message, source: None };
+    let value = row.try_get_raw(index).map_err(|e| classify("decode an event", e))?;
+    value.as_bytes().map_err(|e| corrupt(format!("column {index} of an event: {e}")))
+}
+
+fn raw_i64(row: &PgRow, index: usize) -> StoreResult<i64> {
+    let bytes = raw_column(row, index)?;
+    <[u8; 8]>::try_from(bytes).map(i64::from_be_bytes).map_err(|_| StoreError::Other {
+        message: format!("column {index} of an event has {} bytes, expected 8", bytes.len()),
+        source: None,
     })
 }
 
-/// Parses a hyphenated UUID as PostgreSQL prints it.
-fn parse_uuid(text: &str) -> Option<EventId> {
-    let hex: String = text.chars().filter(|c| *c != '-').collect();
-    if hex.len() != 32 {
-        return None;
-    }
-    let mut bytes = [0u8; 16];
-    for (i, byte) in bytes.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(EventId(bytes))
+/// Decodes a row selected with [`EVENT_COLUMNS`], by column index (it runs for every event).
+fn event_from_row(row: &PgRow) -> StoreResult<Event> {
+    let get_err = |e| classify("decode an event", e);
+    let event_id = raw_column(row, 7)?;
+    let event_id = <[u8; 16]>::try_from(event_id).map(EventId).map_err(|_| StoreError::Other {
+        message: format!("event id of {} bytes, expected 16", event_id.len()),
+        source: None,
+    })?;
+    let metadata = match raw_column(row, 11)? {
+        [1, json @ ..] => String::from_utf8_lossy(json).into_owned(),
+        other => {
+            return Err(StoreError::Other {
+                message: format!("unknown jsonb format version {:?}", other.first()),
+                source: None,
+            });
+        }
+    };
+    let created_micros = raw_i64(row, 15)?.saturating_add(PG_EPOCH_MICROS);
+    Ok(Event {
+        position: Position {
+            commit: raw_i64(row, 1)? as u64,
+            global: row.try_get::<i64, _>(0).map_err(get_err)? as u64,
+        },
+        stream: StreamId {
+            bounded_context: row.try_get(2).map_err(get_err)?,
+            aggregate_type: row.try_get(3).map_err(get_err)?,
+            aggregate_id: row.try_get(4).map_err(get_err)?,
+        },
+        aggregate_version: row.try_get::<i64, _>(5).map_err(get_err)? as u64,
+        slot: Slot(row.try_get::<i32, _>(6).map_err(get_err)? as u32),
+        event_id,
+        event_type: row.try_get(8).map_err(get_err)?,
+        event_version: row.try_get::<i32, _>(9).map_err(get_err)? as u32,
+        payload: row.try_get(10).map_err(get_err)?,
+        metadata,
+        tracing: Tracing {
+            causation_id: row.try_get(12).map_err(get_err)?,
+            correlation_id: row.try_get(13).map_err(get_err)?,
+            trace_id: row.try_get(14).map_err(get_err)?,
+        },
+        created_at: Timestamp((created_micros / 1000).max(0) as u64),
+    })
 }
 
 /// A unique violation on the event id becomes `DuplicateEvent`, naming the id from the detail.
@@ -246,17 +299,5 @@ fn duplicate_or(err: sqlx::Error, events_table: &str, batch: &[NewEvent]) -> Sto
             StoreError::DuplicateEvent { event_id }
         }
         None => classify("append", err),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn uuids_round_trip() {
-        let id = EventId([7; 16]);
-        assert_eq!(parse_uuid(&id.to_string()), Some(id));
-        assert_eq!(parse_uuid("not-a-uuid"), None);
     }
 }

@@ -76,12 +76,22 @@ impl PgStore {
     pub async fn connect_pool(url: &str, max_connections: u32) -> StoreResult<PgPool> {
         let options: PgConnectOptions =
             url.parse().map_err(|e| classify("parse the database URL", e))?;
+        let options = Self::tune(options);
         PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(options)
             .await
             .map_err(|e| classify("connect to PostgreSQL", e))
+    }
+
+    /// Session settings the store's queries rely on for speed; apply them to a pool you build yourself.
+    ///
+    /// `plan_cache_mode = force_generic_plan`: a reader owning many slots sends one query with a
+    /// branch per slot; planning it takes longer than running it, and its plan does not depend on
+    /// the values, so each connection plans it once.
+    pub fn tune(options: PgConnectOptions) -> PgConnectOptions {
+        options.options([("plan_cache_mode", "force_generic_plan")])
     }
 
     /// The pool, for the application's own queries.

@@ -69,7 +69,7 @@ impl TestSchema {
         sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&admin).await?;
         let pool = PgPoolOptions::new()
             .max_connections(8)
-            .connect_with(options.options([("search_path", schema.as_str())]))
+            .connect_with(PgStore::tune(options).options([("search_path", schema.as_str())]))
             .await?;
         migrate(&pool, &TablePrefix::default(), slot_count).await?;
         let store = PgStore::open(pool.clone(), TablePrefix::default()).await?;

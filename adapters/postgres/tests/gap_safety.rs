@@ -234,3 +234,49 @@ async fn a_move_waits_for_a_commit_in_progress() {
     assert!(waited >= Duration::from_millis(250), "{waited:?}");
     schema.drop_schema().await;
 }
+
+/// Columns decoded from PostgreSQL's binary form (transaction id, event id, metadata, creation
+/// time) match what SQL says they are.
+#[tokio::test]
+async fn binary_columns_decode_to_what_sql_reports() {
+    let Some(schema) = TestSchema::start(SlotCount::new(8).unwrap()).await else { return };
+    let store = schema.store.clone();
+    let mut first = event(42);
+    first.metadata = r#"{"user": "ann", "n": [1, 2]}"#.into();
+    store
+        .append(
+            &StreamId::new("bank", "Account", "a"),
+            ExpectedVersion::NoStream,
+            vec![first.clone()],
+        )
+        .await
+        .unwrap();
+    let request = ReadRequest {
+        cursors: SlotCount::new(8).unwrap().all().map(|s| (s, Position::START)).collect(),
+        scope: Scope::all(),
+        limit: 10,
+    };
+    let read = loop {
+        let batch = store.read(&request).await.unwrap();
+        if !batch.is_empty() {
+            break batch;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let (xid, id, metadata, created_ms): (i64, String, String, i64) = sqlx::query_as(
+        "SELECT transaction_id::text::bigint, event_id::text, metadata::text, (EXTRACT(EPOCH FROM created_at) * 1000)::bigint FROM orch_events",
+    )
+    .fetch_one(&schema.pool)
+    .await
+    .unwrap();
+    let event = &read[0];
+    assert_eq!(event.position.commit as i64, xid);
+    assert_eq!(event.event_id.to_string(), id);
+    assert_eq!(event.metadata, metadata);
+    assert!(
+        (event.created_at.as_millis() as i64 - created_ms).abs() <= 1,
+        "{} vs {created_ms}",
+        event.created_at
+    );
+    schema.drop_schema().await;
+}

@@ -28,6 +28,28 @@ pub struct ReadRequest {
     pub limit: usize,
 }
 
+impl ReadRequest {
+    /// Moves every cursor past the last event of a batch this request returned.
+    ///
+    /// Valid for every requested slot, not only those with events in the batch: the batch is the
+    /// first `limit` events after the cursors in position order, so no event of any requested slot
+    /// between its cursor and the batch's last position was left out. Cursors that move together
+    /// let stores read one index range instead of one per slot.
+    pub fn advance_past(&mut self, batch: &[Event]) {
+        if let Some(last) = batch.last() {
+            for (_, cursor) in &mut self.cursors {
+                *cursor = (*cursor).max(last.position);
+            }
+        }
+    }
+
+    /// The common cursor, when every slot's cursor is the same.
+    pub fn uniform_cursor(&self) -> Option<Position> {
+        let first = self.cursors.first()?.1;
+        self.cursors.iter().all(|(_, c)| *c == first).then_some(first)
+    }
+}
+
 /// Events appended and read by global position.
 ///
 /// # Contract
@@ -45,6 +67,7 @@ pub struct ReadRequest {
 /// - `read` is gap-safe: once it has returned an event at position `p`, no event at a position
 ///   below `p` can become visible later. Every committed event is eventually returned.
 /// - Events of one stream are returned in version order.
+/// - So a reader may move all its cursors past a batch's last event ([`ReadRequest::advance_past`]).
 #[async_trait]
 pub trait EventStore: Send + Sync {
     /// The slot count events are bucketed by.

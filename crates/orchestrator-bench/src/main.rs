@@ -1,0 +1,194 @@
+//! `cargo xtask bench`: each measurement next to a reference done with plain sqlx in the same run,
+//! on the same server, so the ratio is meaningful whatever the machine.
+//!
+//! Usage: `orchestrator-bench [--events N] [--runs R]` (defaults: 1,000,000 events, 3 runs, median
+//! reported). PostgreSQL from `ORCH_TEST_POSTGRES_URL` or the local default.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use orchestrator_core::ports::{EventStore, ReadRequest};
+use orchestrator_core::{
+    EventId, ExpectedVersion, NewEvent, Position, Scope, SlotCount, StreamId, Tracing,
+};
+use orchestrator_postgres::PgStore;
+use orchestrator_postgres::testing::TestSchema;
+use sqlx::{PgPool, Row};
+
+const BATCH: usize = 1000;
+const PAYLOAD: usize = 200;
+
+struct Args {
+    events: usize,
+    runs: usize,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args { events: 1_000_000, runs: 3 };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--events" => args.events = value.parse().context("--events takes a number")?,
+            "--runs" => args.runs = value.parse().context("--runs takes a number")?,
+            other => bail!("unknown flag {other}; expected --events N or --runs R"),
+        }
+    }
+    if args.events < BATCH || args.runs == 0 {
+        bail!("--events must be at least {BATCH} and --runs at least 1");
+    }
+    Ok(args)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = parse_args()?;
+    println!(
+        "machine: {} cores; events: {}; runs: {} (median)",
+        std::thread::available_parallelism()?,
+        args.events,
+        args.runs
+    );
+    let mut append = Vec::new();
+    let mut read = Vec::new();
+    for run in 1..=args.runs {
+        eprintln!("run {run}/{}", args.runs);
+        let schema = TestSchema::start(SlotCount::DEFAULT)
+            .await
+            .context("PostgreSQL is required for the benchmarks")?;
+        create_plain_table(&schema.pool).await?;
+        let port_append = append_through_port(&schema.store, args.events).await?;
+        let plain_append = append_plain(&schema.pool, args.events).await?;
+        sqlx::query("VACUUM ANALYZE orch_events").execute(&schema.pool).await?;
+        sqlx::query("VACUUM ANALYZE plain_events").execute(&schema.pool).await?;
+        let port_read = read_through_port(&schema.store, args.events).await?;
+        let plain_read = read_plain(&schema.pool, args.events).await?;
+        append.push((port_append, plain_append));
+        read.push((port_read, plain_read));
+        schema.drop_schema().await;
+    }
+    report("PostgreSQL append, 1000-event batches", &append, args.events);
+    report("PostgreSQL read, batches of 1000", &read, args.events);
+    Ok(())
+}
+
+fn report(what: &str, runs: &[(Duration, Duration)], events: usize) {
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let ours = median(runs.iter().map(|(o, _)| events as f64 / o.as_secs_f64()).collect());
+    let reference = median(runs.iter().map(|(_, r)| events as f64 / r.as_secs_f64()).collect());
+    println!(
+        "| {what} | {:.0} events/s | plain sqlx {:.0} events/s | {:.2}x of reference |",
+        ours,
+        reference,
+        ours / reference
+    );
+}
+
+fn new_event(n: usize) -> NewEvent {
+    let mut id = [0u8; 16];
+    id[8..].copy_from_slice(&(n as u64).to_be_bytes());
+    id[6] = 0x40;
+    id[8] = (id[8] & 0x3f) | 0x80;
+    NewEvent {
+        event_id: EventId(id),
+        event_type: "Deposited".into(),
+        event_version: 1,
+        payload: vec![b'x'; PAYLOAD],
+        metadata: "{}".into(),
+        tracing: Tracing::default(),
+    }
+}
+
+async fn append_through_port(store: &PgStore, events: usize) -> Result<Duration> {
+    let started = Instant::now();
+    for batch in 0..events / BATCH {
+        let stream = StreamId::new("bench", "Account", format!("acct-{batch}"));
+        let events: Vec<NewEvent> = (0..BATCH).map(|i| new_event(batch * BATCH + i)).collect();
+        store.append(&stream, ExpectedVersion::NoStream, events).await?;
+    }
+    Ok(started.elapsed())
+}
+
+/// The reference table has the events table's shape: same columns, constraints and indexes.
+async fn create_plain_table(pool: &PgPool) -> Result<()> {
+    sqlx::raw_sql("CREATE TABLE plain_events (LIKE orch_events INCLUDING ALL)")
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// The reference: one multi-row INSERT ... SELECT FROM unnest per 1000-event transaction, with
+/// the values the port computes (slot, hash) passed in, and no version check or stream lock.
+async fn append_plain(pool: &PgPool, events: usize) -> Result<Duration> {
+    let payload = vec![b'x'; PAYLOAD];
+    let started = Instant::now();
+    for batch in 0..events / BATCH {
+        let aggregate = format!("acct-{batch}");
+        let hash = orchestrator_core::fnv1a_32(aggregate.as_bytes());
+        let versions: Vec<i64> = (1..=BATCH as i64).collect();
+        let ids: Vec<String> = (0..BATCH)
+            .map(|i| new_event(events + batch * BATCH + i).event_id.to_string())
+            .collect();
+        let payloads: Vec<&[u8]> = vec![payload.as_slice(); BATCH];
+        let mut tx = pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO plain_events (bounded_context, aggregate_type, aggregate_id, aggregate_version, \
+                 slot, partition_hash, event_id, event_type, event_version, payload, metadata) \
+             SELECT 'bench', 'Account', $1, v, $2, $3, id::uuid, 'Deposited', 1, p, '{}'::jsonb \
+             FROM unnest($4::bigint[], $5::text[], $6::bytea[]) AS e(v, id, p)",
+        )
+        .bind(&aggregate)
+        .bind(SlotCount::DEFAULT.slot_of_hash(hash).0 as i32)
+        .bind(i64::from(hash))
+        .bind(&versions)
+        .bind(&ids)
+        .bind(&payloads)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+    }
+    Ok(started.elapsed())
+}
+
+async fn read_through_port(store: &PgStore, events: usize) -> Result<Duration> {
+    let cursors = store.slot_count().all().map(|s| (s, Position::START)).collect();
+    let mut request = ReadRequest { cursors, scope: Scope::all(), limit: BATCH };
+    let mut seen = 0;
+    let started = Instant::now();
+    while seen < events {
+        let batch = store.read(&request).await?;
+        if batch.is_empty() {
+            bail!("read stopped at {seen} of {events} events");
+        }
+        request.advance_past(&batch);
+        seen += batch.len();
+    }
+    Ok(started.elapsed())
+}
+
+/// The reference: keyset pagination on the primary key of the same-shaped table, decoding the
+/// same columns the port decodes.
+async fn read_plain(pool: &PgPool, events: usize) -> Result<Duration> {
+    let mut after = 0i64;
+    let mut seen = 0;
+    let started = Instant::now();
+    while seen < events {
+        let rows = sqlx::query(
+            "SELECT global_position, bounded_context, aggregate_type, aggregate_id, aggregate_version, \
+                 slot, event_id, event_type, event_version, payload, metadata, causation_id, \
+                 correlation_id, trace_id, created_at \
+             FROM plain_events WHERE global_position > $1 ORDER BY global_position LIMIT $2",
+        )
+        .bind(after)
+        .bind(BATCH as i64)
+        .fetch_all(pool)
+        .await?;
+        let Some(last) = rows.last() else { bail!("plain read stopped at {seen}") };
+        after = last.get(0);
+        seen += rows.len();
+    }
+    Ok(started.elapsed())
+}
