@@ -488,6 +488,11 @@ impl Engine {
         if !adoption.acked && is_member && !handing_over && drained {
             adoption.acked = true;
             self.commands.push(Command::AckGeneration { incarnation, generation });
+        } else if adoption.acked
+            && snapshot.worker(&me).is_some_and(|w| w.acked_generation < generation)
+        {
+            // The ack was lost (a failed write): write it again, or the others wait for it.
+            self.commands.push(Command::AckGeneration { incarnation, generation });
         }
 
         let stale_after = self.config.timing.stale_worker_timeout;

@@ -1,0 +1,42 @@
+//! The tokio runtime of the projection orchestrator.
+//!
+//! An [`Orchestrator`] is one worker of a replica set: it registers through the coordination store,
+//! heartbeats, takes part in leader election and generations (all decided by the pure engine of
+//! `orchestrator-core`), processes the events of the slots it owns with the user's
+//! [`Projection`]s, commits each batch under the slot fence, and leaves gracefully on shutdown.
+//!
+//! ```no_run
+//! # async fn example(store: orchestrator_memory::MemoryStore) -> Result<(), Box<dyn std::error::Error>> {
+//! use orchestrator_runtime::{Orchestrator, Settings};
+//! let settings = Settings::from_env()?; // REPLICA_SET, HEARTBEAT_INTERVAL, BATCH_SIZE, ...
+//! let worker = Orchestrator::new(store, settings)?;
+//! worker.run(async { let _ = tokio::signal::ctrl_c().await; }, vec![]).await?;
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+mod clock;
+mod error;
+mod processor;
+mod projection;
+mod settings;
+mod worker;
+
+use orchestrator_core::ports::{CheckpointStore, CoordinationStore, EventStore};
+
+pub use clock::SystemClock;
+pub use error::RunError;
+pub use projection::{HandlerError, Projection};
+pub use settings::{InvalidSetting, RetryPolicy, Settings, parse_duration, parse_strategy};
+pub use worker::Orchestrator;
+
+/// A store the runtime can run on: every port, cheap to clone (a pool handle).
+pub trait Store:
+    EventStore + CoordinationStore + CheckpointStore + Clone + Send + Sync + 'static
+{
+}
+
+impl<T> Store for T where
+    T: EventStore + CoordinationStore + CheckpointStore + Clone + Send + Sync + 'static
+{
+}

@@ -1,0 +1,253 @@
+//! The processing task: reads the events of the slots this worker owns, one query per batch and
+//! projection, runs the handlers in the store's transaction, and commits under the fence.
+//!
+//! It takes orders from the coordination task (start a slot under an epoch, stop a slot) only
+//! between batches, so a batch in flight always finishes (commits or rolls back) before its slot is
+//! reported stopped.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use orchestrator_core::ports::{CheckpointStore, Fence, ReadRequest, StoreError};
+use orchestrator_core::{Epoch, Event, Position, ReplicaSetName, Slot, WorkerId};
+use tokio::sync::{Notify, mpsc};
+use tracing::{debug, error, warn};
+
+use crate::Store;
+use crate::error::RunError;
+use crate::projection::Projection;
+use crate::settings::RetryPolicy;
+
+/// Orders from the coordination task.
+#[derive(Debug)]
+pub(crate) enum Control {
+    Start { slot: Slot, epoch: Epoch },
+    Stop { slot: Slot },
+}
+
+/// What the processor tells the coordination task.
+#[derive(Debug)]
+pub(crate) enum Report {
+    /// The slot is no longer processed; its last batch committed or rolled back.
+    Stopped(Slot),
+    /// A commit was fenced: the slot belongs to someone else now.
+    Lost(Slot),
+    /// A projection failed for good; processing stopped.
+    Failed(RunError),
+}
+
+pub(crate) struct Processor<S: Store> {
+    pub(crate) store: S,
+    pub(crate) replica_set: ReplicaSetName,
+    pub(crate) worker: WorkerId,
+    pub(crate) projections: Vec<Arc<dyn Projection<<S as CheckpointStore>::Tx>>>,
+    pub(crate) batch_size: usize,
+    pub(crate) idle_poll: Duration,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) wake: Arc<Notify>,
+}
+
+/// A slot being processed: its epoch, and per projection the position read up to.
+struct OwnedSlot {
+    epoch: Epoch,
+    cursors: Vec<Position>,
+}
+
+enum BatchOutcome {
+    Committed,
+    Lost(Slot),
+    Failed(RunError),
+}
+
+impl<S: Store> Processor<S> {
+    pub(crate) async fn run(
+        self,
+        mut control: mpsc::UnboundedReceiver<Control>,
+        reports: mpsc::UnboundedSender<Report>,
+    ) {
+        let mut owned: BTreeMap<Slot, OwnedSlot> = BTreeMap::new();
+        let mut failed = false;
+        loop {
+            // Apply orders between batches.
+            while let Ok(order) = control.try_recv() {
+                self.apply(order, &mut owned, &reports).await;
+            }
+            if owned.is_empty() || failed {
+                match control.recv().await {
+                    Some(order) => {
+                        self.apply(order, &mut owned, &reports).await;
+                        continue;
+                    }
+                    None => return,
+                }
+            }
+            let mut progressed = false;
+            for index in 0..self.projections.len() {
+                match self.step(index, &mut owned).await {
+                    Ok(Some(BatchOutcome::Committed)) => progressed = true,
+                    Ok(Some(BatchOutcome::Lost(slot))) => {
+                        owned.remove(&slot);
+                        let _ = reports.send(Report::Lost(slot));
+                        progressed = true;
+                        break;
+                    }
+                    Ok(Some(BatchOutcome::Failed(err))) => {
+                        error!(%err, "Projection stopped");
+                        let _ = reports.send(Report::Failed(err));
+                        failed = true;
+                        break;
+                    }
+                    Ok(None) => {}
+                    Err(err) => {
+                        warn!(%err, "Event processing failed; retrying");
+                        tokio::time::sleep(
+                            self.retry.initial_backoff.max(Duration::from_millis(100)),
+                        )
+                        .await;
+                    }
+                }
+            }
+            if !progressed && !failed {
+                tokio::select! {
+                    order = control.recv() => match order {
+                        Some(order) => self.apply(order, &mut owned, &reports).await,
+                        None => return,
+                    },
+                    () = self.wake.notified() => {}
+                    () = tokio::time::sleep(self.idle_poll) => {}
+                }
+            }
+        }
+    }
+
+    async fn apply(
+        &self,
+        order: Control,
+        owned: &mut BTreeMap<Slot, OwnedSlot>,
+        reports: &mpsc::UnboundedSender<Report>,
+    ) {
+        match order {
+            Control::Start { slot, epoch } => {
+                let mut cursors = Vec::with_capacity(self.projections.len());
+                for projection in &self.projections {
+                    cursors.push(self.load_checkpoint(projection.name(), slot).await);
+                }
+                owned.insert(slot, OwnedSlot { epoch, cursors });
+            }
+            Control::Stop { slot } => {
+                owned.remove(&slot);
+                let _ = reports.send(Report::Stopped(slot));
+            }
+        }
+    }
+
+    /// Loads a checkpoint, retrying transient errors: a slot cannot start without it.
+    async fn load_checkpoint(&self, projection: &str, slot: Slot) -> Position {
+        let mut attempt = 0;
+        loop {
+            match self.store.load(&self.replica_set, projection, &[slot]).await {
+                Ok(loaded) => return loaded.get(&slot).copied().unwrap_or(Position::START),
+                Err(err) => {
+                    attempt += 1;
+                    warn!(%err, projection, %slot, "Loading a checkpoint failed; retrying");
+                    tokio::time::sleep(self.retry.backoff(attempt).max(Duration::from_millis(100)))
+                        .await;
+                }
+            }
+        }
+    }
+
+    /// Reads and handles one batch for projection `index`; `None` when there was nothing to read.
+    async fn step(
+        &self,
+        index: usize,
+        owned: &mut BTreeMap<Slot, OwnedSlot>,
+    ) -> Result<Option<BatchOutcome>, StoreError> {
+        let projection = &self.projections[index];
+        let mut request = ReadRequest {
+            cursors: owned.iter().map(|(slot, o)| (*slot, o.cursors[index])).collect(),
+            scope: projection.scope(),
+            limit: self.batch_size,
+        };
+        let events = self.store.read(&request).await?;
+        if events.is_empty() {
+            return Ok(None);
+        }
+        let outcome = self.handle_with_retries(projection.as_ref(), &events, owned).await?;
+        if let BatchOutcome::Committed = outcome {
+            request.advance_past(&events);
+            for (slot, position) in request.cursors {
+                if let Some(o) = owned.get_mut(&slot) {
+                    o.cursors[index] = position;
+                }
+            }
+        }
+        Ok(Some(outcome))
+    }
+
+    async fn handle_with_retries(
+        &self,
+        projection: &dyn Projection<<S as CheckpointStore>::Tx>,
+        events: &[Event],
+        owned: &BTreeMap<Slot, OwnedSlot>,
+    ) -> Result<BatchOutcome, StoreError> {
+        let mut checkpoints = BTreeMap::new();
+        for event in events {
+            checkpoints.insert(event.slot, event.position);
+        }
+        let fence = Fence {
+            replica_set: self.replica_set.clone(),
+            worker: self.worker.clone(),
+            grants: checkpoints
+                .keys()
+                .filter_map(|slot| owned.get(slot).map(|o| (*slot, o.epoch)))
+                .collect(),
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let started = Instant::now();
+            let mut tx = self.store.begin().await?;
+            match projection.handle_batch(&mut tx, events).await {
+                Ok(()) => {}
+                Err(failure) => {
+                    drop(tx);
+                    let event = &events[failure.index.unwrap_or(0).min(events.len() - 1)];
+                    warn!(
+                        projection = projection.name(),
+                        position = %event.position,
+                        aggregate = %event.stream,
+                        event_type = %event.event_type,
+                        attempt,
+                        error = %failure.source,
+                        "Projection handler failed"
+                    );
+                    if attempt >= self.retry.max_attempts {
+                        return Ok(BatchOutcome::Failed(RunError::ProjectionFailed {
+                            projection: projection.name().to_owned(),
+                            position: event.position,
+                            aggregate: event.stream.to_string(),
+                            event_type: event.event_type.clone(),
+                            attempts: attempt,
+                            source: failure.source,
+                        }));
+                    }
+                    tokio::time::sleep(self.retry.backoff(attempt)).await;
+                    continue;
+                }
+            }
+            return match self.store.commit(tx, &fence, projection.name(), &checkpoints).await {
+                Ok(()) => {
+                    debug!(projection = projection.name(), events = events.len(), elapsed = ?started.elapsed(), "Batch committed");
+                    Ok(BatchOutcome::Committed)
+                }
+                Err(StoreError::Fenced { slot, .. }) => {
+                    warn!(projection = projection.name(), %slot, "Commit fenced: the slot has a new owner");
+                    Ok(BatchOutcome::Lost(slot))
+                }
+                Err(err) => Err(err),
+            };
+        }
+    }
+}

@@ -1,0 +1,284 @@
+//! Worker settings: the seed's names and defaults, read from code or the environment, validated
+//! before anything starts.
+
+use std::time::Duration;
+
+use orchestrator_core::{
+    InvalidName, ReplicaSetName, SlotCount, Strategy, TablePrefix, Timing, WorkerId,
+};
+use thiserror::Error;
+
+/// A setting was rejected; the message names the setting and the rule.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("invalid {setting}: {rule}")]
+pub struct InvalidSetting {
+    /// The setting, as the environment spells it (`STALE_WORKER_TIMEOUT`) or the builder does.
+    pub setting: String,
+    /// The rule it broke.
+    pub rule: String,
+}
+
+impl InvalidSetting {
+    fn new(setting: &str, rule: impl Into<String>) -> Self {
+        Self { setting: setting.to_owned(), rule: rule.into() }
+    }
+}
+
+/// How a failing handler is retried before its projection stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included (default 5).
+    pub max_attempts: u32,
+    /// Wait before the second attempt; doubled each time (default 100 ms).
+    pub initial_backoff: Duration,
+    /// Upper bound of the wait (default 5 s).
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait after failed attempt `attempt` (1-based).
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let factor = 2u32.saturating_pow(attempt.saturating_sub(1));
+        self.initial_backoff.saturating_mul(factor).min(self.max_backoff)
+    }
+}
+
+/// Everything a worker needs to know besides its store and projections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// The replica set to join (`REPLICA_SET`, default `main-projections`).
+    pub replica_set: ReplicaSetName,
+    /// This worker's id (`WORKER_ID`; default: host name and process id, or random).
+    pub worker_id: WorkerId,
+    /// Heartbeat, staleness, coordination and polling intervals.
+    pub timing: Timing,
+    /// Events per batch (`BATCH_SIZE`, default 100).
+    pub batch_size: usize,
+    /// Slot count of the replica set (`SLOTS`, default 256); must match the event store's.
+    pub slots: SlotCount,
+    /// Table-name prefix of the SQL stores (`TABLE_PREFIX`, default `orch_`).
+    pub table_prefix: TablePrefix,
+    /// Rebalancing strategy (`STRATEGY`, `recreate` or `incremental`).
+    pub strategy: Strategy,
+    /// Handler retries.
+    pub retry: RetryPolicy,
+    /// How long an idle worker waits before looking for new events again (`POLL_INTERVAL`, default
+    /// 100 ms, the seed processor's; a store that can notify wakes it sooner).
+    pub idle_poll: Duration,
+}
+
+impl Settings {
+    /// Defaults for a replica set, with a generated worker id.
+    pub fn new(replica_set: ReplicaSetName) -> Self {
+        Self {
+            replica_set,
+            worker_id: default_worker_id(),
+            timing: Timing::default(),
+            batch_size: 100,
+            slots: SlotCount::DEFAULT,
+            table_prefix: TablePrefix::default(),
+            strategy: Strategy::default(),
+            retry: RetryPolicy::default(),
+            idle_poll: Duration::from_millis(100),
+        }
+    }
+
+    /// Checks every setting and their relations.
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        self.timing.validate().map_err(|e| InvalidSetting::new(e.setting, e.rule))?;
+        if self.batch_size == 0 || self.batch_size > 100_000 {
+            return Err(InvalidSetting::new(
+                "batch_size",
+                format!("must be between 1 and 100000, got {}", self.batch_size),
+            ));
+        }
+        if self.retry.max_attempts == 0 {
+            return Err(InvalidSetting::new("handler_max_attempts", "must be at least 1"));
+        }
+        if self.idle_poll.is_zero() {
+            return Err(InvalidSetting::new("poll_interval", "must be at least 1ms"));
+        }
+        Ok(())
+    }
+
+    /// Settings from environment variables (SPEC §4.6) over the defaults, validated.
+    ///
+    /// `REPLICA_SET`, `WORKER_ID`, `HEARTBEAT_INTERVAL`, `STALE_WORKER_TIMEOUT`,
+    /// `COORDINATION_TIMEOUT`, `POLL_INTERVAL`, `REGISTRATION_WAIT`, `BATCH_SIZE`, `SLOTS`,
+    /// `TABLE_PREFIX`, `STRATEGY`, `HANDLER_MAX_ATTEMPTS`. Durations are written `5s`, `500ms`, `1m`.
+    pub fn from_env() -> Result<Self, InvalidSetting> {
+        Self::from_lookup(|key| std::env::var(key).ok())
+    }
+
+    /// Like [`Settings::from_env`] with any source of variables (for tests and config files).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, InvalidSetting> {
+        let name = lookup("REPLICA_SET").unwrap_or_else(|| "main-projections".to_owned());
+        let mut settings =
+            Self::new(ReplicaSetName::new(name).map_err(|e| named("REPLICA_SET", e))?);
+        if let Some(id) = lookup("WORKER_ID") {
+            settings.worker_id = WorkerId::new(id).map_err(|e| named("WORKER_ID", e))?;
+        }
+        let durations: [(&str, &mut Duration); 5] = [
+            ("HEARTBEAT_INTERVAL", &mut settings.timing.heartbeat_interval),
+            ("STALE_WORKER_TIMEOUT", &mut settings.timing.stale_worker_timeout),
+            ("COORDINATION_TIMEOUT", &mut settings.timing.coordination_timeout),
+            ("POLL_INTERVAL", &mut settings.idle_poll),
+            ("REGISTRATION_WAIT", &mut settings.timing.registration_wait),
+        ];
+        for (key, slot) in durations {
+            if let Some(text) = lookup(key) {
+                *slot = parse_duration(&text).map_err(|rule| InvalidSetting::new(key, rule))?;
+            }
+        }
+        if let Some(text) = lookup("BATCH_SIZE") {
+            settings.batch_size = parse_number("BATCH_SIZE", &text)? as usize;
+        }
+        if let Some(text) = lookup("SLOTS") {
+            settings.slots = SlotCount::new(parse_number("SLOTS", &text)?)
+                .map_err(|e| InvalidSetting::new("SLOTS", e.to_string()))?;
+        }
+        if let Some(text) = lookup("TABLE_PREFIX") {
+            settings.table_prefix = TablePrefix::new(text).map_err(|e| named("TABLE_PREFIX", e))?;
+        }
+        if let Some(text) = lookup("STRATEGY") {
+            settings.strategy =
+                parse_strategy(&text).map_err(|rule| InvalidSetting::new("STRATEGY", rule))?;
+        }
+        if let Some(text) = lookup("HANDLER_MAX_ATTEMPTS") {
+            settings.retry.max_attempts = parse_number("HANDLER_MAX_ATTEMPTS", &text)? as u32;
+        }
+        settings.validate()?;
+        Ok(settings)
+    }
+}
+
+fn named(setting: &str, err: InvalidName) -> InvalidSetting {
+    InvalidSetting::new(setting, format!("{:?} {}", err.value, err.rule))
+}
+
+fn parse_number(setting: &str, text: &str) -> Result<u64, InvalidSetting> {
+    text.trim()
+        .parse::<u64>()
+        .map_err(|_| InvalidSetting::new(setting, format!("{text:?} is not a whole number")))
+}
+
+/// Parses `rebalancing strategy` names.
+pub fn parse_strategy(text: &str) -> Result<Strategy, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "recreate" => Ok(Strategy::Recreate),
+        "incremental" => Ok(Strategy::Incremental),
+        other => Err(format!("{other:?} is not a strategy: use recreate or incremental")),
+    }
+}
+
+/// Parses durations written `250ms`, `5s`, `1m`, `1h` (a bare number is seconds). Zero and negative
+/// values are refused: every duration here is a wait or an interval.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    if number.is_empty() {
+        return Err(format!("{text:?} is not a duration: write it like 500ms, 5s or 1m"));
+    }
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration: write it like 500ms, 5s or 1m"))?;
+    let seconds = match unit.trim() {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        other => return Err(format!("unknown unit {other:?} in {text:?}: use ms, s, m or h")),
+    };
+    let duration = Duration::from_secs_f64(seconds);
+    if duration < Duration::from_millis(1) {
+        return Err(format!("{text:?} must be at least 1ms"));
+    }
+    Ok(duration)
+}
+
+/// `<host>-<pid>` from `HOSTNAME` (the pod name in Kubernetes), else `worker-<pid>-<nanos>`.
+fn default_worker_id() -> WorkerId {
+    let pid = std::process::id();
+    let candidate = match std::env::var("HOSTNAME") {
+        Ok(host) if !host.is_empty() => format!("{host}-{pid}"),
+        _ => {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0);
+            format!("worker-{pid}-{nanos}")
+        }
+    };
+    WorkerId::new(candidate)
+        .unwrap_or_else(|_| WorkerId::new(format!("worker-{pid}")).expect("a valid id"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |key| pairs.iter().find(|(k, _)| *k == key).map(|(_, v)| (*v).to_owned())
+    }
+
+    #[test]
+    fn durations_parse_like_the_seed_writes_them() {
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("-5s").unwrap_err().contains("not a duration"));
+        assert!(parse_duration("5 parsecs").unwrap_err().contains("unknown unit"));
+    }
+
+    #[test]
+    fn environment_overrides_defaults() {
+        let settings = Settings::from_lookup(env(&[
+            ("REPLICA_SET", "analytics"),
+            ("WORKER_ID", "pod-1"),
+            ("HEARTBEAT_INTERVAL", "1s"),
+            ("STALE_WORKER_TIMEOUT", "5s"),
+            ("BATCH_SIZE", "1000"),
+            ("STRATEGY", "incremental"),
+        ]))
+        .unwrap();
+        assert_eq!(settings.replica_set.as_str(), "analytics");
+        assert_eq!(settings.worker_id.as_str(), "pod-1");
+        assert_eq!(settings.timing.stale_worker_timeout, Duration::from_secs(5));
+        assert_eq!(settings.batch_size, 1000);
+        assert_eq!(settings.strategy, Strategy::Incremental);
+    }
+
+    #[test]
+    fn bad_values_name_the_setting_and_the_rule() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("REPLICA_SET", "main projections")], "invalid REPLICA_SET"),
+            (
+                &[("STALE_WORKER_TIMEOUT", "5s")],
+                "invalid stale_worker_timeout: must be at least twice heartbeat_interval",
+            ),
+            (&[("BATCH_SIZE", "0")], "invalid batch_size: must be between 1 and 100000"),
+            (&[("BATCH_SIZE", "many")], "invalid BATCH_SIZE: \"many\" is not a whole number"),
+            (&[("SLOTS", "100")], "invalid SLOTS: invalid slot count 100: must be a power of two"),
+            (&[("HEARTBEAT_INTERVAL", "-1s")], "invalid HEARTBEAT_INTERVAL"),
+            (&[("TABLE_PREFIX", "x; drop")], "invalid TABLE_PREFIX"),
+            (&[("STRATEGY", "yolo")], "invalid STRATEGY"),
+        ];
+        for (vars, expected) in cases {
+            let err = Settings::from_lookup(env(vars)).unwrap_err().to_string();
+            assert!(err.starts_with(expected), "{vars:?}: {err}");
+        }
+    }
+}

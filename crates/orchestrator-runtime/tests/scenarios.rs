@@ -1,0 +1,196 @@
+//! What a user would try, on every adapter: one worker, workers joining, a graceful leave, a crash,
+//! a failing handler, two replica sets side by side. Every scenario appends events while the
+//! cluster changes and ends by checking that each projection applied every event exactly once, in
+//! per-aggregate order.
+
+mod support;
+
+use std::time::Duration;
+
+use orchestrator_core::ports::CheckpointStore;
+use orchestrator_core::{ReplicaSetName, Strategy};
+use orchestrator_runtime::RunError;
+use support::{Cluster, Harness, fast_settings};
+
+const WITHIN: Duration = Duration::from_secs(30);
+
+async fn one_worker_processes_everything<H: Harness>() {
+    let Some(mut cluster) = Cluster::<H>::start(Strategy::Recreate).await else { return };
+    cluster.append(150).await;
+    cluster.join("w1");
+    cluster.append(50).await;
+    let by_worker = cluster.wait_all_applied(WITHIN).await;
+    assert_eq!(by_worker.get("w1"), Some(&200));
+    cluster.stop_all().await;
+}
+
+async fn workers_join_and_the_work_splits<H: Harness>(strategy: Strategy) {
+    let Some(mut cluster) = Cluster::<H>::start(strategy).await else { return };
+    cluster.join("w1");
+    cluster.append(100).await;
+    cluster.wait_all_applied(WITHIN).await;
+    cluster.join("w2");
+    cluster.append(100).await;
+    cluster.join("w3");
+    cluster.append(100).await;
+    cluster.wait_all_applied(WITHIN).await;
+    // Appends after everyone has settled land on all three.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.append(200).await;
+    let by_worker = cluster.wait_all_applied(WITHIN).await;
+    assert_eq!(by_worker.len(), 3, "every worker applied events: {by_worker:?}");
+    cluster.stop_all().await;
+}
+
+async fn a_graceful_leave_hands_over_its_share<H: Harness>(strategy: Strategy) {
+    let Some(mut cluster) = Cluster::<H>::start(strategy).await else { return };
+    for id in ["w1", "w2", "w3"] {
+        cluster.join(id);
+    }
+    cluster.append(150).await;
+    cluster.wait_all_applied(WITHIN).await;
+    cluster.leave("w2").await.unwrap();
+    cluster.append(150).await;
+    cluster.wait_all_applied(WITHIN).await;
+    cluster.stop_all().await;
+}
+
+async fn a_crashed_worker_is_replaced_after_the_stale_timeout<H: Harness>(strategy: Strategy) {
+    let Some(mut cluster) = Cluster::<H>::start(strategy).await else { return };
+    cluster.join("w1");
+    cluster.join("w2");
+    cluster.append(100).await;
+    cluster.wait_all_applied(WITHIN).await;
+    cluster.crash("w2");
+    cluster.append(200).await;
+    let by_worker = cluster.wait_all_applied(WITHIN).await;
+    assert!(by_worker.contains_key("w1"));
+    cluster.stop_all().await;
+}
+
+async fn a_failing_handler_stops_its_projection_at_the_event<H: Harness>() {
+    let Some(mut cluster) = Cluster::<H>::start(Strategy::Recreate).await else { return };
+    cluster.append(60).await;
+    let failing = 37;
+    let projections = vec![cluster.harness.audit("audit", "w1", Some(failing))];
+    cluster.spawn(
+        "main-projections",
+        "w1",
+        fast_settings("main-projections", "w1", Strategy::Recreate),
+        projections,
+    );
+    let err = cluster.wait_exit("w1").await.unwrap_err();
+    let RunError::ProjectionFailed {
+        projection, position, aggregate, event_type, attempts, ..
+    } = &err
+    else {
+        panic!("unexpected error {err}");
+    };
+    assert_eq!(
+        (projection.as_str(), position.global, event_type.as_str(), *attempts),
+        ("audit", failing, "Deposited", 3)
+    );
+    assert_eq!(aggregate, &format!("bank/Account/acct-{}", failing % 20));
+    assert!(err.to_string().contains("projection configured to fail at 37"), "{err}");
+    // No checkpoint moved past the failing event, and it never took effect.
+    let store = cluster.harness.store();
+    let slot = orchestrator_core::SlotCount::new(support::SLOTS)
+        .unwrap()
+        .slot_of(&format!("acct-{}", failing % 20));
+    let checkpoints = store
+        .load(&ReplicaSetName::new("main-projections").unwrap(), "audit", &[slot])
+        .await
+        .unwrap();
+    assert!(
+        checkpoints[&slot].global < failing,
+        "checkpoint {} passed the failing event",
+        checkpoints[&slot]
+    );
+    let rows = cluster.harness.audit_rows("audit").await;
+    assert!(rows.iter().all(|r| r.global != failing));
+    cluster.harness.finish().await;
+}
+
+async fn two_replica_sets_run_side_by_side<H: Harness>() {
+    let Some(mut cluster) = Cluster::<H>::start(Strategy::Recreate).await else { return };
+    cluster.projections = vec!["main_view".into(), "analytics_view".into()];
+    for (replica_set, projection, id) in [
+        ("main-projections", "main_view", "m1"),
+        ("main-projections", "main_view", "m2"),
+        ("analytics", "analytics_view", "a1"),
+    ] {
+        let projections = vec![cluster.harness.audit(projection, id, None)];
+        cluster.spawn(
+            replica_set,
+            id,
+            fast_settings(replica_set, id, Strategy::Recreate),
+            projections,
+        );
+    }
+    cluster.append(200).await;
+    cluster.wait_all_applied(WITHIN).await;
+    cluster.stop_all().await;
+}
+
+macro_rules! scenarios {
+    ($module:ident, $harness:ty) => {
+        mod $module {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn one_worker() {
+                one_worker_processes_everything::<$harness>().await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn joins_recreate() {
+                workers_join_and_the_work_splits::<$harness>(Strategy::Recreate).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn joins_incremental() {
+                workers_join_and_the_work_splits::<$harness>(Strategy::Incremental).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn graceful_leave_recreate() {
+                a_graceful_leave_hands_over_its_share::<$harness>(Strategy::Recreate).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn graceful_leave_incremental() {
+                a_graceful_leave_hands_over_its_share::<$harness>(Strategy::Incremental).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn crash_recreate() {
+                a_crashed_worker_is_replaced_after_the_stale_timeout::<$harness>(
+                    Strategy::Recreate,
+                )
+                .await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn crash_incremental() {
+                a_crashed_worker_is_replaced_after_the_stale_timeout::<$harness>(
+                    Strategy::Incremental,
+                )
+                .await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn failing_handler() {
+                a_failing_handler_stops_its_projection_at_the_event::<$harness>().await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn two_replica_sets() {
+                two_replica_sets_run_side_by_side::<$harness>().await;
+            }
+        }
+    };
+}
+
+scenarios!(memory, support::adapters::Memory);
+scenarios!(sqlite, support::adapters::Sqlite);
+scenarios!(postgres, support::adapters::Postgres);
