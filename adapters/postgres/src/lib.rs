@@ -85,13 +85,26 @@ impl PgStore {
             .map_err(|e| classify("connect to PostgreSQL", e))
     }
 
-    /// Session settings the store's queries rely on for speed; apply them to a pool you build yourself.
+    /// Session settings the store relies on; apply them to a pool you build yourself.
     ///
-    /// `plan_cache_mode = force_generic_plan`: a reader owning many slots sends one query with a
-    /// branch per slot; planning it takes longer than running it, and its plan does not depend on
-    /// the values, so each connection plans it once.
+    /// - `plan_cache_mode = force_generic_plan`: a reader owning many slots sends one query with a
+    ///   branch per slot; planning it takes longer than running it, and its plan does not depend on
+    ///   the values, so each connection plans it once.
+    /// - `idle_in_transaction_session_timeout = 60s`: readers cannot pass the oldest open
+    ///   transaction that wrote anything, so a worker frozen in the middle of a batch (SIGSTOP, a
+    ///   long GC pause) would hold every projection in the cluster back. The server ends such a
+    ///   session after this long; the frozen worker's commit then fails and it is fenced.
     pub fn tune(options: PgConnectOptions) -> PgConnectOptions {
-        options.options([("plan_cache_mode", "force_generic_plan")])
+        Self::tune_with(options, Duration::from_secs(60))
+    }
+
+    /// [`PgStore::tune`] with another idle-in-transaction limit.
+    pub fn tune_with(options: PgConnectOptions, idle_in_transaction: Duration) -> PgConnectOptions {
+        let idle = format!("{}ms", idle_in_transaction.as_millis().max(1));
+        options.options([
+            ("plan_cache_mode", "force_generic_plan"),
+            ("idle_in_transaction_session_timeout", idle.as_str()),
+        ])
     }
 
     /// The pool, for the application's own queries.

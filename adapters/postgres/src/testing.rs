@@ -12,7 +12,8 @@ use crate::{PgStore, migrate};
 /// The server tests use when `ORCH_TEST_POSTGRES_URL` is not set.
 pub const DEFAULT_TEST_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
-/// A migrated store in a schema of its own, dropped by [`TestSchema::drop_schema`].
+/// A migrated store in a schema of its own, dropped by [`TestSchema::drop_schema`]. Its sessions end
+/// transactions left idle for 3 s, so a frozen test worker cannot stall the others for long.
 #[derive(Debug)]
 pub struct TestSchema {
     /// The store under test.
@@ -69,7 +70,10 @@ impl TestSchema {
         sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&admin).await?;
         let pool = PgPoolOptions::new()
             .max_connections(8)
-            .connect_with(PgStore::tune(options).options([("search_path", schema.as_str())]))
+            .connect_with(
+                PgStore::tune_with(options, std::time::Duration::from_secs(3))
+                    .options([("search_path", schema.as_str())]),
+            )
             .await?;
         migrate(&pool, &TablePrefix::default(), slot_count).await?;
         let store = PgStore::open(pool.clone(), TablePrefix::default()).await?;

@@ -246,6 +246,11 @@ impl<S: Store> Processor<S> {
                     warn!(projection = projection.name(), %slot, "Commit fenced: the slot has a new owner");
                     Ok(BatchOutcome::Lost(slot))
                 }
+                Err(StoreError::CheckpointRegression { slot, .. }) => {
+                    // Someone else processed this slot further: it is no longer ours to process.
+                    warn!(projection = projection.name(), %slot, "Commit refused: the slot's checkpoint is ahead of this worker");
+                    Ok(BatchOutcome::Lost(slot))
+                }
                 Err(err) => Err(err),
             };
         }

@@ -73,12 +73,7 @@ async fn a_failing_handler_stops_its_projection_at_the_event<H: Harness>() {
     cluster.append(60).await;
     let failing = 37;
     let projections = vec![cluster.harness.audit("audit", "w1", Some(failing))];
-    cluster.spawn(
-        "main-projections",
-        "w1",
-        fast_settings("main-projections", "w1", Strategy::Recreate),
-        projections,
-    );
+    cluster.spawn("w1", fast_settings("main-projections", "w1", Strategy::Recreate), projections);
     let err = cluster.wait_exit("w1").await.unwrap_err();
     let RunError::ProjectionFailed {
         projection, position, aggregate, event_type, attempts, ..
@@ -120,14 +115,39 @@ async fn two_replica_sets_run_side_by_side<H: Harness>() {
         ("analytics", "analytics_view", "a1"),
     ] {
         let projections = vec![cluster.harness.audit(projection, id, None)];
-        cluster.spawn(
-            replica_set,
-            id,
-            fast_settings(replica_set, id, Strategy::Recreate),
-            projections,
-        );
+        cluster.spawn(id, fast_settings(replica_set, id, Strategy::Recreate), projections);
     }
     cluster.append(200).await;
+    cluster.wait_all_applied(WITHIN).await;
+    cluster.stop_all().await;
+}
+
+/// A worker frozen with a batch in flight (SIGSTOP) goes stale; the other takes its slots and
+/// applies those events; when the zombie thaws, its commit is refused and nothing applies twice.
+async fn a_paused_worker_cannot_commit_when_it_resumes<H: Harness>(strategy: Strategy) {
+    let Some(mut cluster) = Cluster::<H>::start(strategy).await else { return };
+    let zombie_store = support::pausable::Pausable::new(cluster.harness.store(), H::SINGLE_WRITER);
+    let projections =
+        cluster.projections.iter().map(|p| cluster.harness.audit(p, "zombie", None)).collect();
+    cluster.spawn_on(
+        zombie_store.clone(),
+        "zombie",
+        fast_settings("main-projections", "zombie", strategy),
+        projections,
+    );
+    cluster.join("w2");
+    cluster.append(100).await;
+    cluster.wait_all_applied(WITHIN).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    zombie_store.pause();
+    cluster.append(200).await;
+    let by_worker = cluster.wait_all_applied(WITHIN).await;
+    assert!(by_worker.contains_key("w2"), "{by_worker:?}");
+    zombie_store.resume();
+    cluster.append(100).await;
+    cluster.wait_all_applied(WITHIN).await;
+    // Let the thawed zombie's commits land (or be refused) before the final count.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     cluster.wait_all_applied(WITHIN).await;
     cluster.stop_all().await;
 }
@@ -176,6 +196,17 @@ macro_rules! scenarios {
                     Strategy::Incremental,
                 )
                 .await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn zombie_recreate() {
+                a_paused_worker_cannot_commit_when_it_resumes::<$harness>(Strategy::Recreate).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn zombie_incremental() {
+                a_paused_worker_cannot_commit_when_it_resumes::<$harness>(Strategy::Incremental)
+                    .await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

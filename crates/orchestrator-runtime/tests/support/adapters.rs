@@ -42,13 +42,12 @@ impl Projection<MemoryTx> for MemAudit {
         if self.fail_on == Some(event.position.global) {
             return Err(failure(event));
         }
-        let key = event.position.global.to_string();
-        let times = tx.get(&self.name, &key).map_or(0, |v| {
-            String::from_utf8(v).unwrap().split('|').next().unwrap().parse::<i64>().unwrap()
-        }) + 1;
+        // One row per application, never a read-modify-write: a zombie's stale transaction that
+        // slipped through would add a second row rather than overwrite the first.
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
+        let key = format!("{}#{seq}", event.position.global);
         let value = format!(
-            "{times}|{}|{}|{seq}|{}",
+            "{}|{}|{seq}|{}",
             event.stream.aggregate_id, event.aggregate_version, self.worker
         );
         tx.put(&self.name, &key, value.into_bytes());
@@ -89,22 +88,22 @@ impl Harness for Memory {
     }
 
     async fn audit_rows(&self, name: &str) -> Vec<AuditRow> {
-        self.store
-            .read_model_table(name)
-            .into_iter()
-            .map(|(key, value)| {
-                let value = String::from_utf8(value).unwrap();
-                let parts: Vec<&str> = value.split('|').collect();
-                AuditRow {
-                    global: key.parse().unwrap(),
-                    times: parts[0].parse().unwrap(),
-                    aggregate: parts[1].into(),
-                    version: parts[2].parse().unwrap(),
-                    handled_seq: parts[3].parse().unwrap(),
-                    worker: parts[4].into(),
-                }
-            })
-            .collect()
+        let mut rows: std::collections::BTreeMap<u64, AuditRow> = std::collections::BTreeMap::new();
+        for (key, value) in self.store.read_model_table(name) {
+            let global: u64 = key.split('#').next().unwrap().parse().unwrap();
+            let value = String::from_utf8(value).unwrap();
+            let parts: Vec<&str> = value.split('|').collect();
+            let row = rows.entry(global).or_insert_with(|| AuditRow {
+                global,
+                times: 0,
+                aggregate: parts[0].into(),
+                version: parts[1].parse().unwrap(),
+                handled_seq: parts[2].parse().unwrap(),
+                worker: parts[3].into(),
+            });
+            row.times += 1;
+        }
+        rows.into_values().collect()
     }
 }
 
@@ -167,6 +166,7 @@ impl Projection<SqliteTx> for SqliteAudit {
 #[async_trait]
 impl Harness for Sqlite {
     type S = SqliteStore;
+    const SINGLE_WRITER: bool = true;
 
     async fn start() -> Option<Self> {
         static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

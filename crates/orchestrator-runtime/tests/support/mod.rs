@@ -18,6 +18,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub mod adapters;
+pub mod pausable;
 
 /// Slots of every test store.
 pub const SLOTS: u64 = 16;
@@ -37,6 +38,8 @@ pub struct AuditRow {
 #[async_trait]
 pub trait Harness: Sized + Send + Sync + 'static {
     type S: Store;
+    /// Whether an open write transaction blocks every other writer (SQLite).
+    const SINGLE_WRITER: bool = false;
     async fn start() -> Option<Self>;
     fn store(&self) -> Self::S;
     /// The audit projection `name` as run by `worker`; it fails every time on `fail_on` (a global position).
@@ -99,14 +102,24 @@ impl<H: Harness> Cluster<H> {
 
     pub fn spawn(
         &mut self,
-        replica_set: &str,
         id: &str,
         settings: Settings,
         projections: Vec<Arc<dyn Projection<<H::S as CheckpointStore>::Tx>>>,
     ) {
+        let store = self.harness.store();
+        self.spawn_on(store, id, settings, projections);
+    }
+
+    /// Starts a worker on a store of its own (a wrapper around the harness's).
+    pub fn spawn_on<T: Store>(
+        &mut self,
+        store: T,
+        id: &str,
+        settings: Settings,
+        projections: Vec<Arc<dyn Projection<<T as CheckpointStore>::Tx>>>,
+    ) {
         let (tx, rx) = oneshot::channel::<()>();
-        let worker = Orchestrator::new(self.harness.store(), settings).unwrap();
-        let _ = replica_set;
+        let worker = Orchestrator::new(store, settings).unwrap();
         let handle = tokio::spawn(worker.run(
             async move {
                 let _ = rx.await;
@@ -121,7 +134,7 @@ impl<H: Harness> Cluster<H> {
         let projections =
             self.projections.iter().map(|p| self.harness.audit(p, id, None)).collect();
         let settings = fast_settings("main-projections", id, self.strategy);
-        self.spawn("main-projections", id, settings, projections);
+        self.spawn(id, settings, projections);
     }
 
     fn index(&self, id: &str) -> usize {

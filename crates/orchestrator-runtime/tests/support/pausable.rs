@@ -1,0 +1,157 @@
+//! A store wrapper that freezes one worker's coordination and commits, like SIGSTOP: calls wait
+//! until resumed, then go through with what they carried (a zombie's stale commit included).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use orchestrator_core::ports::{
+    Appended, CheckpointStore, CoordinationStore, EventStore, Fence, HeartbeatAck, ReadRequest,
+    StoreResult,
+};
+use orchestrator_core::{
+    Epoch, Event, ExpectedVersion, Generation, GenerationPlan, Incarnation, NewEvent, Position,
+    ReplicaSetName, Slot, SlotCount, Snapshot, StreamId, WorkerId,
+};
+use tokio::sync::watch;
+
+#[derive(Clone)]
+pub struct Pausable<S> {
+    inner: S,
+    paused: watch::Sender<bool>,
+    /// Freeze before opening a transaction rather than before committing one: on SQLite an open
+    /// write transaction holds the only write lock, and freezing with it would stop every process.
+    freeze_at_begin: bool,
+}
+
+impl<S> Pausable<S> {
+    pub fn new(inner: S, freeze_at_begin: bool) -> Self {
+        Self { inner, paused: watch::Sender::new(false), freeze_at_begin }
+    }
+
+    pub fn pause(&self) {
+        self.paused.send_replace(true);
+    }
+
+    pub fn resume(&self) {
+        self.paused.send_replace(false);
+    }
+
+    async fn gate(&self) {
+        let mut paused = self.paused.subscribe();
+        let _ = paused.wait_for(|p| !p).await;
+    }
+}
+
+#[async_trait]
+impl<S: EventStore> EventStore for Pausable<S> {
+    fn slot_count(&self) -> SlotCount {
+        self.inner.slot_count()
+    }
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> StoreResult<Appended> {
+        self.inner.append(stream, expected, events).await
+    }
+    async fn read(&self, request: &ReadRequest) -> StoreResult<Vec<Event>> {
+        self.inner.read(request).await
+    }
+}
+
+#[async_trait]
+impl<S: CoordinationStore> CoordinationStore for Pausable<S> {
+    async fn register(
+        &self,
+        rs: &ReplicaSetName,
+        slots: SlotCount,
+        worker: &WorkerId,
+    ) -> StoreResult<Incarnation> {
+        self.gate().await;
+        self.inner.register(rs, slots, worker).await
+    }
+    async fn heartbeat(
+        &self,
+        rs: &ReplicaSetName,
+        worker: &WorkerId,
+        inc: Incarnation,
+        lease: Duration,
+    ) -> StoreResult<HeartbeatAck> {
+        self.gate().await;
+        self.inner.heartbeat(rs, worker, inc, lease).await
+    }
+    async fn snapshot(&self, rs: &ReplicaSetName) -> StoreResult<Snapshot> {
+        self.gate().await;
+        self.inner.snapshot(rs).await
+    }
+    async fn create_generation(
+        &self,
+        rs: &ReplicaSetName,
+        plan: &GenerationPlan,
+    ) -> StoreResult<()> {
+        self.gate().await;
+        self.inner.create_generation(rs, plan).await
+    }
+    async fn release_slot(
+        &self,
+        rs: &ReplicaSetName,
+        worker: &WorkerId,
+        slot: Slot,
+        epoch: Epoch,
+    ) -> StoreResult<()> {
+        self.gate().await;
+        self.inner.release_slot(rs, worker, slot, epoch).await
+    }
+    async fn ack_generation(
+        &self,
+        rs: &ReplicaSetName,
+        worker: &WorkerId,
+        inc: Incarnation,
+        generation: Generation,
+    ) -> StoreResult<()> {
+        self.gate().await;
+        self.inner.ack_generation(rs, worker, inc, generation).await
+    }
+    async fn deregister(
+        &self,
+        rs: &ReplicaSetName,
+        worker: &WorkerId,
+        inc: Incarnation,
+    ) -> StoreResult<()> {
+        self.gate().await;
+        self.inner.deregister(rs, worker, inc).await
+    }
+}
+
+#[async_trait]
+impl<S: CheckpointStore> CheckpointStore for Pausable<S> {
+    type Tx = S::Tx;
+    async fn load(
+        &self,
+        rs: &ReplicaSetName,
+        projection: &str,
+        slots: &[Slot],
+    ) -> StoreResult<BTreeMap<Slot, Position>> {
+        self.inner.load(rs, projection, slots).await
+    }
+    async fn begin(&self) -> StoreResult<S::Tx> {
+        if self.freeze_at_begin {
+            self.gate().await;
+        }
+        self.inner.begin().await
+    }
+    async fn commit(
+        &self,
+        tx: S::Tx,
+        fence: &Fence,
+        projection: &str,
+        checkpoints: &BTreeMap<Slot, Position>,
+    ) -> StoreResult<()> {
+        if !self.freeze_at_begin {
+            self.gate().await;
+        }
+        self.inner.commit(tx, fence, projection, checkpoints).await
+    }
+}
