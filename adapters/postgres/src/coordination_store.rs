@@ -16,9 +16,32 @@ use sqlx::Row;
 use crate::error::classify;
 use crate::{PgStore, from_millis, millis};
 
+/// Tells listeners that the replica set's coordination state changed (delivered at commit).
+async fn notify(
+    conn: &mut sqlx::PgConnection,
+    channel: &str,
+    replica_set: &ReplicaSetName,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(channel)
+        .bind(replica_set.as_str())
+        .execute(conn)
+        .await
+        .map(drop)
+}
+
 fn worker_id(text: String) -> StoreResult<WorkerId> {
     WorkerId::new(text)
         .map_err(|e| StoreError::Other { message: format!("corrupt worker id: {e}"), source: None })
+}
+
+impl PgStore {
+    async fn notify_coordination(&self, replica_set: &ReplicaSetName) -> StoreResult<()> {
+        let mut conn = self.pool.acquire().await.map_err(|e| classify("notify", e))?;
+        notify(&mut conn, &self.tables.coordination_channel, replica_set)
+            .await
+            .map_err(|e| classify("notify", e))
+    }
 }
 
 #[async_trait]
@@ -96,6 +119,7 @@ impl CoordinationStore for PgStore {
         .execute(&mut *tx)
         .await
         .map_err(err)?;
+        notify(&mut tx, &t.coordination_channel, replica_set).await.map_err(err)?;
         tx.commit().await.map_err(err)?;
         Ok(Incarnation(incarnation as u64))
     }
@@ -349,6 +373,7 @@ impl CoordinationStore for PgStore {
         .execute(&mut *tx)
         .await
         .map_err(err)?;
+        notify(&mut tx, &t.coordination_channel, replica_set).await.map_err(err)?;
         tx.commit().await.map_err(err)
     }
 
@@ -374,7 +399,7 @@ impl CoordinationStore for PgStore {
         if released.rows_affected() == 0 {
             return Err(StoreError::Fenced { worker: worker.clone(), slot });
         }
-        Ok(())
+        self.notify_coordination(replica_set).await
     }
 
     async fn ack_generation(
@@ -453,6 +478,7 @@ impl CoordinationStore for PgStore {
         .execute(&mut *tx)
         .await
         .map_err(err)?;
+        notify(&mut tx, &t.coordination_channel, replica_set).await.map_err(err)?;
         tx.commit().await.map_err(err)
     }
 }

@@ -168,6 +168,12 @@ impl PgStore {
         .fetch_all(&mut *tx)
         .await
         .map_err(|e| duplicate_or(e, &self.tables.events, events))?;
+        // Delivered at commit, and only if it commits: wakes idle readers at once.
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(&self.tables.events_channel)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
         let first_global = inserted.iter().copied().min().unwrap_or(0) as u64;
         let last_global = inserted.iter().copied().max().unwrap_or(0) as u64;
         Ok((tx, Appended { first_global, last_global, version: current + n }))

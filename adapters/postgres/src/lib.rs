@@ -12,6 +12,7 @@
 //! - All coordination times use the database's `clock_timestamp()`.
 #![deny(missing_docs)]
 
+mod change_feed;
 mod checkpoint_store;
 mod coordination_store;
 mod error;
@@ -26,6 +27,7 @@ use orchestrator_core::{SlotCount, TablePrefix};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
+pub use change_feed::PgChangeFeed;
 pub use error::classify as classify_error;
 pub use migrate::migrate;
 
@@ -51,6 +53,10 @@ struct Tables {
     slots: String,
     generations: String,
     checkpoints: String,
+    /// NOTIFY channel of appends.
+    events_channel: String,
+    /// NOTIFY channel of coordination changes (payload: the replica set).
+    coordination_channel: String,
 }
 
 impl PgStore {
@@ -67,6 +73,8 @@ impl PgStore {
             slots: format!("{p}slots"),
             generations: format!("{p}generations"),
             checkpoints: format!("{p}checkpoints"),
+            events_channel: format!("{p}events"),
+            coordination_channel: format!("{p}coordination"),
         };
         Ok(Self { pool, tables: std::sync::Arc::new(tables), slot_count })
     }

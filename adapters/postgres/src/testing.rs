@@ -72,12 +72,24 @@ impl TestSchema {
             .max_connections(8)
             .connect_with(
                 PgStore::tune_with(options, std::time::Duration::from_secs(3))
-                    .options([("search_path", schema.as_str())]),
+                    .options([("search_path", schema.as_str())])
+                    .application_name(&schema),
             )
             .await?;
         migrate(&pool, &TablePrefix::default(), slot_count).await?;
         let store = PgStore::open(pool.clone(), TablePrefix::default()).await?;
         Ok(Self { store, pool, schema, admin })
+    }
+
+    /// Terminates every server session of this schema's pool, as a database restart or failover
+    /// would; returns how many were ended.
+    pub async fn kill_connections(&self) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1) AS t",
+        )
+        .bind(&self.schema)
+        .fetch_one(&self.admin)
+        .await
     }
 
     /// Drops the schema and everything in it.

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use orchestrator_core::ports::{CheckpointStore, EventStore, StoreError};
+use orchestrator_core::ports::{Change, ChangeFeed, CheckpointStore, EventStore, StoreError};
 use orchestrator_core::{
     Clock, Command, Engine, EngineConfig, Generation, Input, Notice, Partition, Snapshot, Timestamp,
 };
@@ -24,6 +24,7 @@ pub struct Orchestrator<S: Store> {
     store: S,
     settings: Settings,
     wake: Arc<Notify>,
+    changes: Option<Box<dyn ChangeFeed>>,
 }
 
 impl<S: Store> std::fmt::Debug for Orchestrator<S> {
@@ -47,7 +48,7 @@ impl<S: Store> Orchestrator<S> {
                 ),
             }));
         }
-        Ok(Self { store, settings, wake: Arc::new(Notify::new()) })
+        Ok(Self { store, settings, wake: Arc::new(Notify::new()), changes: None })
     }
 
     /// The settings in force.
@@ -55,9 +56,13 @@ impl<S: Store> Orchestrator<S> {
         &self.settings
     }
 
-    /// A handle that wakes idle processing at once, for stores that can notify of new events.
-    pub fn waker(&self) -> Arc<Notify> {
-        self.wake.clone()
+    /// Wakes the worker when the store reports a change (PostgreSQL: LISTEN/NOTIFY), instead of
+    /// waiting for the next poll: new events are processed within milliseconds, and joins, leaves
+    /// and handoffs are seen at once.
+    #[must_use]
+    pub fn with_change_feed(mut self, feed: impl ChangeFeed + 'static) -> Self {
+        self.changes = Some(Box::new(feed));
+        self
     }
 
     /// Joins the replica set and processes `projections` until `shutdown` completes, then leaves
@@ -103,6 +108,15 @@ impl<S: Store> Orchestrator<S> {
             announced: false,
             leave_deadline: None,
         };
+        let coordination_changed = Arc::new(Notify::new());
+        let _listening = self.changes.map(|feed| {
+            AbortOnDrop(tokio::spawn(relay_changes(
+                feed,
+                settings.replica_set.clone(),
+                self.wake.clone(),
+                coordination_changed.clone(),
+            )))
+        });
         let mut shutdown = std::pin::pin!(shutdown);
         let mut stopping = false;
         driver.feed(clock.now(), Input::Start).await;
@@ -133,6 +147,7 @@ impl<S: Store> Orchestrator<S> {
                     Some(Report::Failed(err)) => driver.outcome = Err(err),
                     None => break,
                 },
+                () = coordination_changed.notified() => driver.observe(clock.now()).await,
                 () = &mut shutdown, if !stopping => {
                     stopping = true;
                     driver.begin_leaving(clock.now()).await;
@@ -142,6 +157,29 @@ impl<S: Store> Orchestrator<S> {
         drop(driver.control);
         let _ = (&mut processing.0).await;
         driver.outcome
+    }
+}
+
+/// Turns store change hints into wake-ups of the processor and of the coordination loop.
+async fn relay_changes(
+    mut feed: Box<dyn ChangeFeed>,
+    replica_set: orchestrator_core::ReplicaSetName,
+    events: Arc<Notify>,
+    coordination: Arc<Notify>,
+) {
+    loop {
+        match feed.next_change().await {
+            Ok(Change::Events) => events.notify_one(),
+            Ok(Change::Coordination(changed)) if changed == replica_set => {
+                coordination.notify_one()
+            }
+            Ok(Change::Coordination(_)) => {}
+            Err(err) => {
+                // Polling carries on meanwhile; the feed reconnects on the next call.
+                warn!(%err, "Change notifications interrupted; polling until they resume");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
     }
 }
 

@@ -17,7 +17,7 @@ const WITHIN: Duration = Duration::from_secs(30);
 async fn one_worker_processes_everything<H: Harness>() {
     let Some(mut cluster) = Cluster::<H>::start(Strategy::Recreate).await else { return };
     cluster.append(150).await;
-    cluster.join("w1");
+    cluster.join("w1").await;
     cluster.append(50).await;
     let by_worker = cluster.wait_all_applied(WITHIN).await;
     assert_eq!(by_worker.get("w1"), Some(&200));
@@ -26,12 +26,12 @@ async fn one_worker_processes_everything<H: Harness>() {
 
 async fn workers_join_and_the_work_splits<H: Harness>(strategy: Strategy) {
     let Some(mut cluster) = Cluster::<H>::start(strategy).await else { return };
-    cluster.join("w1");
+    cluster.join("w1").await;
     cluster.append(100).await;
     cluster.wait_all_applied(WITHIN).await;
-    cluster.join("w2");
+    cluster.join("w2").await;
     cluster.append(100).await;
-    cluster.join("w3");
+    cluster.join("w3").await;
     cluster.append(100).await;
     cluster.wait_all_applied(WITHIN).await;
     // Appends after everyone has settled land on all three.
@@ -45,7 +45,7 @@ async fn workers_join_and_the_work_splits<H: Harness>(strategy: Strategy) {
 async fn a_graceful_leave_hands_over_its_share<H: Harness>(strategy: Strategy) {
     let Some(mut cluster) = Cluster::<H>::start(strategy).await else { return };
     for id in ["w1", "w2", "w3"] {
-        cluster.join(id);
+        cluster.join(id).await;
     }
     cluster.append(150).await;
     cluster.wait_all_applied(WITHIN).await;
@@ -57,8 +57,8 @@ async fn a_graceful_leave_hands_over_its_share<H: Harness>(strategy: Strategy) {
 
 async fn a_crashed_worker_is_replaced_after_the_stale_timeout<H: Harness>(strategy: Strategy) {
     let Some(mut cluster) = Cluster::<H>::start(strategy).await else { return };
-    cluster.join("w1");
-    cluster.join("w2");
+    cluster.join("w1").await;
+    cluster.join("w2").await;
     cluster.append(100).await;
     cluster.wait_all_applied(WITHIN).await;
     cluster.crash("w2");
@@ -73,7 +73,9 @@ async fn a_failing_handler_stops_its_projection_at_the_event<H: Harness>() {
     cluster.append(60).await;
     let failing = 37;
     let projections = vec![cluster.harness.audit("audit", "w1", Some(failing))];
-    cluster.spawn("w1", fast_settings("main-projections", "w1", Strategy::Recreate), projections);
+    cluster
+        .spawn("w1", fast_settings("main-projections", "w1", Strategy::Recreate), projections)
+        .await;
     let err = cluster.wait_exit("w1").await.unwrap_err();
     let RunError::ProjectionFailed {
         projection, position, aggregate, event_type, attempts, ..
@@ -115,7 +117,7 @@ async fn two_replica_sets_run_side_by_side<H: Harness>() {
         ("analytics", "analytics_view", "a1"),
     ] {
         let projections = vec![cluster.harness.audit(projection, id, None)];
-        cluster.spawn(id, fast_settings(replica_set, id, Strategy::Recreate), projections);
+        cluster.spawn(id, fast_settings(replica_set, id, Strategy::Recreate), projections).await;
     }
     cluster.append(200).await;
     cluster.wait_all_applied(WITHIN).await;
@@ -131,11 +133,12 @@ async fn a_paused_worker_cannot_commit_when_it_resumes<H: Harness>(strategy: Str
         cluster.projections.iter().map(|p| cluster.harness.audit(p, "zombie", None)).collect();
     cluster.spawn_on(
         zombie_store.clone(),
+        cluster.harness.change_feed().await,
         "zombie",
         fast_settings("main-projections", "zombie", strategy),
         projections,
     );
-    cluster.join("w2");
+    cluster.join("w2").await;
     cluster.append(100).await;
     cluster.wait_all_applied(WITHIN).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -225,3 +228,26 @@ macro_rules! scenarios {
 scenarios!(memory, support::adapters::Memory);
 scenarios!(sqlite, support::adapters::Sqlite);
 scenarios!(postgres, support::adapters::Postgres);
+
+/// Every connection is cut twice while two workers process and events keep arriving (a database
+/// restart or failover as the workers see it): they reconnect by themselves and lose nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connection_loss_is_survived() {
+    let Some(mut cluster) =
+        Cluster::<support::adapters::Postgres>::start(Strategy::Incremental).await
+    else {
+        return;
+    };
+    cluster.join("w1").await;
+    cluster.join("w2").await;
+    cluster.append(100).await;
+    cluster.wait_all_applied(WITHIN).await;
+    for _ in 0..2 {
+        let killed = cluster.harness.schema().kill_connections().await.unwrap();
+        assert!(killed > 0);
+        cluster.append(100).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    cluster.wait_all_applied(WITHIN).await;
+    cluster.stop_all().await;
+}

@@ -1,10 +1,12 @@
 //! The ports: what the runtime needs from storage, implemented by the adapter crates.
 
+pub mod change_feed;
 pub mod checkpoint;
 pub mod coordination;
 pub mod error;
 pub mod event_store;
 
+pub use change_feed::{Change, ChangeFeed};
 pub use checkpoint::{CheckpointStore, Fence};
 pub use coordination::{CoordinationStore, HeartbeatAck};
 pub use error::{BoxError, StoreError, StoreResult};

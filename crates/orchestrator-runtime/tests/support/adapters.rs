@@ -227,6 +227,12 @@ pub struct Postgres {
     schema: TestSchema,
 }
 
+impl Postgres {
+    pub fn schema(&self) -> &TestSchema {
+        &self.schema
+    }
+}
+
 struct PgAudit {
     name: String,
     worker: String,
@@ -290,6 +296,10 @@ impl Harness for Postgres {
         let rows: Vec<(i64, i64, String, i64, i64, String)> =
             sqlx::query_as(&sql).bind(name).fetch_all(&self.schema.pool).await.unwrap();
         rows.into_iter().map(audit_row).collect()
+    }
+
+    async fn change_feed(&self) -> Option<Box<dyn orchestrator_core::ports::ChangeFeed>> {
+        Some(Box::new(self.schema.store.change_feed().await.unwrap()))
     }
 
     async fn finish(self) {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use orchestrator_core::ports::{CheckpointStore, EventStore};
+use orchestrator_core::ports::{ChangeFeed, CheckpointStore, EventStore};
 use orchestrator_core::{
     EventId, ExpectedVersion, NewEvent, ReplicaSetName, SlotCount, Strategy, StreamId, Timing,
     Tracing, WorkerId,
@@ -50,6 +50,10 @@ pub trait Harness: Sized + Send + Sync + 'static {
         fail_on: Option<u64>,
     ) -> Arc<dyn Projection<<Self::S as CheckpointStore>::Tx>>;
     async fn audit_rows(&self, name: &str) -> Vec<AuditRow>;
+    /// Wake-ups from the store, where it has them (PostgreSQL).
+    async fn change_feed(&self) -> Option<Box<dyn ChangeFeed>> {
+        None
+    }
     async fn finish(self) {}
 }
 
@@ -100,26 +104,31 @@ impl<H: Harness> Cluster<H> {
         })
     }
 
-    pub fn spawn(
+    pub async fn spawn(
         &mut self,
         id: &str,
         settings: Settings,
         projections: Vec<Arc<dyn Projection<<H::S as CheckpointStore>::Tx>>>,
     ) {
         let store = self.harness.store();
-        self.spawn_on(store, id, settings, projections);
+        let feed = self.harness.change_feed().await;
+        self.spawn_on(store, feed, id, settings, projections);
     }
 
     /// Starts a worker on a store of its own (a wrapper around the harness's).
     pub fn spawn_on<T: Store>(
         &mut self,
         store: T,
+        feed: Option<Box<dyn ChangeFeed>>,
         id: &str,
         settings: Settings,
         projections: Vec<Arc<dyn Projection<<T as CheckpointStore>::Tx>>>,
     ) {
         let (tx, rx) = oneshot::channel::<()>();
-        let worker = Orchestrator::new(store, settings).unwrap();
+        let mut worker = Orchestrator::new(store, settings).unwrap();
+        if let Some(feed) = feed {
+            worker = worker.with_change_feed(feed);
+        }
         let handle = tokio::spawn(worker.run(
             async move {
                 let _ = rx.await;
@@ -130,11 +139,11 @@ impl<H: Harness> Cluster<H> {
     }
 
     /// Starts a worker running both audit projections.
-    pub fn join(&mut self, id: &str) {
+    pub async fn join(&mut self, id: &str) {
         let projections =
             self.projections.iter().map(|p| self.harness.audit(p, id, None)).collect();
         let settings = fast_settings("main-projections", id, self.strategy);
-        self.spawn(id, settings, projections);
+        self.spawn(id, settings, projections).await;
     }
 
     fn index(&self, id: &str) -> usize {
