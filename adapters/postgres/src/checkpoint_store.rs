@@ -71,22 +71,53 @@ impl CheckpointStore for PgStore {
             slots.push(slot.0 as i32);
             epochs.push(epoch.0 as i64);
         }
-        // FOR SHARE: a concurrent change of owner waits for this commit; one that committed first
-        // is seen here (READ COMMITTED re-reads the locked row), and the epochs no longer match.
-        let owned: Vec<i32> = sqlx::query_scalar(&format!(
-            "SELECT s.slot FROM {} AS s \
-             JOIN unnest($3::int[], $4::bigint[]) AS g(slot, epoch) ON s.slot = g.slot \
-             WHERE s.replica_set = $1 AND s.owner = $2 AND s.epoch = g.epoch \
-             FOR SHARE OF s",
-            self.tables.slots
+        // Every change of owner locks the replica set's row first (FOR UPDATE or an UPDATE); holding
+        // it FOR SHARE makes changes wait for this commit, and one that committed before is visible
+        // to the next statement (READ COMMITTED takes a new snapshot per statement). One row lock per
+        // commit instead of one per slot: locking a row writes to it.
+        sqlx::query(&format!(
+            "SELECT 1 FROM {} WHERE name = $1 FOR SHARE",
+            self.tables.replica_sets
         ))
         .bind(fence.replica_set.as_str())
-        .bind(fence.worker.as_str())
-        .bind(&slots)
-        .bind(&epochs)
-        .fetch_all(&mut *tx)
+        .execute(&mut *tx)
         .await
         .map_err(err)?;
+        let commits: Vec<i64> = checkpoints.values().map(|p| p.commit as i64).collect();
+        let globals: Vec<i64> = checkpoints.values().map(|p| p.global as i64).collect();
+        // Check ownership and advance the checkpoints in one statement (one snapshot): nothing is
+        // written unless every slot is still ours at its epoch.
+        let row = sqlx::query(&format!(
+            "WITH owned AS ( \
+                 SELECT array_agg(s.slot) AS slots FROM {slots} AS s \
+                 JOIN unnest($3::int[], $6::bigint[]) AS g(slot, epoch) ON s.slot = g.slot \
+                 WHERE s.replica_set = $1 AND s.owner = $7 AND s.epoch = g.epoch), \
+             advanced AS ( \
+                 INSERT INTO {checkpoints} AS c (replica_set, projection, slot, commit_position, global_position) \
+                 SELECT $1, $2, u.slot, u.commit_position, u.global_position \
+                 FROM unnest($3::int[], $4::bigint[], $5::bigint[]) AS u(slot, commit_position, global_position) \
+                 WHERE cardinality((SELECT slots FROM owned)) = cardinality($3::int[]) \
+                 ON CONFLICT (replica_set, projection, slot) DO UPDATE SET \
+                     commit_position = excluded.commit_position, \
+                     global_position = excluded.global_position, updated_at = clock_timestamp() \
+                 WHERE (c.commit_position, c.global_position) <= (excluded.commit_position, excluded.global_position) \
+                 RETURNING slot) \
+             SELECT COALESCE((SELECT slots FROM owned), '{{}}'), ARRAY(SELECT slot FROM advanced)",
+            slots = self.tables.slots,
+            checkpoints = self.tables.checkpoints
+        ))
+        .bind(fence.replica_set.as_str())
+        .bind(projection)
+        .bind(&slots)
+        .bind(&commits)
+        .bind(&globals)
+        .bind(&epochs)
+        .bind(fence.worker.as_str())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(err)?;
+        let owned: Vec<i32> = row.get(0);
+        let advanced: Vec<i32> = row.get(1);
         if owned.len() != slots.len() {
             let lost = slots.iter().find(|s| !owned.contains(s)).copied().unwrap_or(slots[0]);
             return Err(StoreError::Fenced {
@@ -94,27 +125,6 @@ impl CheckpointStore for PgStore {
                 slot: Slot(lost as u32),
             });
         }
-        let commits: Vec<i64> = checkpoints.values().map(|p| p.commit as i64).collect();
-        let globals: Vec<i64> = checkpoints.values().map(|p| p.global as i64).collect();
-        let advanced: Vec<i32> = sqlx::query_scalar(&format!(
-            "INSERT INTO {t} AS c (replica_set, projection, slot, commit_position, global_position) \
-             SELECT $1, $2, u.slot, u.commit_position, u.global_position \
-             FROM unnest($3::int[], $4::bigint[], $5::bigint[]) AS u(slot, commit_position, global_position) \
-             ON CONFLICT (replica_set, projection, slot) DO UPDATE SET \
-                 commit_position = excluded.commit_position, \
-                 global_position = excluded.global_position, updated_at = clock_timestamp() \
-             WHERE (c.commit_position, c.global_position) <= (excluded.commit_position, excluded.global_position) \
-             RETURNING slot",
-            t = self.tables.checkpoints
-        ))
-        .bind(fence.replica_set.as_str())
-        .bind(projection)
-        .bind(&slots)
-        .bind(&commits)
-        .bind(&globals)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(err)?;
         if advanced.len() != slots.len() {
             let behind = slots.iter().find(|s| !advanced.contains(s)).copied().unwrap_or(slots[0]);
             return Err(StoreError::CheckpointRegression {

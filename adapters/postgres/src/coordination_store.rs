@@ -1,7 +1,8 @@
 //! The coordination store port on PostgreSQL. Every time is the database's `clock_timestamp()`.
 //!
-//! Lock order: a transaction that changes slots and the replica set row locks the replica set row
-//! first (`register`, `create_generation`, `deregister`), so they serialize without deadlocks.
+//! Lock order: every transaction that changes slot ownership locks the replica set row first
+//! (`register`, `create_generation`, `release_slot`, `deregister`), so they serialize without
+//! deadlocks, and a fenced commit only needs that one row FOR SHARE to hold them all off.
 
 use std::time::Duration;
 
@@ -384,22 +385,32 @@ impl CoordinationStore for PgStore {
         slot: Slot,
         epoch: Epoch,
     ) -> StoreResult<()> {
+        let err = |e| classify("release a slot", e);
+        let t = &self.tables;
+        let mut tx = self.pool.begin().await.map_err(err)?;
+        // A change of owner: lock the replica set row first, which fenced commits hold FOR SHARE.
+        sqlx::query(&format!("SELECT 1 FROM {} WHERE name = $1 FOR NO KEY UPDATE", t.replica_sets))
+            .bind(replica_set.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
         let released = sqlx::query(&format!(
             "UPDATE {} SET owner = next_owner, next_owner = NULL, epoch = epoch + 1 \
              WHERE replica_set = $1 AND slot = $2 AND owner = $3 AND epoch = $4 AND next_owner IS NOT NULL",
-            self.tables.slots
+            t.slots
         ))
         .bind(replica_set.as_str())
         .bind(slot.0 as i32)
         .bind(worker.as_str())
         .bind(epoch.0 as i64)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
-        .map_err(|e| classify("release a slot", e))?;
+        .map_err(err)?;
         if released.rows_affected() == 0 {
             return Err(StoreError::Fenced { worker: worker.clone(), slot });
         }
-        self.notify_coordination(replica_set).await
+        notify(&mut tx, &t.coordination_channel, replica_set).await.map_err(err)?;
+        tx.commit().await.map_err(err)
     }
 
     async fn ack_generation(
@@ -427,7 +438,7 @@ impl CoordinationStore for PgStore {
                 worker: worker.clone(),
             });
         }
-        Ok(())
+        self.notify_coordination(replica_set).await
     }
 
     async fn deregister(

@@ -184,7 +184,7 @@ async fn commit_after_a_concurrent_move_is_fenced() {
     schema.drop_schema().await;
 }
 
-/// While a commit holds its slot rows, a change of owner waits for it instead of slipping in
+/// While a commit holds the replica set row, a change of owner waits for it instead of slipping in
 /// between the ownership check and the checkpoint write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_waits_for_a_commit_in_progress() {
@@ -211,9 +211,9 @@ async fn a_move_waits_for_a_commit_in_progress() {
     };
     store.create_generation(&rs, &grant(0, &w1, 0)).await.unwrap();
 
-    // Take the FOR SHARE lock the way commit does, then hold the transaction open.
+    // Take the lock the way commit does (the replica set row, FOR SHARE), then hold it.
     let mut holder = store.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM orch_slots WHERE replica_set = 'main' AND slot = 0 FOR SHARE")
+    sqlx::query("SELECT 1 FROM orch_replica_sets WHERE name = 'main' FOR SHARE")
         .execute(&mut *holder)
         .await
         .unwrap();

@@ -1,7 +1,7 @@
 //! `cargo xtask bench`: each measurement next to a reference done with plain sqlx in the same run,
 //! on the same server, so the ratio is meaningful whatever the machine.
 //!
-//! Usage: `orchestrator-bench [--events N] [--runs R]` (defaults: 1,000,000 events, 3 runs, median
+//! Usage: `orchestrator-bench [store|runtime|all] [--events N] [--runs R]` (defaults: 1,000,000 events, 3 runs, median
 //! reported). PostgreSQL from `ORCH_TEST_POSTGRES_URL` or the local default.
 
 use std::time::{Duration, Instant};
@@ -18,14 +18,23 @@ use sqlx::{PgPool, Row};
 const BATCH: usize = 1000;
 const PAYLOAD: usize = 200;
 
+mod runtime;
+
 struct Args {
+    suite: String,
     events: usize,
     runs: usize,
 }
 
 fn parse_args() -> Result<Args> {
-    let mut args = Args { events: 1_000_000, runs: 3 };
-    let mut it = std::env::args().skip(1);
+    let mut args = Args { suite: "all".into(), events: 1_000_000, runs: 3 };
+    let mut it = std::env::args().skip(1).peekable();
+    if let Some(suite) = it.next_if(|a| !a.starts_with("--")) {
+        if !matches!(suite.as_str(), "store" | "runtime" | "all") {
+            bail!("unknown suite {suite}; expected store, runtime or all");
+        }
+        args.suite = suite;
+    }
     while let Some(flag) = it.next() {
         let value = it.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
@@ -49,10 +58,20 @@ async fn main() -> Result<()> {
         args.events,
         args.runs
     );
+    if args.suite != "runtime" {
+        store_suite(&args).await?;
+    }
+    if args.suite != "store" {
+        runtime_suite(&args).await?;
+    }
+    Ok(())
+}
+
+async fn store_suite(args: &Args) -> Result<()> {
     let mut append = Vec::new();
     let mut read = Vec::new();
     for run in 1..=args.runs {
-        eprintln!("run {run}/{}", args.runs);
+        eprintln!("store: run {run}/{}", args.runs);
         let schema = TestSchema::start(SlotCount::DEFAULT)
             .await
             .context("PostgreSQL is required for the benchmarks")?;
@@ -72,6 +91,64 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
+async fn runtime_suite(args: &Args) -> Result<()> {
+    for batch in [1000, 100] {
+        let mut pairs = Vec::new();
+        for run in 1..=args.runs {
+            eprintln!("worker throughput, batch {batch}: run {run}/{}", args.runs);
+            let schema = runtime::seeded_schema(args.events as u64).await?;
+            let ours = runtime::worker_throughput(&schema, args.events as u64, batch).await?;
+            let reference =
+                runtime::plain_read_checkpoint(&schema.pool, args.events as u64, batch).await?;
+            pairs.push((ours, reference));
+            schema.drop_schema().await;
+        }
+        report_rates(
+            &format!("single worker, no-op transactional projection, batch {batch}"),
+            &pairs,
+        );
+    }
+    let mut joins = Vec::new();
+    for run in 1..=args.runs {
+        eprintln!("join to processing: run {run}/{}", args.runs);
+        let schema =
+            TestSchema::start(SlotCount::DEFAULT).await.context("PostgreSQL is required")?;
+        joins.push(runtime::join_to_processing(&schema).await?);
+        schema.drop_schema().await;
+    }
+    joins.sort();
+    println!(
+        "| join to all members processing (default settings, LISTEN/NOTIFY) | median {:?} | runs {:?} |",
+        joins[joins.len() / 2],
+        joins
+    );
+    eprintln!("append-to-projected latency");
+    let schema = TestSchema::start(SlotCount::DEFAULT).await.context("PostgreSQL is required")?;
+    let latencies = runtime::append_to_projected(&schema, 200).await?;
+    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+    println!(
+        "| append-to-projected latency, idle worker, LISTEN/NOTIFY | p50 {:?} | p99 {:?} | n={} |",
+        pct(0.5),
+        pct(0.99),
+        latencies.len()
+    );
+    schema.drop_schema().await;
+    Ok(())
+}
+
+fn report_rates(what: &str, pairs: &[(f64, f64)]) {
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let ours = median(pairs.iter().map(|p| p.0).collect());
+    let reference = median(pairs.iter().map(|p| p.1).collect());
+    println!(
+        "| {what} | {ours:.0} events/s | plain sqlx read+checkpoint {reference:.0} events/s | {:.2}x of reference |",
+        ours / reference
+    );
+}
+
 fn report(what: &str, runs: &[(Duration, Duration)], events: usize) {
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -87,7 +164,7 @@ fn report(what: &str, runs: &[(Duration, Duration)], events: usize) {
     );
 }
 
-fn new_event(n: usize) -> NewEvent {
+pub(crate) fn new_event(n: usize) -> NewEvent {
     let mut id = [0u8; 16];
     id[8..].copy_from_slice(&(n as u64).to_be_bytes());
     id[6] = 0x40;
