@@ -92,3 +92,18 @@ CREATE TABLE IF NOT EXISTS {prefix}checkpoints (
     updated_at      TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
     PRIMARY KEY (replica_set, projection, slot)
 );
+
+-- Per (replica set, projection, worker): "these slots are processed up to this position", written
+-- by each batch commit in one row instead of one row per slot. A slot's checkpoint is the greatest
+-- of its row in checkpoints and of every progress row that lists it. Rows of workers that leave or
+-- are evicted are folded into checkpoints and deleted.
+CREATE TABLE IF NOT EXISTS {prefix}progress (
+    replica_set     TEXT NOT NULL,
+    projection      TEXT NOT NULL,
+    worker_id       TEXT NOT NULL,
+    slots           INTEGER[] NOT NULL,
+    commit_position BIGINT NOT NULL,
+    global_position BIGINT NOT NULL,
+    updated_at      TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (replica_set, projection, worker_id)
+);

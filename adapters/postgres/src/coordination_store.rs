@@ -333,6 +333,8 @@ impl CoordinationStore for PgStore {
                 return Err(conflict);
             }
         }
+        let evicted: Vec<&WorkerId> = plan.evict.iter().collect();
+        self.fold_progress(&mut tx, replica_set, &evicted).await.map_err(err)?;
         let evict: Vec<&str> = plan.evict.iter().map(WorkerId::as_str).collect();
         sqlx::query(&format!(
             "DELETE FROM {} WHERE replica_set = $1 AND worker_id = ANY($2)",
@@ -468,6 +470,7 @@ impl CoordinationStore for PgStore {
         if deleted.rows_affected() == 0 {
             return tx.commit().await.map_err(err);
         }
+        self.fold_progress(&mut tx, replica_set, &[worker]).await.map_err(err)?;
         sqlx::query(&format!(
             "UPDATE {} SET owner = next_owner, next_owner = NULL, epoch = epoch + 1 \
              WHERE replica_set = $1 AND owner = $2",

@@ -53,6 +53,7 @@ struct Tables {
     slots: String,
     generations: String,
     checkpoints: String,
+    progress: String,
     /// NOTIFY channel of appends.
     events_channel: String,
     /// NOTIFY channel of coordination changes (payload: the replica set).
@@ -73,6 +74,7 @@ impl PgStore {
             slots: format!("{p}slots"),
             generations: format!("{p}generations"),
             checkpoints: format!("{p}checkpoints"),
+            progress: format!("{p}progress"),
             events_channel: format!("{p}events"),
             coordination_channel: format!("{p}coordination"),
         };

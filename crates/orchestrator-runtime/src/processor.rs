@@ -174,7 +174,7 @@ impl<S: Store> Processor<S> {
         if events.is_empty() {
             return Ok(None);
         }
-        let outcome = self.handle_with_retries(projection.as_ref(), &events, owned).await?;
+        let outcome = self.handle_with_retries(projection.as_ref(), index, &events, owned).await?;
         if let BatchOutcome::Committed = outcome {
             request.advance_past(&events);
             for (slot, position) in request.cursors {
@@ -189,20 +189,23 @@ impl<S: Store> Processor<S> {
     async fn handle_with_retries(
         &self,
         projection: &dyn Projection<<S as CheckpointStore>::Tx>,
+        index: usize,
         events: &[Event],
         owned: &BTreeMap<Slot, OwnedSlot>,
     ) -> Result<BatchOutcome, StoreError> {
-        let mut checkpoints = BTreeMap::new();
-        for event in events {
-            checkpoints.insert(event.slot, event.position);
-        }
+        // The batch is the first events after every owned slot's cursor, so every owned slot whose
+        // cursor is not already past it is processed up to the batch's last event: all of them
+        // advance to that one position, which stores can record in a single row.
+        let last = events.last().expect("a batch is never empty").position;
+        let checkpoints: BTreeMap<Slot, Position> = owned
+            .iter()
+            .filter(|(_, o)| o.cursors[index] <= last)
+            .map(|(slot, _)| (*slot, last))
+            .collect();
         let fence = Fence {
             replica_set: self.replica_set.clone(),
             worker: self.worker.clone(),
-            grants: checkpoints
-                .keys()
-                .filter_map(|slot| owned.get(slot).map(|o| (*slot, o.epoch)))
-                .collect(),
+            grants: checkpoints.keys().map(|slot| (*slot, owned[slot].epoch)).collect(),
         };
         let mut attempt = 0;
         loop {

@@ -141,7 +141,10 @@ impl<S: Store> Orchestrator<S> {
                 report = report_rx.recv() => match report {
                     Some(Report::Stopped(slot)) => driver.feed(clock.now(), Input::SlotStopped(slot)).await,
                     Some(Report::Lost(slot)) => {
+                        // The processor dropped the slot; the engine re-starts it (with its
+                        // checkpoint reloaded) if the store still says it is ours.
                         tracing::debug!(%slot, "Slot lost; observing the new ownership");
+                        driver.feed(clock.now(), Input::SlotStopped(slot)).await;
                         driver.observe(clock.now()).await;
                     }
                     Some(Report::Failed(err)) => driver.outcome = Err(err),

@@ -94,6 +94,11 @@ pub struct Cluster<H: Harness> {
 
 impl<H: Harness> Cluster<H> {
     pub async fn start(strategy: Strategy) -> Option<Self> {
+        // RUST_LOG=info shows the workers' log lines when a scenario needs explaining.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let harness = H::start().await?;
         Some(Self {
             harness,
