@@ -15,13 +15,27 @@ use sqlx::Row;
 use crate::error::classify;
 use crate::{PgStore, PgTx};
 
-/// The fence check, shared by both write paths: `$1` replica set, `$3` slots, `$6` epochs,
-/// `$7` worker. Yields `slots`, the claimed slots the worker really owns at those epochs.
+/// The fence check, shared by both write paths: `$1` replica set, `$3` claimed slots, `$6` their
+/// epochs indexed by slot (`$6[slot + 1]`), `$7` worker. Yields `slots`, the claimed slots the
+/// worker really owns at those epochs. Probing the primary key with `slot = ANY($3)` and looking the
+/// epoch up by index keeps it proportional to the claim whatever the planner knows of the table.
 const OWNED: &str = "owned AS ( \
      SELECT array_agg(s.slot) AS slots FROM {slots} AS s \
-     JOIN unnest($3::int[], $6::bigint[]) AS g(slot, epoch) ON s.slot = g.slot \
-     WHERE s.replica_set = $1 AND s.owner = $7 AND s.epoch = g.epoch), \
+     WHERE s.replica_set = $1 AND s.slot = ANY($3::int[]) AND s.owner = $7 \
+       AND s.epoch = ($6::bigint[])[s.slot + 1]), \
  fine AS (SELECT cardinality((SELECT slots FROM owned)) IS NOT DISTINCT FROM cardinality($3::int[]) AS ok)";
+
+/// Epochs laid out by slot number (`-1` where not claimed), as [`OWNED`] expects.
+fn epochs_by_slot(fence: &Fence, slots: &[i32]) -> Vec<i64> {
+    let len = slots.iter().copied().max().map_or(0, |max| max as usize + 1);
+    let mut epochs = vec![-1; len];
+    for slot in slots {
+        if let Some(epoch) = fence.grants.get(&Slot(*slot as u32)) {
+            epochs[*slot as usize] = epoch.0 as i64;
+        }
+    }
+    epochs
+}
 
 #[async_trait]
 impl CheckpointStore for PgStore {
@@ -81,14 +95,13 @@ impl CheckpointStore for PgStore {
             return tx.commit().await.map_err(err);
         }
         let mut slots = Vec::with_capacity(checkpoints.len());
-        let mut epochs = Vec::with_capacity(checkpoints.len());
         for slot in checkpoints.keys() {
-            let Some(epoch) = fence.grants.get(slot) else {
+            if !fence.grants.contains_key(slot) {
                 return Err(StoreError::Fenced { worker: fence.worker.clone(), slot: *slot });
-            };
+            }
             slots.push(slot.0 as i32);
-            epochs.push(epoch.0 as i64);
         }
+        let epochs = epochs_by_slot(fence, &slots);
         // Every change of owner locks the replica set's row first (FOR UPDATE or an UPDATE); holding
         // it FOR SHARE makes changes wait for this commit, and one that committed before is visible
         // to the next statement (READ COMMITTED takes a new snapshot per statement). One row lock per
@@ -238,8 +251,9 @@ impl PgStore {
         epochs: &[i64],
     ) -> StoreResult<Slot> {
         let owned: Vec<i32> = sqlx::query_scalar(&format!(
-            "SELECT s.slot FROM {} AS s JOIN unnest($2::int[], $3::bigint[]) AS g(slot, epoch) ON s.slot = g.slot \
-             WHERE s.replica_set = $1 AND s.owner = $4 AND s.epoch = g.epoch",
+            "SELECT s.slot FROM {} AS s \
+             WHERE s.replica_set = $1 AND s.slot = ANY($2::int[]) AND s.owner = $4 \
+               AND s.epoch = ($3::bigint[])[s.slot + 1]",
             self.tables.slots
         ))
         .bind(fence.replica_set.as_str())
