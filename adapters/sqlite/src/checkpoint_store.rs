@@ -56,48 +56,77 @@ impl CheckpointStore for SqliteStore {
         checkpoints: &BTreeMap<Slot, Position>,
     ) -> StoreResult<()> {
         let err = |e| classify("commit checkpoints", e);
-        let owns = format!(
-            "SELECT COUNT(*) FROM {} WHERE replica_set = ? AND slot = ? AND owner = ? AND epoch = ?",
+        if checkpoints.is_empty() {
+            return tx.commit().await.map_err(err);
+        }
+        // Claims and positions travel as JSON arrays so each check is one statement whatever the
+        // number of slots (a batch commits every slot the worker owns).
+        let mut claims = Vec::with_capacity(checkpoints.len());
+        for slot in checkpoints.keys() {
+            let Some(epoch) = fence.grants.get(slot) else {
+                return Err(StoreError::Fenced { worker: fence.worker.clone(), slot: *slot });
+            };
+            claims.push(format!("[{},{}]", slot.0, epoch.0));
+        }
+        let claims = format!("[{}]", claims.join(","));
+        let owned_sql = format!(
+            "SELECT s.slot FROM json_each(?3) AS j JOIN {} AS s \
+               ON s.replica_set = ?1 AND s.slot = json_extract(j.value, '$[0]') \
+             WHERE s.owner = ?2 AND s.epoch = json_extract(j.value, '$[1]')",
             self.tables.slots
         );
-        for slot in checkpoints.keys() {
-            let fenced = || StoreError::Fenced { worker: fence.worker.clone(), slot: *slot };
-            let epoch = fence.grants.get(slot).ok_or_else(fenced)?;
-            let owned: i64 = sqlx::query_scalar(&owns)
-                .bind(fence.replica_set.as_str())
-                .bind(i64::from(slot.0))
-                .bind(fence.worker.as_str())
-                .bind(epoch.0 as i64)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(err)?;
-            if owned != 1 {
-                return Err(fenced());
-            }
+        let owned: Vec<i64> = sqlx::query_scalar(&owned_sql)
+            .bind(fence.replica_set.as_str())
+            .bind(fence.worker.as_str())
+            .bind(&claims)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(err)?;
+        if owned.len() != checkpoints.len() {
+            let lost = checkpoints.keys().find(|s| !owned.contains(&i64::from(s.0))).copied();
+            return Err(StoreError::Fenced {
+                worker: fence.worker.clone(),
+                slot: lost.unwrap_or(Slot(0)),
+            });
         }
+        let positions: Vec<String> =
+            checkpoints.iter().map(|(slot, p)| format!("[{},{}]", slot.0, p.global)).collect();
+        let positions = format!("[{}]", positions.join(","));
         let advance = format!(
             "INSERT INTO {t} (replica_set, projection, slot, commit_position, global_position, updated_at) \
-             VALUES (?, ?, ?, 0, ?, {NOW_MS}) \
+             SELECT ?1, ?2, json_extract(value, '$[0]'), 0, json_extract(value, '$[1]'), {NOW_MS} \
+             FROM json_each(?3) WHERE true \
              ON CONFLICT (replica_set, projection, slot) DO UPDATE SET \
                  global_position = excluded.global_position, updated_at = excluded.updated_at \
              WHERE {t}.global_position <= excluded.global_position",
             t = self.tables.checkpoints
         );
-        for (slot, position) in checkpoints {
-            let advanced = sqlx::query(&advance)
+        let advanced = sqlx::query(&advance)
+            .bind(fence.replica_set.as_str())
+            .bind(projection)
+            .bind(&positions)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+        if advanced.rows_affected() != checkpoints.len() as u64 {
+            let ahead_sql = format!(
+                "SELECT c.slot FROM json_each(?3) AS j JOIN {} AS c \
+                   ON c.replica_set = ?1 AND c.projection = ?2 AND c.slot = json_extract(j.value, '$[0]') \
+                 WHERE c.global_position > json_extract(j.value, '$[1]') LIMIT 1",
+                self.tables.checkpoints
+            );
+            let ahead: Option<i64> = sqlx::query_scalar(&ahead_sql)
                 .bind(fence.replica_set.as_str())
                 .bind(projection)
-                .bind(i64::from(slot.0))
-                .bind(position.global as i64)
-                .execute(&mut *tx)
+                .bind(&positions)
+                .fetch_optional(&mut *tx)
                 .await
                 .map_err(err)?;
-            if advanced.rows_affected() != 1 {
-                return Err(StoreError::CheckpointRegression {
-                    projection: projection.to_owned(),
-                    slot: *slot,
-                });
-            }
+            let slot = Slot(ahead.unwrap_or(0) as u32);
+            return Err(StoreError::CheckpointRegression {
+                projection: projection.to_owned(),
+                slot,
+            });
         }
         tx.commit().await.map_err(err)
     }
