@@ -129,12 +129,7 @@ impl EventStore for MemoryStore {
         let now = self.clock.now();
         let mut state = self.lock();
         let current = state.stream_versions.get(stream).copied().unwrap_or(0);
-        let conflict = match expected {
-            ExpectedVersion::Any => false,
-            ExpectedVersion::NoStream => current != 0,
-            ExpectedVersion::Exact(version) => current != version,
-        };
-        if conflict {
+        if !expected.allows(current) {
             return Err(StoreError::VersionConflict {
                 stream: stream.clone(),
                 expected,

@@ -105,12 +105,7 @@ impl PgStore {
         .await
         .map_err(err)?;
         let current = current as u64;
-        let conflict = match expected {
-            ExpectedVersion::Any => false,
-            ExpectedVersion::NoStream => current != 0,
-            ExpectedVersion::Exact(version) => current != version,
-        };
-        if conflict {
+        if !expected.allows(current) {
             return Err(StoreError::VersionConflict {
                 stream: stream.clone(),
                 expected,

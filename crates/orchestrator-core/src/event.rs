@@ -99,6 +99,17 @@ pub enum ExpectedVersion {
     Exact(u64),
 }
 
+impl ExpectedVersion {
+    /// Whether a stream at version `current` (0: no events) satisfies this expectation.
+    pub fn allows(self, current: u64) -> bool {
+        match self {
+            ExpectedVersion::Any => true,
+            ExpectedVersion::NoStream => current == 0,
+            ExpectedVersion::Exact(version) => current == version,
+        }
+    }
+}
+
 impl fmt::Display for ExpectedVersion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -208,6 +219,15 @@ mod tests {
         let late_commit_low_global = Position { commit: 6, global: 80 };
         assert!(early_commit_high_global < late_commit_low_global);
         assert!(Position::START < Position::global(1));
+    }
+
+    #[test]
+    fn expected_versions() {
+        assert!(ExpectedVersion::Any.allows(7));
+        assert!(ExpectedVersion::NoStream.allows(0));
+        assert!(!ExpectedVersion::NoStream.allows(1));
+        assert!(ExpectedVersion::Exact(3).allows(3));
+        assert!(!ExpectedVersion::Exact(3).allows(2));
     }
 
     #[test]

@@ -10,7 +10,10 @@
 //! use orchestrator_runtime::{Orchestrator, Settings};
 //! let settings = Settings::from_env()?; // REPLICA_SET, HEARTBEAT_INTERVAL, BATCH_SIZE, ...
 //! let worker = Orchestrator::new(store, settings)?;
-//! worker.run(async { let _ = tokio::signal::ctrl_c().await; }, vec![]).await?;
+//! // Send on `stop` (from a SIGTERM handler, say) to leave gracefully.
+//! let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+//! # drop(stop);
+//! worker.run(async { let _ = stopped.await; }, vec![]).await?;
 //! # Ok(()) }
 //! ```
 #![deny(missing_docs)]
