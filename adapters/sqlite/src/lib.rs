@@ -81,12 +81,24 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(5))
             .foreign_keys(true);
-        SqlitePoolOptions::new()
-            .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
-            .await
-            .map_err(|e| classify("open the SQLite database", e))
+        // Switching a new file to WAL needs a moment of exclusive access; several processes
+        // opening it at once can be told "database is locked" without waiting. Try again.
+        let mut attempt: u32 = 0;
+        loop {
+            let opened = SqlitePoolOptions::new()
+                .max_connections(max_connections)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(options.clone())
+                .await
+                .map_err(|e| classify("open the SQLite database", e));
+            match opened {
+                Err(err) if err.is_retryable() && attempt < 20 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(25 * u64::from(attempt))).await;
+                }
+                result => return result,
+            }
+        }
     }
 
     /// The pool, for the application's own queries.

@@ -1,0 +1,48 @@
+//! The database behind `--database-url`: PostgreSQL or SQLite, chosen by the URL's scheme.
+
+use anyhow::{Context, Result, bail};
+use orchestrator_core::{SlotCount, TablePrefix};
+use orchestrator_postgres::PgStore;
+use orchestrator_sqlite::SqliteStore;
+
+/// The embedded default when neither `--database-url` nor `DATABASE_URL` is given.
+pub(crate) const DEFAULT_URL: &str = "sqlite:orchestrator.db";
+
+/// A connected store of either kind.
+pub(crate) enum Database {
+    Postgres(PgStore),
+    Sqlite(SqliteStore),
+}
+
+/// Which store a URL names, refusing anything else with a one-line reason.
+pub(crate) fn kind_of(url: &str) -> Result<&'static str> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok("postgres")
+    } else if url.starts_with("sqlite:") {
+        Ok("sqlite")
+    } else {
+        let scheme = url.split(':').next().unwrap_or(url);
+        bail!("unknown database URL scheme {scheme:?}: use postgres://, postgresql:// or sqlite:")
+    }
+}
+
+/// Connects, creates or upgrades the schema (idempotent), and opens the store.
+pub(crate) async fn open(url: &str, prefix: &TablePrefix, slots: SlotCount) -> Result<Database> {
+    match kind_of(url)? {
+        "postgres" => {
+            let pool =
+                PgStore::connect_pool(url, 10).await.context("cannot connect to PostgreSQL")?;
+            orchestrator_postgres::migrate(&pool, prefix, slots)
+                .await
+                .context("migration failed")?;
+            Ok(Database::Postgres(PgStore::open(pool, prefix.clone()).await?))
+        }
+        _ => {
+            let pool = SqliteStore::connect_pool(url, 4)
+                .await
+                .context("cannot open the SQLite database")?;
+            orchestrator_sqlite::migrate(&pool, prefix, slots).await.context("migration failed")?;
+            Ok(Database::Sqlite(SqliteStore::open(pool, prefix.clone()).await?))
+        }
+    }
+}

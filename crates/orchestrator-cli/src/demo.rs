@@ -1,0 +1,374 @@
+//! The demo: events appended by `demo append`, and the `demo_audit` projections run by
+//! `demo worker`, which record every event they apply (SPEC §7 contract):
+//! `demo_audit(projection, global_position, aggregate_id, aggregate_version, slot, times,
+//! handled_seq, worker_id, created_at, handled_at)`, primary key (projection, global_position).
+//! `times` counts applications (1 is correct); `handled_seq` increases in handling order.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use async_trait::async_trait;
+use orchestrator_core::ports::{BoxError, EventStore};
+use orchestrator_core::{Event, EventId, ExpectedVersion, NewEvent, StreamId, Tracing};
+use orchestrator_postgres::{PgStore, PgTx};
+use orchestrator_runtime::{HandlerError, Projection};
+use orchestrator_sqlite::SqliteTx;
+
+use crate::db::Database;
+
+/// The two demo projections: one handles event by event, the other through the batch handler.
+pub(crate) const PROJECTIONS: [&str; 2] = ["demo_audit", "demo_audit_batch"];
+
+const EVENT_TYPES: [&str; 3] = ["AccountOpened", "MoneyDeposited", "MoneyWithdrawn"];
+
+/// Creates the audit table if missing.
+pub(crate) async fn create_audit_table(db: &Database) -> Result<()> {
+    match db {
+        Database::Postgres(store) => {
+            sqlx::raw_sql(
+                "CREATE SEQUENCE IF NOT EXISTS demo_audit_seq; \
+                 CREATE TABLE IF NOT EXISTS demo_audit ( \
+                     projection TEXT NOT NULL, global_position BIGINT NOT NULL, aggregate_id TEXT NOT NULL, \
+                     aggregate_version BIGINT NOT NULL, slot INTEGER NOT NULL, times INTEGER NOT NULL, \
+                     handled_seq BIGINT NOT NULL, worker_id TEXT NOT NULL, created_at TIMESTAMPTZ NOT NULL, \
+                     handled_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(), \
+                     PRIMARY KEY (projection, global_position))",
+            )
+            .execute(store.pool())
+            .await?;
+        }
+        Database::Sqlite(store) => {
+            sqlx::raw_sql(
+                "CREATE TABLE IF NOT EXISTS demo_audit ( \
+                     projection TEXT NOT NULL, global_position INTEGER NOT NULL, aggregate_id TEXT NOT NULL, \
+                     aggregate_version INTEGER NOT NULL, slot INTEGER NOT NULL, times INTEGER NOT NULL, \
+                     handled_seq INTEGER NOT NULL, worker_id TEXT NOT NULL, created_at TEXT NOT NULL, \
+                     handled_at TEXT NOT NULL, PRIMARY KEY (projection, global_position))",
+            )
+            .execute(store.pool())
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// The demo_audit projection on PostgreSQL.
+pub(crate) struct PgAudit {
+    pub(crate) name: &'static str,
+    pub(crate) worker: String,
+}
+
+const PG_RECORD: &str = "INSERT INTO demo_audit (projection, global_position, aggregate_id, aggregate_version, slot, \
+         times, handled_seq, worker_id, created_at) \
+     SELECT $1, g, a, v, s, 1, nextval('demo_audit_seq'), $2, to_timestamp(c / 1000.0) \
+     FROM unnest($3::bigint[], $4::text[], $5::bigint[], $6::int[], $7::bigint[]) WITH ORDINALITY AS e(g, a, v, s, c, n) \
+     ORDER BY n \
+     ON CONFLICT (projection, global_position) DO UPDATE SET times = demo_audit.times + 1, \
+         handled_seq = nextval('demo_audit_seq'), worker_id = excluded.worker_id, handled_at = clock_timestamp()";
+
+async fn pg_record(
+    tx: &mut PgTx,
+    name: &str,
+    worker: &str,
+    events: &[Event],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(PG_RECORD)
+        .bind(name)
+        .bind(worker)
+        .bind(events.iter().map(|e| e.position.global as i64).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.stream.aggregate_id.as_str()).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.aggregate_version as i64).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.slot.0 as i32).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.created_at.as_millis() as i64).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await
+        .map(drop)
+}
+
+#[async_trait]
+impl Projection<PgTx> for PgAudit {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    async fn handle(&self, tx: &mut PgTx, event: &Event) -> Result<(), BoxError> {
+        Ok(pg_record(tx, self.name, &self.worker, std::slice::from_ref(event)).await?)
+    }
+
+    async fn handle_batch(&self, tx: &mut PgTx, events: &[Event]) -> Result<(), HandlerError> {
+        if self.name == PROJECTIONS[0] {
+            // demo_audit goes event by event, like a simple projection would.
+            for (index, event) in events.iter().enumerate() {
+                self.handle(tx, event).await.map_err(|e| HandlerError::at(index, e))?;
+            }
+            return Ok(());
+        }
+        pg_record(tx, self.name, &self.worker, events)
+            .await
+            .map_err(|e| HandlerError { index: None, source: e.into() })
+    }
+}
+
+/// The demo_audit projection on SQLite (one writer at a time, so `handled_seq` is MAX + 1).
+pub(crate) struct SqliteAudit {
+    pub(crate) name: &'static str,
+    pub(crate) worker: String,
+}
+
+#[async_trait]
+impl Projection<SqliteTx> for SqliteAudit {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    async fn handle(&self, tx: &mut SqliteTx, event: &Event) -> Result<(), BoxError> {
+        sqlx::query(
+            "INSERT INTO demo_audit (projection, global_position, aggregate_id, aggregate_version, slot, times, \
+                 handled_seq, worker_id, created_at, handled_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, 1, (SELECT COALESCE(MAX(handled_seq), 0) + 1 FROM demo_audit), ?6, \
+                 strftime('%Y-%m-%dT%H:%M:%fZ', ?7 / 1000.0, 'unixepoch'), strftime('%Y-%m-%dT%H:%M:%fZ', 'now')) \
+             ON CONFLICT (projection, global_position) DO UPDATE SET times = times + 1, \
+                 handled_seq = (SELECT COALESCE(MAX(handled_seq), 0) + 1 FROM demo_audit), \
+                 worker_id = excluded.worker_id, handled_at = excluded.handled_at",
+        )
+        .bind(self.name)
+        .bind(event.position.global as i64)
+        .bind(&event.stream.aggregate_id)
+        .bind(event.aggregate_version as i64)
+        .bind(i64::from(event.slot.0))
+        .bind(&self.worker)
+        .bind(event.created_at.as_millis() as i64)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+}
+
+/// The projections a demo worker runs on `db`.
+pub(crate) enum DemoProjections {
+    Postgres(Vec<Arc<dyn Projection<PgTx>>>),
+    Sqlite(Vec<Arc<dyn Projection<SqliteTx>>>),
+}
+
+pub(crate) fn projections(db: &Database, worker: &str) -> DemoProjections {
+    match db {
+        Database::Postgres(_) => DemoProjections::Postgres(
+            PROJECTIONS
+                .iter()
+                .map(|name| Arc::new(PgAudit { name, worker: worker.to_owned() }) as _)
+                .collect(),
+        ),
+        Database::Sqlite(_) => DemoProjections::Sqlite(
+            PROJECTIONS
+                .iter()
+                .map(|name| Arc::new(SqliteAudit { name, worker: worker.to_owned() }) as _)
+                .collect(),
+        ),
+    }
+}
+
+/// What `demo append` was asked to do.
+pub(crate) struct AppendPlan {
+    pub(crate) events: u64,
+    pub(crate) aggregates: u64,
+    pub(crate) rate: Option<u64>,
+    pub(crate) concurrency: u64,
+    pub(crate) hold_open_ms: u64,
+}
+
+/// SplitMix64, to spread hold times without a dependency.
+fn next_random(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn demo_event(seq: u64, kind: usize, salt: u64) -> NewEvent {
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&salt.to_be_bytes());
+    id[8..].copy_from_slice(&seq.to_be_bytes());
+    id[6] = (id[6] & 0x0f) | 0x40;
+    id[8] = (id[8] & 0x3f) | 0x80;
+    NewEvent {
+        event_id: EventId(id),
+        event_type: EVENT_TYPES[kind % EVENT_TYPES.len()].to_owned(),
+        event_version: 1,
+        payload: format!("{{\"seq\":{seq}}}").into_bytes(),
+        metadata: "{\"source\":\"orchestrator demo\"}".to_owned(),
+        tracing: Tracing::default(),
+    }
+}
+
+/// Appends exactly `plan.events` events, one per append, aggregates taken round-robin by each of
+/// `plan.concurrency` appenders (aggregate `i` belongs to appender `i % concurrency`, so versions
+/// stay in order). Returns how many were appended.
+pub(crate) async fn append(db: &Database, plan: &AppendPlan) -> Result<u64> {
+    if plan.hold_open_ms > 0 && matches!(db, Database::Sqlite(_)) {
+        bail!(
+            "--hold-open needs PostgreSQL: an open SQLite write transaction blocks every other writer"
+        );
+    }
+    let salt =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64;
+    let mut tasks = Vec::new();
+    for appender in 0..plan.concurrency {
+        let share =
+            plan.events / plan.concurrency + u64::from(appender < plan.events % plan.concurrency);
+        let aggregates: Vec<u64> =
+            (0..plan.aggregates).filter(|a| a % plan.concurrency == appender).collect();
+        if share == 0 {
+            continue;
+        }
+        let aggregates = if aggregates.is_empty() { vec![appender] } else { aggregates };
+        let interval =
+            plan.rate.map(|r| Duration::from_secs_f64(plan.concurrency as f64 / r.max(1) as f64));
+        let db = match db {
+            Database::Postgres(s) => Database::Postgres(s.clone()),
+            Database::Sqlite(s) => Database::Sqlite(s.clone()),
+        };
+        let hold = plan.hold_open_ms;
+        tasks.push(tokio::spawn(async move {
+            let mut random = salt ^ appender;
+            for i in 0..share {
+                let aggregate = aggregates[(i as usize) % aggregates.len()];
+                let stream = StreamId::new("demo", "Account", format!("account-{aggregate}"));
+                let event = demo_event(appender << 40 | i, i as usize, salt);
+                match &db {
+                    Database::Postgres(store) if hold > 0 => {
+                        append_held(store, &stream, event, next_random(&mut random) % (hold + 1))
+                            .await?
+                    }
+                    Database::Postgres(store) => append_one(store, &stream, event).await?,
+                    Database::Sqlite(store) => append_one(store, &stream, event).await?,
+                }
+                if let Some(interval) = interval {
+                    tokio::time::sleep(interval).await;
+                }
+            }
+            anyhow::Ok(share)
+        }));
+    }
+    let mut appended = 0;
+    for task in tasks {
+        appended += task.await??;
+    }
+    Ok(appended)
+}
+
+async fn append_one(store: &impl EventStore, stream: &StreamId, event: NewEvent) -> Result<()> {
+    // Transient failures (a busy SQLite file, a restarting server) are retried: the demo must
+    // append exactly the number of events asked for.
+    let mut attempt = 0;
+    loop {
+        match store.append(stream, ExpectedVersion::Any, vec![event.clone()]).await {
+            Ok(_) => return Ok(()),
+            Err(err) if err.is_retryable() && attempt < 20 => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+            }
+            Err(orchestrator_core::ports::StoreError::DuplicateEvent { .. }) if attempt > 0 => {
+                return Ok(());
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+}
+
+async fn append_held(
+    store: &PgStore,
+    stream: &StreamId,
+    event: NewEvent,
+    hold_ms: u64,
+) -> Result<()> {
+    let (tx, _) = store.append_uncommitted(stream, ExpectedVersion::Any, &[event]).await?;
+    tokio::time::sleep(Duration::from_millis(hold_ms)).await;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Per projection: rows, rows applied exactly once, distinct workers.
+type ProjectionCount = (String, i64, i64, i64);
+
+/// Projection, aggregate, version, and the version handled just before it in that aggregate.
+type HandledVersion = (String, String, i64, Option<i64>);
+
+/// What `demo verify` found.
+pub(crate) struct Verdict {
+    appended: i64,
+    per_projection: Vec<ProjectionCount>,
+    out_of_order: Vec<String>,
+}
+
+impl Verdict {
+    pub(crate) fn passed(&self) -> bool {
+        self.out_of_order.is_empty()
+            && self.per_projection.len() == PROJECTIONS.len()
+            && self
+                .per_projection
+                .iter()
+                .all(|(_, rows, once, _)| *rows == self.appended && *once == self.appended)
+    }
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "events appended: {}", self.appended)?;
+        for (projection, rows, once, workers) in &self.per_projection {
+            writeln!(f, "{projection}: {rows} applied, {once} exactly once, by {workers} workers")?;
+        }
+        for problem in &self.out_of_order {
+            writeln!(f, "out of order: {problem}")?;
+        }
+        write!(
+            f,
+            "verdict: {}",
+            if self.passed() {
+                "PASS - every event took effect exactly once, in per-aggregate order"
+            } else {
+                "FAIL"
+            }
+        )
+    }
+}
+
+/// Compares demo_audit with the events table: each event applied exactly once per projection,
+/// and within each aggregate, handling order (`handled_seq`) follows the versions.
+pub(crate) async fn verify(
+    db: &Database,
+    prefix: &orchestrator_core::TablePrefix,
+) -> Result<Verdict> {
+    let count_events = format!("SELECT count(*) FROM {prefix}events");
+    const PER_PROJECTION: &str = "SELECT projection, count(*), sum(CASE WHEN times = 1 THEN 1 ELSE 0 END), \
+         count(DISTINCT worker_id) FROM demo_audit GROUP BY projection ORDER BY projection";
+    const ORDER: &str = "SELECT projection, aggregate_id, aggregate_version, \
+         LAG(aggregate_version) OVER (PARTITION BY projection, aggregate_id ORDER BY handled_seq) AS previous \
+         FROM demo_audit";
+    let (appended, per_projection, versions): (i64, Vec<ProjectionCount>, Vec<HandledVersion>) =
+        match db {
+            Database::Postgres(store) => (
+                sqlx::query_scalar(&count_events).fetch_one(store.pool()).await?,
+                sqlx::query_as(PER_PROJECTION).fetch_all(store.pool()).await?,
+                sqlx::query_as(ORDER).fetch_all(store.pool()).await?,
+            ),
+            Database::Sqlite(store) => (
+                sqlx::query_scalar(&count_events).fetch_one(store.pool()).await?,
+                sqlx::query_as(PER_PROJECTION).fetch_all(store.pool()).await?,
+                sqlx::query_as(ORDER).fetch_all(store.pool()).await?,
+            ),
+        };
+    let out_of_order = versions
+        .into_iter()
+        .filter(|(_, _, version, previous)| *version != previous.unwrap_or(0) + 1)
+        .map(|(projection, aggregate, version, previous)| {
+            format!(
+                "{projection} {aggregate}: version {version} handled after {}",
+                previous.unwrap_or(0)
+            )
+        })
+        .take(20)
+        .collect();
+    Ok(Verdict { appended, per_projection, out_of_order })
+}

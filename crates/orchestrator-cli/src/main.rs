@@ -1,0 +1,310 @@
+//! `orchestrator`: set up the schema, append demo events, run demo workers (SPEC §7).
+//!
+//! Bad input (flags, URLs, settings, an unreachable database) ends with one line on stderr and a
+//! non-zero exit code, never a panic.
+
+mod db;
+mod demo;
+mod status;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use orchestrator_core::{ReplicaSetName, SlotCount, TablePrefix, WorkerId};
+use orchestrator_runtime::{Orchestrator, Settings, parse_duration, parse_strategy};
+
+use crate::db::{DEFAULT_URL, Database};
+use crate::demo::DemoProjections;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "orchestrator",
+    version,
+    about = "Scale event-sourcing projections across worker processes"
+)]
+struct Cli {
+    /// Database URL: postgres://..., postgresql://... or sqlite:FILE (default: sqlite:orchestrator.db).
+    #[arg(long, env = "DATABASE_URL", global = true)]
+    database_url: Option<String>,
+    /// Prefix of the orchestrator's tables.
+    #[arg(long, env = "TABLE_PREFIX", global = true, default_value = "orch_")]
+    table_prefix: String,
+    /// Slot count of the event store (a power of two; fixed when the store is first migrated).
+    #[arg(long, env = "SLOTS", global = true, default_value_t = 256)]
+    slots: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create or upgrade every table; safe to run any number of times, concurrently.
+    Migrate,
+    /// The demo: append events, run workers of the demo_audit projections.
+    #[command(subcommand)]
+    Demo(DemoCommand),
+    /// The current generation and each worker's partition, slots and heartbeat age.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    /// Replica set to show.
+    #[arg(long, env = "REPLICA_SET", default_value = "main-projections")]
+    replica_set: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum DemoCommand {
+    /// Append exactly N demo events over M aggregates, versions in order.
+    Append(AppendArgs),
+    /// Run one worker of the demo projections until SIGTERM or SIGINT, then leave gracefully.
+    Worker(WorkerArgs),
+    /// Check demo_audit: every appended event applied exactly once per projection, each
+    /// aggregate's events in version order. Exits 1 on any violation.
+    Verify,
+}
+
+#[derive(Debug, Args)]
+struct AppendArgs {
+    /// Number of events to append.
+    #[arg(long)]
+    events: u64,
+    /// Number of aggregates the events are spread over.
+    #[arg(long, default_value_t = 10)]
+    aggregates: u64,
+    /// Events per second, over all appenders (default: as fast as possible).
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Concurrent appenders.
+    #[arg(long, default_value_t = 1)]
+    concurrency: u64,
+    /// Keep each append transaction open for a random time up to this many milliseconds before
+    /// committing, so later events commit first (PostgreSQL only).
+    #[arg(long, default_value_t = 0)]
+    hold_open: u64,
+}
+
+#[derive(Debug, Args)]
+struct WorkerArgs {
+    /// Replica set to join.
+    #[arg(long, env = "REPLICA_SET", default_value = "main-projections")]
+    replica_set: String,
+    /// This worker's id (default: host name and process id).
+    #[arg(long, env = "WORKER_ID")]
+    worker_id: Option<String>,
+    /// Heartbeat interval, like 5s or 500ms.
+    #[arg(long, env = "HEARTBEAT_INTERVAL", allow_hyphen_values = true)]
+    heartbeat_interval: Option<String>,
+    /// A worker silent for longer is stale and its slots move.
+    #[arg(long, env = "STALE_WORKER_TIMEOUT", allow_hyphen_values = true)]
+    stale_worker_timeout: Option<String>,
+    /// Bound on every coordination wait.
+    #[arg(long, env = "COORDINATION_TIMEOUT", allow_hyphen_values = true)]
+    coordination_timeout: Option<String>,
+    /// How long an idle worker waits before looking for new events again.
+    #[arg(long, env = "POLL_INTERVAL", allow_hyphen_values = true)]
+    poll_interval: Option<String>,
+    /// Joins within this window of each other make one generation.
+    #[arg(long, env = "REGISTRATION_WAIT", allow_hyphen_values = true)]
+    registration_wait: Option<String>,
+    /// Events per batch.
+    #[arg(long, env = "BATCH_SIZE")]
+    batch_size: Option<usize>,
+    /// recreate or incremental.
+    #[arg(long, env = "STRATEGY")]
+    strategy: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) if !err.use_stderr() => {
+            // --help and --version.
+            let _ = err.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(err) => {
+            // clap spreads its message over several lines; keep what it says, on one line.
+            let text = err.to_string();
+            let said: Vec<&str> = text
+                .lines()
+                .take_while(|line| !line.starts_with("Usage:"))
+                .map(str::trim)
+                .filter(|line| !line.is_empty() && !line.starts_with("tip:"))
+                .collect();
+            eprintln!("{} (see --help)", said.join(" "));
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {}", one_line(&err));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line.
+fn one_line(err: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in err.chain() {
+        let text = cause.to_string().replace('\n', " ");
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ")
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let url = cli.database_url.clone().unwrap_or_else(|| DEFAULT_URL.to_owned());
+    db::kind_of(&url)?;
+    let prefix = TablePrefix::new(cli.table_prefix.clone())
+        .map_err(|e| anyhow::anyhow!("invalid --table-prefix: {e}"))?;
+    let slots = SlotCount::new(cli.slots).map_err(|e| anyhow::anyhow!("invalid --slots: {e}"))?;
+    match cli.command {
+        Command::Migrate => {
+            let db = db::open(&url, &prefix, slots).await?;
+            demo::create_audit_table(&db).await?;
+            println!("schema ready (table prefix \"{prefix}\", {slots} slots)");
+            Ok(())
+        }
+        Command::Demo(DemoCommand::Append(args)) => {
+            if args.events == 0 || args.aggregates == 0 || args.concurrency == 0 {
+                anyhow::bail!("--events, --aggregates and --concurrency must be at least 1");
+            }
+            if args.rate == Some(0) {
+                anyhow::bail!("--rate must be at least 1 event per second");
+            }
+            let db = db::open(&url, &prefix, slots).await?;
+            let plan = demo::AppendPlan {
+                events: args.events,
+                aggregates: args.aggregates,
+                rate: args.rate,
+                concurrency: args.concurrency,
+                hold_open_ms: args.hold_open,
+            };
+            let appended = demo::append(&db, &plan).await?;
+            println!("appended {appended} events over {} aggregates", args.aggregates);
+            Ok(())
+        }
+        Command::Status(args) => {
+            let replica_set = ReplicaSetName::new(args.replica_set.clone())
+                .map_err(|e| anyhow::anyhow!("invalid --replica-set: {e}"))?;
+            let db = db::open(&url, &prefix, slots).await?;
+            status::print(&db, &replica_set, args.json).await
+        }
+        Command::Demo(DemoCommand::Verify) => {
+            let db = db::open(&url, &prefix, slots).await?;
+            demo::create_audit_table(&db).await?;
+            let report = demo::verify(&db, &prefix).await?;
+            println!("{report}");
+            if !report.passed() {
+                anyhow::bail!("demo_audit check failed");
+            }
+            Ok(())
+        }
+        Command::Demo(DemoCommand::Worker(args)) => {
+            let settings = worker_settings(&args, prefix.clone(), slots)?;
+            let db = db::open(&url, &prefix, slots).await?;
+            demo::create_audit_table(&db).await?;
+            run_worker(db, settings).await
+        }
+    }
+}
+
+fn worker_settings(args: &WorkerArgs, prefix: TablePrefix, slots: SlotCount) -> Result<Settings> {
+    let replica_set = ReplicaSetName::new(args.replica_set.clone())
+        .map_err(|e| anyhow::anyhow!("invalid --replica-set: {e}"))?;
+    let mut settings = Settings::new(replica_set);
+    if let Some(id) = &args.worker_id {
+        settings.worker_id =
+            WorkerId::new(id.clone()).map_err(|e| anyhow::anyhow!("invalid --worker-id: {e}"))?;
+    }
+    let duration = |flag: &str, value: &Option<String>| -> Result<Option<Duration>> {
+        value
+            .as_deref()
+            .map(|v| parse_duration(v).map_err(|rule| anyhow::anyhow!("invalid --{flag}: {rule}")))
+            .transpose()
+    };
+    if let Some(d) = duration("heartbeat-interval", &args.heartbeat_interval)? {
+        settings.timing.heartbeat_interval = d;
+    }
+    if let Some(d) = duration("stale-worker-timeout", &args.stale_worker_timeout)? {
+        settings.timing.stale_worker_timeout = d;
+    }
+    if let Some(d) = duration("coordination-timeout", &args.coordination_timeout)? {
+        settings.timing.coordination_timeout = d;
+    }
+    if let Some(d) = duration("poll-interval", &args.poll_interval)? {
+        settings.idle_poll = d;
+    }
+    if let Some(d) = duration("registration-wait", &args.registration_wait)? {
+        settings.timing.registration_wait = d;
+    }
+    if let Some(batch) = args.batch_size {
+        settings.batch_size = batch;
+    }
+    if let Some(strategy) = &args.strategy {
+        settings.strategy = parse_strategy(strategy)
+            .map_err(|rule| anyhow::anyhow!("invalid --strategy: {rule}"))?;
+    }
+    settings.table_prefix = prefix;
+    settings.slots = slots;
+    settings.validate()?;
+    Ok(settings)
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let mut terminate =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+async fn run_worker(db: Database, settings: Settings) -> Result<()> {
+    let worker = settings.worker_id.to_string();
+    match (demo::projections(&db, &worker), db) {
+        (DemoProjections::Postgres(projections), Database::Postgres(store)) => {
+            let feed = store.change_feed().await.context("cannot listen for notifications")?;
+            Orchestrator::new(store, settings)?
+                .with_change_feed(feed)
+                .run(shutdown_signal(), projections)
+                .await?;
+        }
+        (DemoProjections::Sqlite(projections), Database::Sqlite(store)) => {
+            Orchestrator::new(store, settings)?.run(shutdown_signal(), projections).await?;
+        }
+        _ => unreachable!("projections are built for the store they run on"),
+    }
+    Ok(())
+}

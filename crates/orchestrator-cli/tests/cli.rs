@@ -1,0 +1,124 @@
+//! The `orchestrator` command refuses bad input with one line on stderr and a non-zero exit.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("orch-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn orchestrator(dir: &PathBuf, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("DATABASE_URL")
+        .env_remove("REPLICA_SET")
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap()
+}
+
+/// Exits with `code` and exactly one line on stderr containing `needle`.
+fn refuses(output: &Output, code: i32, needle: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(code), "stderr: {stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line, got: {stderr}");
+    assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn unknown_flags_and_commands() {
+    let dir = temp_dir("flags");
+    refuses(&orchestrator(&dir, &["migrate", "--frobnicate"]), 2, "--frobnicate");
+    refuses(&orchestrator(&dir, &["teleport"]), 2, "teleport");
+    refuses(&orchestrator(&dir, &["demo", "append"]), 2, "--events");
+}
+
+#[test]
+fn malformed_and_unreachable_databases() {
+    let dir = temp_dir("urls");
+    refuses(
+        &orchestrator(&dir, &["--database-url", "mysql://localhost/db", "migrate"]),
+        1,
+        "unknown database URL scheme \"mysql\"",
+    );
+    refuses(
+        &orchestrator(&dir, &["--database-url", "postgres://user@host:notaport/db", "migrate"]),
+        1,
+        "cannot connect to PostgreSQL",
+    );
+    refuses(
+        &orchestrator(
+            &dir,
+            &["--database-url", "postgres://postgres@127.0.0.1:1/postgres", "migrate"],
+        ),
+        1,
+        "cannot connect to PostgreSQL",
+    );
+    refuses(
+        &orchestrator(&dir, &["--database-url", "sqlite:/nonexistent-dir/x/o.db", "migrate"]),
+        1,
+        "cannot open the SQLite database",
+    );
+}
+
+#[test]
+fn bad_settings_name_the_setting() {
+    let dir = temp_dir("settings");
+    let worker = |extra: &[&str]| {
+        let mut args = vec!["demo", "worker"];
+        args.extend_from_slice(extra);
+        orchestrator(&dir, &args)
+    };
+    refuses(&worker(&["--replica-set", "main projections"]), 1, "invalid --replica-set");
+    refuses(&worker(&["--heartbeat-interval", "0s"]), 1, "invalid --heartbeat-interval");
+    refuses(&worker(&["--heartbeat-interval", "-5s"]), 1, "invalid --heartbeat-interval");
+    refuses(&worker(&["--stale-worker-timeout", "5s"]), 1, "invalid stale_worker_timeout");
+    refuses(&worker(&["--batch-size", "0"]), 1, "invalid batch_size");
+    refuses(&worker(&["--strategy", "yolo"]), 1, "invalid --strategy");
+    refuses(&orchestrator(&dir, &["--slots", "100", "migrate"]), 1, "invalid --slots");
+    refuses(
+        &orchestrator(&dir, &["--table-prefix", "x; drop", "migrate"]),
+        1,
+        "invalid --table-prefix",
+    );
+    refuses(&orchestrator(&dir, &["demo", "append", "--events", "0"]), 1, "at least 1");
+}
+
+#[test]
+fn a_different_slot_count_than_the_store_is_refused() {
+    let dir = temp_dir("slots");
+    let migrated = orchestrator(&dir, &["migrate"]);
+    assert!(migrated.status.success(), "{}", String::from_utf8_lossy(&migrated.stderr));
+    refuses(&orchestrator(&dir, &["--slots", "128", "demo", "worker"]), 1, "256 slots");
+}
+
+#[test]
+fn hold_open_needs_postgres() {
+    let dir = temp_dir("hold");
+    refuses(
+        &orchestrator(&dir, &["demo", "append", "--events", "5", "--hold-open", "50"]),
+        1,
+        "--hold-open needs PostgreSQL",
+    );
+}
+
+#[test]
+fn migrate_and_append_on_the_embedded_default() {
+    let dir = temp_dir("default");
+    for _ in 0..2 {
+        let out = orchestrator(&dir, &["migrate"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let out = orchestrator(
+        &dir,
+        &["demo", "append", "--events", "25", "--aggregates", "4", "--concurrency", "2"],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "appended 25 events over 4 aggregates");
+    assert!(dir.join("orchestrator.db").exists());
+}
