@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use orchestrator_core::ports::{
     Appended, CheckpointStore, CoordinationStore, EventStore, Fence, HeartbeatAck, ReadRequest,
-    StoreError, StoreResult,
+    StoreError, StoreResult, check_append,
 };
 use orchestrator_core::{
     Clock, Epoch, Event, EventId, ExpectedVersion, Generation, GenerationPlan, Incarnation, Lease,
@@ -129,18 +129,9 @@ impl EventStore for MemoryStore {
         let now = self.clock.now();
         let mut state = self.lock();
         let current = state.stream_versions.get(stream).copied().unwrap_or(0);
-        if !expected.allows(current) {
-            return Err(StoreError::VersionConflict {
-                stream: stream.clone(),
-                expected,
-                actual: current,
-            });
-        }
-        let mut batch_ids = BTreeSet::new();
-        for event in &events {
-            if state.event_ids.contains(&event.event_id) || !batch_ids.insert(event.event_id) {
-                return Err(StoreError::DuplicateEvent { event_id: event.event_id });
-            }
+        check_append(stream, expected, current, &events)?;
+        if let Some(stored) = events.iter().find(|e| state.event_ids.contains(&e.event_id)) {
+            return Err(StoreError::DuplicateEvent { event_id: stored.event_id });
         }
         let slot = self.slot_count.slot_of(&stream.aggregate_id);
         let first_global = state.events.len() as u64 + 1;

@@ -3,7 +3,9 @@
 use std::fmt::Write as _;
 
 use async_trait::async_trait;
-use orchestrator_core::ports::{Appended, EventStore, ReadRequest, StoreError, StoreResult};
+use orchestrator_core::ports::{
+    Appended, EventStore, ReadRequest, StoreError, StoreResult, check_append,
+};
 use orchestrator_core::{
     Event, EventId, ExpectedVersion, NewEvent, Position, Slot, SlotCount, StreamId, Timestamp,
     Tracing, fnv1a_32,
@@ -105,17 +107,7 @@ impl PgStore {
         .await
         .map_err(err)?;
         let current = current as u64;
-        if !expected.allows(current) {
-            return Err(StoreError::VersionConflict {
-                stream: stream.clone(),
-                expected,
-                actual: current,
-            });
-        }
-        let mut seen = std::collections::BTreeSet::new();
-        if let Some(dup) = events.iter().find(|e| !seen.insert(e.event_id)) {
-            return Err(StoreError::DuplicateEvent { event_id: dup.event_id });
-        }
+        check_append(stream, expected, current, events)?;
         if events.is_empty() {
             return Ok((tx, Appended { first_global: 1, last_global: 0, version: current }));
         }

@@ -3,7 +3,9 @@
 use std::fmt::Write as _;
 
 use async_trait::async_trait;
-use orchestrator_core::ports::{Appended, EventStore, ReadRequest, StoreError, StoreResult};
+use orchestrator_core::ports::{
+    Appended, EventStore, ReadRequest, StoreError, StoreResult, check_append,
+};
 use orchestrator_core::{
     Event, EventId, ExpectedVersion, NewEvent, Position, Slot, SlotCount, StreamId, Timestamp,
     Tracing, fnv1a_32,
@@ -27,10 +29,6 @@ impl EventStore for SqliteStore {
         events: Vec<NewEvent>,
     ) -> StoreResult<Appended> {
         let err = |e| classify("append", e);
-        let mut seen = std::collections::BTreeSet::new();
-        if let Some(dup) = events.iter().find(|e| !seen.insert(e.event_id)) {
-            return Err(StoreError::DuplicateEvent { event_id: dup.event_id });
-        }
         let mut tx = self.begin_write("append").await?;
         let version_sql = format!(
             "SELECT COALESCE(MAX(aggregate_version), 0) FROM {} \
@@ -45,13 +43,7 @@ impl EventStore for SqliteStore {
             .await
             .map_err(err)?;
         let current = current as u64;
-        if !expected.allows(current) {
-            return Err(StoreError::VersionConflict {
-                stream: stream.clone(),
-                expected,
-                actual: current,
-            });
-        }
+        check_append(stream, expected, current, &events)?;
         if events.is_empty() {
             return Ok(Appended { first_global: 1, last_global: 0, version: current });
         }

@@ -57,7 +57,7 @@ impl SqliteStore {
     /// Opens a store on a migrated database (see [`migrate`]).
     pub async fn open(pool: SqlitePool, prefix: TablePrefix) -> StoreResult<Self> {
         let mut conn = pool.acquire().await.map_err(|e| classify("open the database", e))?;
-        let slot_count = migrate::stored_slot_count(&mut conn, prefix.as_str()).await?;
+        let slot_count = migrate::stored_slot_count(&mut conn, prefix.as_str(), None).await?;
         drop(conn);
         let p = prefix.as_str();
         let tables = Tables {

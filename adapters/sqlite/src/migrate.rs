@@ -46,39 +46,20 @@ pub async fn migrate(
         .execute(&mut *tx)
         .await
         .map_err(err)?;
-    let stored = stored_slot_count(&mut tx, prefix.as_str()).await?;
-    if stored != slot_count {
-        return Err(StoreError::Misconfigured {
-            message: format!(
-                "the event store under prefix {prefix:?} buckets events into {stored} slots; \
-                 the configuration says {slot_count}"
-            ),
-            source: None,
-        });
-    }
+    stored_slot_count(&mut tx, prefix.as_str(), Some(slot_count)).await?;
     tx.commit().await.map_err(err)
 }
 
-/// Reads the event store's slot count recorded by [`migrate`].
+/// Reads the event store's slot count recorded by [`migrate`], refusing a different `configured`.
 pub(crate) async fn stored_slot_count(
     conn: &mut sqlx::SqliteConnection,
     prefix: &str,
+    configured: Option<SlotCount>,
 ) -> StoreResult<SlotCount> {
     let sql = format!("SELECT value FROM {prefix}meta WHERE key = 'slot_count'");
     let value: Option<String> = sqlx::query_scalar(&sql)
         .fetch_optional(conn)
         .await
         .map_err(|e| classify("read the event store's slot count", e))?;
-    let value = value.ok_or_else(|| StoreError::Misconfigured {
-        message: format!(
-            "no orchestrator schema under prefix {prefix:?}: run `orchestrator migrate`"
-        ),
-        source: None,
-    })?;
-    value.parse::<u64>().ok().and_then(|n| SlotCount::new(n).ok()).ok_or_else(|| {
-        StoreError::Misconfigured {
-            message: format!("corrupt slot count {value:?} in {prefix}meta"),
-            source: None,
-        }
-    })
+    StoreError::check_stored_slot_count(prefix, value, configured)
 }

@@ -132,6 +132,43 @@ impl StoreError {
         StoreError::Unavailable { message: message.into(), source: Some(source.into()) }
     }
 
+    /// The orchestrator's tables are missing under `prefix`.
+    pub fn missing_schema(prefix: &str) -> Self {
+        StoreError::Misconfigured {
+            message: format!(
+                "no orchestrator schema under prefix {prefix:?}: run `orchestrator migrate`"
+            ),
+            source: None,
+        }
+    }
+
+    /// The event store's slot count, stored as `value` under `prefix`, is unreadable or differs
+    /// from `configured` (when given).
+    pub fn check_stored_slot_count(
+        prefix: &str,
+        value: Option<String>,
+        configured: Option<SlotCount>,
+    ) -> StoreResult<SlotCount> {
+        let value = value.ok_or_else(|| Self::missing_schema(prefix))?;
+        let stored =
+            value.parse::<u64>().ok().and_then(|n| SlotCount::new(n).ok()).ok_or_else(|| {
+                StoreError::Misconfigured {
+                    message: format!("corrupt slot count {value:?} in {prefix}meta"),
+                    source: None,
+                }
+            })?;
+        match configured {
+            Some(configured) if configured != stored => Err(StoreError::Misconfigured {
+                message: format!(
+                    "the event store under prefix {prefix:?} buckets events into {stored} slots; \
+                     the configuration says {configured}"
+                ),
+                source: None,
+            }),
+            _ => Ok(stored),
+        }
+    }
+
     /// An unclassified failure with a message.
     pub fn other(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
         StoreError::Other { message: message.into(), source: Some(source.into()) }

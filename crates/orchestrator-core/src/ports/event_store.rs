@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 
 use crate::event::{Event, ExpectedVersion, NewEvent, Position, Scope, StreamId};
-use crate::ports::error::StoreResult;
+use crate::ports::error::{StoreError, StoreResult};
 use crate::slot::{Slot, SlotCount};
 
 /// What an append wrote.
@@ -47,6 +47,29 @@ impl ReadRequest {
     pub fn uniform_cursor(&self) -> Option<Position> {
         let first = self.cursors.first()?.1;
         self.cursors.iter().all(|(_, c)| *c == first).then_some(first)
+    }
+}
+
+/// The checks every append makes before writing, shared by the adapters: the stream's `current`
+/// version satisfies `expected` (else `VersionConflict`), and no event id appears twice in the batch
+/// (else `DuplicateEvent`). Ids already stored are the adapter's to check.
+pub fn check_append(
+    stream: &StreamId,
+    expected: ExpectedVersion,
+    current: u64,
+    events: &[NewEvent],
+) -> StoreResult<()> {
+    if !expected.allows(current) {
+        return Err(StoreError::VersionConflict {
+            stream: stream.clone(),
+            expected,
+            actual: current,
+        });
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    match events.iter().find(|e| !seen.insert(e.event_id)) {
+        Some(duplicate) => Err(StoreError::DuplicateEvent { event_id: duplicate.event_id }),
+        None => Ok(()),
     }
 }
 
