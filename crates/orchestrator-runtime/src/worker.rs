@@ -272,12 +272,10 @@ impl<S: Store> Driver<S> {
                         info!(
                             generation = plan.generation.0,
                             total_partitions = plan.members.len(),
-                            "Generation created: generation={} total_partitions={}",
-                            plan.generation,
-                            plan.members.len()
+                            "Generation created:"
                         );
                         for evicted in &plan.evict {
-                            warn!(worker_id = %evicted, "Stale worker cleaned: worker_id={evicted}");
+                            warn!(worker_id = %evicted, "Stale worker cleaned:");
                         }
                     }
                     Err(err) if err.is_conflict() => {
@@ -373,26 +371,23 @@ impl<S: Store> Driver<S> {
             }
             Notice::GenerationPlanned { .. } => {}
             Notice::CoordinationStarted { generation } => {
-                info!(generation = generation.0, "Coordination started: generation={generation}")
+                info!(generation = generation.0, "Coordination started:")
             }
             Notice::AllCoordinated { generation, duration } => {
-                info!(generation = generation.0, duration = ?duration, "All workers coordinated: generation={generation} duration={:.1}s", duration.as_secs_f64());
+                info!(generation = generation.0, duration = %format!("{:.1}s", duration.as_secs_f64()), "All workers coordinated:");
             }
             Notice::CoordinationTimeout { generation } => {
-                warn!(generation = generation.0, "Coordination timeout: generation={generation}");
+                warn!(generation = generation.0, "Coordination timeout:");
             }
             Notice::Processing { generation, partition: Some(p), slots } => {
                 if !self.announced {
                     self.announced = true;
-                    info!(worker_id = %me, partition = %p, "Worker registered: worker_id={me} partition={p}");
+                    info!(worker_id = %me, partition = %p, "Worker registered:");
                 }
                 log_processing(*generation, *p, *slots);
             }
             Notice::Processing { generation, partition: None, slots } => {
-                info!(
-                    generation = generation.0,
-                    slots, "Worker processing: generation={generation} (not a member yet)"
-                );
+                info!(generation = generation.0, slots, "Worker processing (not a member yet):");
             }
             Notice::OwnershipLost { slot } => {
                 warn!(slot = slot.0, partition = ?partition(snapshot).map(|p| p.to_string()), "Partition assignment mismatch: slot {slot} now belongs to another worker");
@@ -409,5 +404,5 @@ impl<S: Store> Driver<S> {
 }
 
 fn log_processing(generation: Generation, partition: Partition, slots: usize) {
-    info!(generation = generation.0, partition = %partition, slots, "Worker processing: generation={generation} partition={partition}");
+    info!(generation = generation.0, partition = %partition, slots, "Worker processing:");
 }
