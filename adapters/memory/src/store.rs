@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use orchestrator_core::ports::{
-    Appended, CheckpointStore, CoordinationStore, EventStore, Fence, HeartbeatAck, ReadRequest,
-    StoreError, StoreResult, check_append,
+    Appended, Backlog, CheckpointStore, CoordinationStore, EventStore, Fence, HeartbeatAck,
+    ReadRequest, StoreError, StoreResult, check_append,
 };
 use orchestrator_core::{
     Clock, Epoch, Event, EventId, ExpectedVersion, Generation, GenerationPlan, Incarnation, Lease,
@@ -184,6 +184,26 @@ impl EventStore for MemoryStore {
             }
         }
         Ok(out)
+    }
+
+    async fn backlog(&self, request: &ReadRequest) -> StoreResult<Backlog> {
+        let now = self.clock.now();
+        let state = self.lock();
+        let mut backlog = Backlog::default();
+        let mut oldest: Option<Timestamp> = None;
+        for (slot, after) in &request.cursors {
+            let Some(list) = state.events_by_slot.get(slot) else { continue };
+            let start = list.partition_point(|&i| state.events[i].position <= *after);
+            for &index in &list[start..] {
+                let event = &state.events[index];
+                if request.scope.includes(&event.stream) {
+                    backlog.events += 1;
+                    oldest = Some(oldest.map_or(event.created_at, |o| o.min(event.created_at)));
+                }
+            }
+        }
+        backlog.oldest_age = oldest.map(|created| now.saturating_since(created));
+        Ok(backlog)
     }
 }
 
@@ -419,6 +439,17 @@ impl MemoryTx {
         let state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         state.tables.get(table).and_then(|rows| rows.get(key).cloned())
     }
+
+    /// Applies the writes to the committed state (the caller holds its lock).
+    fn apply_to(self, state: &mut State) {
+        for (table, key, value) in self.writes {
+            let rows = state.tables.entry(table).or_default();
+            match value {
+                Some(value) => rows.insert(key, value),
+                None => rows.remove(&key),
+            };
+        }
+    }
 }
 
 #[async_trait]
@@ -478,13 +509,35 @@ impl CheckpointStore for MemoryStore {
                 .checkpoints
                 .insert((fence.replica_set.clone(), projection.to_owned(), *slot), *position);
         }
-        for (table, key, value) in tx.writes {
-            let rows = state.tables.entry(table).or_default();
-            match value {
-                Some(value) => rows.insert(key, value),
-                None => rows.remove(&key),
-            };
+        tx.apply_to(&mut state);
+        Ok(())
+    }
+
+    async fn projections(&self, replica_set: &ReplicaSetName) -> StoreResult<Vec<String>> {
+        let state = self.lock();
+        let names: BTreeSet<&String> = state
+            .checkpoints
+            .keys()
+            .filter(|(rs, _, _)| rs == replica_set)
+            .map(|(_, projection, _)| projection)
+            .collect();
+        Ok(names.into_iter().cloned().collect())
+    }
+
+    async fn reset(
+        &self,
+        tx: MemoryTx,
+        replica_set: &ReplicaSetName,
+        projection: &str,
+    ) -> StoreResult<()> {
+        let mut state = self.lock();
+        state.checkpoints.retain(|(rs, p, _), _| !(rs == replica_set && p == projection));
+        if let Some(set) = state.replica_sets.get_mut(replica_set) {
+            for record in &mut set.slots {
+                record.epoch = record.epoch.next();
+            }
         }
+        tx.apply_to(&mut state);
         Ok(())
     }
 }

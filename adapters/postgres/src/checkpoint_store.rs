@@ -133,6 +133,54 @@ impl CheckpointStore for PgStore {
         }
         tx.commit().await.map_err(err)
     }
+
+    async fn projections(&self, replica_set: &ReplicaSetName) -> StoreResult<Vec<String>> {
+        sqlx::query_scalar(&format!(
+            "SELECT projection FROM {} WHERE replica_set = $1 \
+             UNION SELECT projection FROM {} WHERE replica_set = $1 ORDER BY 1",
+            self.tables.checkpoints, self.tables.progress
+        ))
+        .bind(replica_set.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| classify("list projections", e))
+    }
+
+    async fn reset(
+        &self,
+        mut tx: PgTx,
+        replica_set: &ReplicaSetName,
+        projection: &str,
+    ) -> StoreResult<()> {
+        let err = |e| classify("reset a projection", e);
+        // The lock every commit takes FOR SHARE: commits in flight finish first, later ones see
+        // the new epochs and are fenced.
+        sqlx::query(&format!(
+            "SELECT 1 FROM {} WHERE name = $1 FOR UPDATE",
+            self.tables.replica_sets
+        ))
+        .bind(replica_set.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        for table in [&self.tables.checkpoints, &self.tables.progress] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE replica_set = $1 AND projection = $2"))
+                .bind(replica_set.as_str())
+                .bind(projection)
+                .execute(&mut *tx)
+                .await
+                .map_err(err)?;
+        }
+        sqlx::query(&format!(
+            "UPDATE {} SET epoch = epoch + 1 WHERE replica_set = $1",
+            self.tables.slots
+        ))
+        .bind(replica_set.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        tx.commit().await.map_err(err)
+    }
 }
 
 fn position(commit: i64, global: i64) -> Position {

@@ -1,10 +1,11 @@
 //! The event store port on PostgreSQL.
 
 use std::fmt::Write as _;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use orchestrator_core::ports::{
-    Appended, EventStore, ReadRequest, StoreError, StoreResult, check_append,
+    Appended, Backlog, EventStore, ReadRequest, StoreError, StoreResult, check_append,
 };
 use orchestrator_core::{
     Event, EventId, ExpectedVersion, NewEvent, Position, Slot, SlotCount, StreamId, Timestamp,
@@ -69,6 +70,47 @@ impl EventStore for PgStore {
         }
         let rows = query.fetch_all(&self.pool).await.map_err(|e| classify("read events", e))?;
         rows.iter().map(event_from_row).collect()
+    }
+
+    async fn backlog(&self, request: &ReadRequest) -> StoreResult<Backlog> {
+        if request.cursors.is_empty() {
+            return Ok(Backlog::default());
+        }
+        // Every committed event counts, also those above the read horizon: they are lag too.
+        let sql = format!(
+            "SELECT count(*), EXTRACT(EPOCH FROM clock_timestamp() - min(e.created_at))::float8 \
+             FROM unnest($4::int[], $5::bigint[], $6::bigint[]) AS c(slot, commit_position, global_position) \
+             JOIN {events} AS e ON e.slot = c.slot \
+              AND (e.transaction_id, e.global_position) > (c.commit_position::text::xid8, c.global_position) \
+             WHERE true {SCOPE}",
+            events = self.tables.events
+        );
+        let (slots, (commits, globals)): (Vec<i32>, (Vec<i64>, Vec<i64>)) = request
+            .cursors
+            .iter()
+            .map(|(slot, p)| (slot.0 as i32, (p.commit as i64, p.global as i64)))
+            .unzip();
+        let err = |e| classify("count the backlog", e);
+        let row = sqlx::query(&sql)
+            .bind(0_i64)
+            .bind(&request.scope.aggregate_types)
+            .bind(&request.scope.bounded_contexts)
+            .bind(&slots)
+            .bind(&commits)
+            .bind(&globals)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(err)?;
+        let events: i64 = row.try_get(0).map_err(err)?;
+        let age: Option<f64> = row.try_get(1).map_err(err)?;
+        Ok(Backlog {
+            events: events.max(0) as u64,
+            oldest_age: age.map(|seconds| Duration::from_secs_f64(seconds.max(0.0))),
+        })
+    }
+
+    async fn read_horizon_stall(&self) -> StoreResult<Option<Duration>> {
+        self.horizon_stall().await.map(Some)
     }
 }
 

@@ -130,4 +130,38 @@ impl CheckpointStore for SqliteStore {
         }
         tx.commit().await.map_err(err)
     }
+    async fn projections(&self, replica_set: &ReplicaSetName) -> StoreResult<Vec<String>> {
+        let sql = format!(
+            "SELECT DISTINCT projection FROM {} WHERE replica_set = ? ORDER BY projection",
+            self.tables.checkpoints
+        );
+        sqlx::query_scalar(&sql)
+            .bind(replica_set.as_str())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| classify("list projections", e))
+    }
+
+    async fn reset(
+        &self,
+        mut tx: SqliteTx,
+        replica_set: &ReplicaSetName,
+        projection: &str,
+    ) -> StoreResult<()> {
+        let err = |e| classify("reset a projection", e);
+        let delete = format!(
+            "DELETE FROM {} WHERE replica_set = ? AND projection = ?",
+            self.tables.checkpoints
+        );
+        sqlx::query(&delete)
+            .bind(replica_set.as_str())
+            .bind(projection)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+        let fence =
+            format!("UPDATE {} SET epoch = epoch + 1 WHERE replica_set = ?", self.tables.slots);
+        sqlx::query(&fence).bind(replica_set.as_str()).execute(&mut *tx).await.map_err(err)?;
+        tx.commit().await.map_err(err)
+    }
 }

@@ -1,10 +1,11 @@
 //! The event store port on SQLite.
 
 use std::fmt::Write as _;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use orchestrator_core::ports::{
-    Appended, EventStore, ReadRequest, StoreError, StoreResult, check_append,
+    Appended, Backlog, EventStore, ReadRequest, StoreError, StoreResult, check_append,
 };
 use orchestrator_core::{
     Event, EventId, ExpectedVersion, NewEvent, Position, Slot, SlotCount, StreamId, Timestamp,
@@ -106,6 +107,39 @@ impl EventStore for SqliteStore {
         query = query.bind(request.limit as i64);
         let rows = query.fetch_all(&self.pool).await.map_err(|e| classify("read events", e))?;
         rows.iter().map(event_from_row).collect()
+    }
+
+    async fn backlog(&self, request: &ReadRequest) -> StoreResult<Backlog> {
+        if request.cursors.is_empty() {
+            return Ok(Backlog::default());
+        }
+        let cursors: Vec<String> =
+            request.cursors.iter().map(|(slot, p)| format!("[{},{}]", slot.0, p.global)).collect();
+        let in_list = |column: &str, n: usize| {
+            if n == 0 {
+                String::new()
+            } else {
+                format!(" AND e.{column} IN ({})", vec!["?"; n].join(", "))
+            }
+        };
+        let sql = format!(
+            "SELECT count(*), {NOW_MS} - min(e.created_at) FROM json_each(?) AS c              JOIN {events} AS e ON e.slot = json_extract(c.value, '$[0]')               AND e.global_position > json_extract(c.value, '$[1]'){types}{contexts}",
+            events = self.tables.events,
+            types = in_list("aggregate_type", request.scope.aggregate_types.len()),
+            contexts = in_list("bounded_context", request.scope.bounded_contexts.len()),
+        );
+        let mut query = sqlx::query(&sql).bind(format!("[{}]", cursors.join(",")));
+        for value in request.scope.aggregate_types.iter().chain(&request.scope.bounded_contexts) {
+            query = query.bind(value);
+        }
+        let row =
+            query.fetch_one(&self.pool).await.map_err(|e| classify("count the backlog", e))?;
+        let events: i64 = row.try_get(0).map_err(|e| classify("count the backlog", e))?;
+        let age: Option<i64> = row.try_get(1).map_err(|e| classify("count the backlog", e))?;
+        Ok(Backlog {
+            events: events.max(0) as u64,
+            oldest_age: age.map(|ms| Duration::from_millis(ms.max(0) as u64)),
+        })
     }
 }
 

@@ -146,3 +146,47 @@ pub async fn checkpoints_are_per_replica_set_and_projection<H: Harness>(h: &H) {
     // The replica set need not have a generation for its checkpoints to be read.
     store.register(&other_set, slots(), &w1).await.unwrap();
 }
+
+/// `projections` lists the projections with checkpoints; `reset` deletes one projection's
+/// checkpoints (also those several slots share), commits the caller's read-model writes, and fences
+/// every slot so that a worker still running commits nothing under its old epochs.
+pub async fn reset_rebuilds_one_projection_and_fences_running_owners<H: Harness>(h: &H) {
+    let store = h.store();
+    let rs = replica_set();
+    let w1 = worker("w1");
+    first_generation(store, &w1).await;
+    assert_eq!(store.projections(&rs).await.unwrap(), Vec::<String>::new());
+    // Two slots at one position (stores may keep that in one row), one slot on its own.
+    let tx = store.begin().await.unwrap();
+    store
+        .commit(tx, &fence(&w1, &[(0, 1), (1, 1)]), "orders", &at(&[(0, 9), (1, 9)]))
+        .await
+        .unwrap();
+    let tx = store.begin().await.unwrap();
+    store.commit(tx, &fence(&w1, &[(2, 1)]), "orders", &at(&[(2, 4)])).await.unwrap();
+    let tx = store.begin().await.unwrap();
+    store.commit(tx, &fence(&w1, &[(0, 1)]), "invoices", &at(&[(0, 6)])).await.unwrap();
+    assert_eq!(store.projections(&rs).await.unwrap(), vec!["invoices", "orders"]);
+
+    let mut tx = store.begin().await.unwrap();
+    h.put_row(&mut tx, "orders-read-model", "cleared").await;
+    store.reset(tx, &rs, "orders").await.unwrap();
+    assert_eq!(h.get_row("orders-read-model").await.as_deref(), Some("cleared"));
+    let all = [Slot(0), Slot(1), Slot(2)];
+    assert_eq!(store.load(&rs, "orders", &all).await.unwrap(), at(&[(0, 0), (1, 0), (2, 0)]));
+    assert_eq!(store.load(&rs, "invoices", &[Slot(0)]).await.unwrap(), at(&[(0, 6)]));
+    assert_eq!(store.projections(&rs).await.unwrap(), vec!["invoices"]);
+
+    // The worker that was running: fenced under its old epoch, fine under the new one.
+    let tx = store.begin().await.unwrap();
+    let err =
+        store.commit(tx, &fence(&w1, &[(0, 1)]), "orders", &at(&[(0, 12)])).await.unwrap_err();
+    assert!(matches!(err, StoreError::Fenced { .. }), "{err}");
+    let snapshot = store.snapshot(&rs).await.unwrap();
+    let epoch = snapshot.slots[0].epoch;
+    assert!(epoch > Epoch(1), "reset gives slots a new epoch, got {epoch}");
+    assert_eq!(snapshot.slots[0].owner.as_ref(), Some(&w1), "ownership stays");
+    let tx = store.begin().await.unwrap();
+    store.commit(tx, &fence(&w1, &[(0, epoch.0)]), "orders", &at(&[(0, 3)])).await.unwrap();
+    assert_eq!(store.load(&rs, "orders", &[Slot(0)]).await.unwrap(), at(&[(0, 3)]));
+}

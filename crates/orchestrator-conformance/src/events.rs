@@ -4,6 +4,7 @@ use orchestrator_core::ports::{EventStore, ReadRequest, StoreError};
 use orchestrator_core::{
     Event, EventId, ExpectedVersion, NewEvent, Position, Scope, Slot, StreamId, Tracing,
 };
+use std::time::Duration;
 
 use crate::Harness;
 
@@ -270,4 +271,50 @@ pub async fn read_keeps_version_order_per_stream<H: Harness>(h: &H) {
             .collect();
         assert_eq!(versions, vec![1, 2, 3, 4, 5]);
     }
+}
+
+/// `backlog` counts the events after each slot's cursor in scope and ages the oldest by the
+/// store's clock.
+pub async fn backlog_counts_events_after_the_cursors_in_scope<H: Harness>(h: &H) {
+    let store = h.store();
+    for i in 0..40 {
+        let id = format!("agg-{}", i % 10);
+        store.append(&order(&id), ExpectedVersion::Any, new_events(i, 1, "X")).await.unwrap();
+    }
+    let customer = StreamId::new("sales", "Customer", "agg-1");
+    store.append(&customer, ExpectedVersion::Any, new_events(100, 3, "Y")).await.unwrap();
+    let all = read_all(h).await;
+    let (a, b) = (all[0].slot, all.iter().map(|e| e.slot).find(|s| *s != all[0].slot).unwrap());
+    let cursor_a = all.iter().filter(|e| e.slot == a).nth(1).unwrap().position;
+    let scope = Scope { aggregate_types: vec!["Order".into()], bounded_contexts: vec![] };
+    let request = ReadRequest {
+        cursors: vec![(a, cursor_a), (b, Position::START)],
+        scope: scope.clone(),
+        limit: 1,
+    };
+    let expected = all
+        .iter()
+        .filter(|e| e.stream.aggregate_type == "Order")
+        .filter(|e| (e.slot == a && e.position > cursor_a) || e.slot == b)
+        .count() as u64;
+    assert!(expected > 1);
+    h.advance(Duration::from_millis(300)).await;
+    let backlog = store.backlog(&request).await.unwrap();
+    assert_eq!(backlog.events, expected, "limit does not cap the count");
+    let age = backlog.oldest_age.expect("an age when events are behind");
+    assert!(age >= Duration::from_millis(250) && age < Duration::from_secs(600), "{age:?}");
+
+    let everything =
+        ReadRequest { cursors: all_slots_from_start(store), scope: Scope::all(), limit: 1 };
+    assert_eq!(store.backlog(&everything).await.unwrap().events, 43);
+    let last = all.last().unwrap().position;
+    let caught_up = ReadRequest {
+        cursors: store.slot_count().all().map(|slot| (slot, last)).collect(),
+        scope: Scope::all(),
+        limit: 100,
+    };
+    let backlog = store.backlog(&caught_up).await.unwrap();
+    assert_eq!((backlog.events, backlog.oldest_age), (0, None));
+    let nothing = ReadRequest { cursors: vec![], scope, limit: 100 };
+    assert_eq!(store.backlog(&nothing).await.unwrap().events, 0);
 }

@@ -78,6 +78,7 @@ macro_rules! conformance_tests {
             events::read_filters_by_scope,
             events::read_pages_with_limit_in_position_order,
             events::read_keeps_version_order_per_stream,
+            events::backlog_counts_events_after_the_cursors_in_scope,
             coordination::register_creates_replica_set_and_checks_slot_count,
             coordination::register_again_fences_the_previous_incarnation,
             coordination::heartbeat_of_unknown_incarnation_is_refused,
@@ -99,6 +100,7 @@ macro_rules! conformance_tests {
             checkpoints::checkpoints_never_move_backwards,
             checkpoints::dropped_transaction_keeps_nothing,
             checkpoints::checkpoints_are_per_replica_set_and_projection,
+            checkpoints::reset_rebuilds_one_projection_and_fences_running_owners,
         );
     };
     (@cases $harness:ty; $($module:ident :: $case:ident),* $(,)?) => {

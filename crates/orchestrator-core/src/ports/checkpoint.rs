@@ -33,6 +33,11 @@ pub struct Fence {
 ///   included. Otherwise it advances each checkpoint and commits everything at once.
 /// - A checkpoint never moves backwards: `CheckpointRegression`, and nothing is kept.
 /// - Dropping a transaction without `commit` keeps nothing.
+/// - `projections` lists the projections of a replica set that have committed a checkpoint.
+/// - `reset` deletes every checkpoint of a projection in a replica set and gives every slot of the
+///   replica set a new epoch, in the given transaction (where the caller has cleared the read
+///   model), and commits it. A worker still running the projection is then fenced at its next
+///   commit, reloads its checkpoints and starts over from the first event.
 #[async_trait]
 pub trait CheckpointStore: Send + Sync {
     /// An open transaction; read-model writes go through it.
@@ -56,5 +61,17 @@ pub trait CheckpointStore: Send + Sync {
         fence: &Fence,
         projection: &str,
         checkpoints: &BTreeMap<Slot, Position>,
+    ) -> StoreResult<()>;
+
+    /// The projections with checkpoints in a replica set, by name.
+    async fn projections(&self, replica_set: &ReplicaSetName) -> StoreResult<Vec<String>>;
+
+    /// Rebuilds a projection from the start: deletes its checkpoints, fences every slot, commits
+    /// `tx`.
+    async fn reset(
+        &self,
+        tx: Self::Tx,
+        replica_set: &ReplicaSetName,
+        projection: &str,
     ) -> StoreResult<()>;
 }

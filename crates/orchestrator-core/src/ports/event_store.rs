@@ -1,5 +1,7 @@
 //! The event store port: append with optimistic concurrency, gap-safe read by slot.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 
 use crate::event::{Event, ExpectedVersion, NewEvent, Position, Scope, StreamId};
@@ -50,6 +52,16 @@ impl ReadRequest {
     }
 }
 
+/// How far some cursors are behind the events: what [`EventStore::backlog`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Backlog {
+    /// Committed events after the cursors, in scope (including any a gap-safe read does not
+    /// return yet because an older transaction is still open).
+    pub events: u64,
+    /// Age of the oldest of them by the store's clock; `None` when there are none.
+    pub oldest_age: Option<Duration>,
+}
+
 /// The checks every append makes before writing, shared by the adapters: the stream's `current`
 /// version satisfies `expected` (else `VersionConflict`), and no event id appears twice in the batch
 /// (else `DuplicateEvent`). Ids already stored are the adapter's to check.
@@ -91,6 +103,9 @@ pub fn check_append(
 ///   below `p` can become visible later. Every committed event is eventually returned.
 /// - Events of one stream are returned in version order.
 /// - So a reader may move all its cursors past a batch's last event ([`ReadRequest::advance_past`]).
+/// - `backlog` counts the committed events of the requested slots after their cursors and in
+///   scope (`limit` is ignored), and ages the oldest by the store's own clock, never the
+///   caller's.
 #[async_trait]
 pub trait EventStore: Send + Sync {
     /// The slot count events are bucketed by.
@@ -106,4 +121,13 @@ pub trait EventStore: Send + Sync {
 
     /// Reads the next events of some slots.
     async fn read(&self, request: &ReadRequest) -> StoreResult<Vec<Event>>;
+
+    /// How far the request's cursors are behind: the lag of whoever holds them.
+    async fn backlog(&self, request: &ReadRequest) -> StoreResult<Backlog>;
+
+    /// How long reads have been held back by an open writing transaction, where the store's
+    /// gap-safe read waits for them (PostgreSQL); `None` for stores that never wait.
+    async fn read_horizon_stall(&self) -> StoreResult<Option<Duration>> {
+        Ok(None)
+    }
 }
