@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use orchestrator_core::ports::{
-    Appended, CheckpointStore, CoordinationStore, EventStore, Fence, HeartbeatAck, ReadRequest,
-    StoreResult,
+    Appended, Backlog, CheckpointStore, CoordinationStore, EventStore, Fence, HeartbeatAck,
+    ReadRequest, StoreResult,
 };
 use orchestrator_core::{
     Epoch, Event, ExpectedVersion, Generation, GenerationPlan, Incarnation, NewEvent, Position,
@@ -58,6 +58,9 @@ impl<S: EventStore> EventStore for Pausable<S> {
     }
     async fn read(&self, request: &ReadRequest) -> StoreResult<Vec<Event>> {
         self.inner.read(request).await
+    }
+    async fn backlog(&self, request: &ReadRequest) -> StoreResult<Backlog> {
+        self.inner.backlog(request).await
     }
 }
 
@@ -153,5 +156,11 @@ impl<S: CheckpointStore> CheckpointStore for Pausable<S> {
             self.gate().await;
         }
         self.inner.commit(tx, fence, projection, checkpoints).await
+    }
+    async fn projections(&self, rs: &ReplicaSetName) -> StoreResult<Vec<String>> {
+        self.inner.projections(rs).await
+    }
+    async fn reset(&self, tx: S::Tx, rs: &ReplicaSetName, projection: &str) -> StoreResult<()> {
+        self.inner.reset(tx, rs, projection).await
     }
 }
