@@ -5,15 +5,17 @@
 
 mod db;
 mod demo;
+mod reset;
 mod status;
 
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use orchestrator_core::{ReplicaSetName, SlotCount, TablePrefix, WorkerId};
-use orchestrator_runtime::{Orchestrator, Settings, parse_duration, parse_strategy};
+use orchestrator_runtime::{Orchestrator, Settings, Telemetry, parse_duration, parse_strategy};
 
 use crate::db::{DEFAULT_URL, Database};
 use crate::demo::DemoProjections;
@@ -45,8 +47,31 @@ enum Command {
     /// The demo: append events, run workers of the demo_audit projections.
     #[command(subcommand)]
     Demo(DemoCommand),
-    /// The current generation and each worker's partition, slots and heartbeat age.
+    /// The current generation, each worker's partition, slots and heartbeat age, and each
+    /// projection's lag.
     Status(StatusArgs),
+    /// Manage projections.
+    #[command(subcommand)]
+    Projection(ProjectionCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ProjectionCommand {
+    /// Rebuild a projection from the first event: deletes its checkpoints (and, for the demo
+    /// projections, their demo_audit rows). Refuses while workers of the replica set run.
+    Reset(ResetArgs),
+}
+
+#[derive(Debug, Args)]
+struct ResetArgs {
+    /// The projection's name.
+    name: String,
+    /// Replica set the projection runs in.
+    #[arg(long, env = "REPLICA_SET", default_value = "main-projections")]
+    replica_set: String,
+    /// Reset even while workers run: their slots are fenced and they start the projection over.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Debug, Args)]
@@ -119,6 +144,9 @@ struct WorkerArgs {
     /// recreate or incremental.
     #[arg(long, env = "STRATEGY")]
     strategy: Option<String>,
+    /// Serve /metrics, /healthz and /readyz on this address, like 0.0.0.0:9090 (default: no server).
+    #[arg(long, env = "METRICS_ADDR")]
+    metrics_addr: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -224,11 +252,32 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Demo(DemoCommand::Worker(args)) => {
-            let settings = worker_settings(&args, prefix.clone(), slots)?;
+        Command::Projection(ProjectionCommand::Reset(args)) => {
+            let replica_set = ReplicaSetName::new(args.replica_set.clone())
+                .map_err(|e| anyhow::anyhow!("invalid --replica-set: {e}"))?;
+            if args.name.trim().is_empty() {
+                anyhow::bail!("the projection name is empty");
+            }
             let db = db::open(&url, &prefix, slots).await?;
             demo::create_audit_table(&db).await?;
-            run_worker(db, settings).await
+            reset::reset(&db, &replica_set, &args.name, args.force).await
+        }
+        Command::Demo(DemoCommand::Worker(args)) => {
+            let settings = worker_settings(&args, prefix.clone(), slots)?;
+            let metrics_addr = args.metrics_addr.as_deref().map(parse_listen_addr).transpose()?;
+            let db = db::open(&url, &prefix, slots).await?;
+            demo::create_audit_table(&db).await?;
+            let telemetry = Telemetry::new()?;
+            let _server = match metrics_addr {
+                Some(addr) => Some(
+                    telemetry
+                        .serve(addr)
+                        .await
+                        .with_context(|| format!("cannot serve metrics on {addr}"))?,
+                ),
+                None => None,
+            };
+            run_worker(db, settings, &telemetry).await
         }
     }
 }
@@ -275,6 +324,15 @@ fn worker_settings(args: &WorkerArgs, prefix: TablePrefix, slots: SlotCount) -> 
     Ok(settings)
 }
 
+/// A listening address: `host:port`, or `:port` for every interface.
+fn parse_listen_addr(addr: &str) -> Result<SocketAddr> {
+    use std::net::ToSocketAddrs as _;
+    let full = if addr.starts_with(':') { format!("0.0.0.0{addr}") } else { addr.to_owned() };
+    full.to_socket_addrs().ok().and_then(|mut addrs| addrs.next()).ok_or_else(|| {
+        anyhow::anyhow!("invalid --metrics-addr {addr:?}: expected host:port, like 0.0.0.0:9090")
+    })
+}
+
 /// Completes on SIGTERM or SIGINT.
 async fn shutdown_signal() {
     let mut terminate =
@@ -291,18 +349,22 @@ async fn shutdown_signal() {
     }
 }
 
-async fn run_worker(db: Database, settings: Settings) -> Result<()> {
+async fn run_worker(db: Database, settings: Settings, telemetry: &Telemetry) -> Result<()> {
     let worker = settings.worker_id.to_string();
     match (demo::projections(&db, &worker), db) {
         (DemoProjections::Postgres(projections), Database::Postgres(store)) => {
             let feed = store.change_feed().await.context("cannot listen for notifications")?;
             Orchestrator::new(store, settings)?
                 .with_change_feed(feed)
+                .with_telemetry(telemetry)
                 .run(shutdown_signal(), projections)
                 .await?;
         }
         (DemoProjections::Sqlite(projections), Database::Sqlite(store)) => {
-            Orchestrator::new(store, settings)?.run(shutdown_signal(), projections).await?;
+            Orchestrator::new(store, settings)?
+                .with_telemetry(telemetry)
+                .run(shutdown_signal(), projections)
+                .await?;
         }
         _ => unreachable!("projections are built for the store they run on"),
     }

@@ -3,15 +3,54 @@
 use std::fmt::Write as _;
 
 use anyhow::Result;
-use orchestrator_core::ports::{CoordinationStore, StoreError};
-use orchestrator_core::{Partition, ReplicaSetName, Snapshot};
+use orchestrator_core::ports::{
+    CheckpointStore, CoordinationStore, EventStore, ReadRequest, StoreError,
+};
+use orchestrator_core::{Partition, ReplicaSetName, Scope, Slot, Snapshot};
 
 use crate::db::Database;
 
+/// How far one projection is behind, over every slot of the replica set.
+struct ProjectionLag {
+    name: String,
+    events: u64,
+    seconds: f64,
+}
+
+/// The lag of every projection with checkpoints in the replica set: events after each slot's
+/// checkpoint (every event counts: the command does not know the projections' scopes) and the age
+/// of the oldest, by the database clock.
+async fn lags<S: EventStore + CheckpointStore>(
+    store: &S,
+    replica_set: &ReplicaSetName,
+) -> Result<Vec<ProjectionLag>, StoreError> {
+    let slots: Vec<Slot> = store.slot_count().all().collect();
+    let mut lags = Vec::new();
+    for name in store.projections(replica_set).await? {
+        let checkpoints = store.load(replica_set, &name, &slots).await?;
+        let request = ReadRequest {
+            cursors: checkpoints.into_iter().collect(),
+            scope: Scope::all(),
+            limit: 0,
+        };
+        let backlog = store.backlog(&request).await?;
+        lags.push(ProjectionLag {
+            name,
+            events: backlog.events,
+            seconds: backlog.oldest_age.map_or(0.0, |age| age.as_secs_f64()),
+        });
+    }
+    Ok(lags)
+}
+
 pub(crate) async fn print(db: &Database, replica_set: &ReplicaSetName, json: bool) -> Result<()> {
-    let snapshot = match db {
-        Database::Postgres(store) => store.snapshot(replica_set).await,
-        Database::Sqlite(store) => store.snapshot(replica_set).await,
+    let (snapshot, lags) = match db {
+        Database::Postgres(store) => {
+            (store.snapshot(replica_set).await, lags(store, replica_set).await?)
+        }
+        Database::Sqlite(store) => {
+            (store.snapshot(replica_set).await, lags(store, replica_set).await?)
+        }
     };
     let snapshot = match snapshot {
         Ok(snapshot) => snapshot,
@@ -22,7 +61,10 @@ pub(crate) async fn print(db: &Database, replica_set: &ReplicaSetName, json: boo
         }
         Err(err) => return Err(err.into()),
     };
-    println!("{}", if json { render_json(&snapshot) } else { render_table(&snapshot) });
+    println!(
+        "{}",
+        if json { render_json(&snapshot, &lags) } else { render_table(&snapshot, &lags) }
+    );
     Ok(())
 }
 
@@ -53,7 +95,7 @@ fn state(row: &Row) -> &'static str {
     if row.member { "member" } else { "joining" }
 }
 
-fn render_table(snapshot: &Snapshot) -> String {
+fn render_table(snapshot: &Snapshot, lags: &[ProjectionLag]) -> String {
     let mut out = String::new();
     let unowned = snapshot.slots.iter().filter(|s| s.owner.is_none()).count();
     let moving = snapshot.slots.iter().filter(|s| s.next_owner.is_some()).count();
@@ -84,6 +126,12 @@ fn render_table(snapshot: &Snapshot) -> String {
             row.heartbeat_age_ms
         );
     }
+    if !lags.is_empty() {
+        let _ = writeln!(out, "\n{:<32} {:>12} {:>12}", "PROJECTION", "LAG EVENTS", "LAG SECONDS");
+        for lag in lags {
+            let _ = writeln!(out, "{:<32} {:>12} {:>12.1}", lag.name, lag.events, lag.seconds);
+        }
+    }
     out.trim_end().to_owned()
 }
 
@@ -104,8 +152,7 @@ fn json_string(text: &str) -> String {
 }
 
 /// The stable JSON form (SPEC §7). `strategy` is null: it is each worker's setting, not stored.
-/// `projections` is empty until lag is reported (it is not yet).
-fn render_json(snapshot: &Snapshot) -> String {
+fn render_json(snapshot: &Snapshot, lags: &[ProjectionLag]) -> String {
     let workers: Vec<String> = rows(snapshot)
         .iter()
         .map(|row| {
@@ -120,11 +167,23 @@ fn render_json(snapshot: &Snapshot) -> String {
             )
         })
         .collect();
+    let projections: Vec<String> = lags
+        .iter()
+        .map(|lag| {
+            format!(
+                "{{\"name\":{},\"lag_events\":{},\"lag_seconds\":{:.3}}}",
+                json_string(&lag.name),
+                lag.events,
+                lag.seconds
+            )
+        })
+        .collect();
     format!(
-        "[{{\"replica_set\":{},\"generation\":{},\"strategy\":null,\"slots\":{},\"workers\":[{}],\"projections\":[]}}]",
+        "[{{\"replica_set\":{},\"generation\":{},\"strategy\":null,\"slots\":{},\"workers\":[{}],\"projections\":[{}]}}]",
         json_string(snapshot.replica_set.as_str()),
         snapshot.generation,
         snapshot.slot_count,
-        workers.join(",")
+        workers.join(","),
+        projections.join(",")
     )
 }

@@ -20,9 +20,12 @@
 
 mod clock;
 mod error;
+mod health;
+mod metrics;
 mod processor;
 mod projection;
 mod settings;
+mod telemetry;
 mod worker;
 
 use orchestrator_core::ports::{CheckpointStore, CoordinationStore, EventStore};
@@ -31,6 +34,7 @@ pub use clock::SystemClock;
 pub use error::RunError;
 pub use projection::{HandlerError, Projection};
 pub use settings::{InvalidSetting, RetryPolicy, Settings, parse_duration, parse_strategy};
+pub use telemetry::{Server, Telemetry, TelemetryError};
 pub use worker::Orchestrator;
 
 /// A store the runtime can run on: every port, cheap to clone (a pool handle).

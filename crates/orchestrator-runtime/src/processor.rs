@@ -16,6 +16,7 @@ use tracing::{debug, error, warn};
 
 use crate::Store;
 use crate::error::RunError;
+use crate::metrics::Metrics;
 use crate::projection::Projection;
 use crate::settings::RetryPolicy;
 
@@ -46,6 +47,9 @@ pub(crate) struct Processor<S: Store> {
     pub(crate) idle_poll: Duration,
     pub(crate) retry: RetryPolicy,
     pub(crate) wake: Arc<Notify>,
+    pub(crate) metrics: Arc<Metrics>,
+    /// How often the lag of the owned slots is measured.
+    pub(crate) lag_interval: Duration,
 }
 
 /// A slot being processed: its epoch, and per projection the position read up to.
@@ -68,19 +72,26 @@ impl<S: Store> Processor<S> {
     ) {
         let mut owned: BTreeMap<Slot, OwnedSlot> = BTreeMap::new();
         let mut failed = false;
+        let mut lag_measured: Option<Instant> = None;
         loop {
+            if lag_measured.is_none_or(|at| at.elapsed() >= self.lag_interval) {
+                self.measure_lag(&owned).await;
+                lag_measured = Some(Instant::now());
+            }
             // Apply orders between batches.
             while let Ok(order) = control.try_recv() {
                 self.apply(order, &mut owned, &reports).await;
             }
             if owned.is_empty() || failed {
-                match control.recv().await {
-                    Some(order) => {
-                        self.apply(order, &mut owned, &reports).await;
-                        continue;
-                    }
-                    None => return,
+                tokio::select! {
+                    order = control.recv() => match order {
+                        Some(order) => self.apply(order, &mut owned, &reports).await,
+                        None => return,
+                    },
+                    // Keeps the lag (and horizon) figures fresh while nothing is owned.
+                    () = tokio::time::sleep(self.lag_interval) => {}
                 }
+                continue;
             }
             let mut progressed = false;
             for index in 0..self.projections.len() {
@@ -139,6 +150,28 @@ impl<S: Store> Processor<S> {
                 owned.remove(&slot);
                 let _ = reports.send(Report::Stopped(slot));
             }
+        }
+    }
+
+    /// Records each projection's lag over the owned slots, and the read horizon's stall. Failures
+    /// only leave the previous figures in place: lag is a measurement, not a reason to stop.
+    async fn measure_lag(&self, owned: &BTreeMap<Slot, OwnedSlot>) {
+        for (index, projection) in self.projections.iter().enumerate() {
+            let request = ReadRequest {
+                cursors: owned.iter().map(|(slot, o)| (*slot, o.cursors[index])).collect(),
+                scope: projection.scope(),
+                limit: 0,
+            };
+            match self.store.backlog(&request).await {
+                Ok(backlog) => {
+                    self.metrics.lag(projection.name(), backlog.events, backlog.oldest_age)
+                }
+                Err(err) => debug!(%err, projection = projection.name(), "Measuring lag failed"),
+            }
+        }
+        match self.store.read_horizon_stall().await {
+            Ok(stall) => self.metrics.horizon_stall(stall.unwrap_or_default()),
+            Err(err) => debug!(%err, "Measuring the read horizon failed"),
         }
     }
 
@@ -216,6 +249,7 @@ impl<S: Store> Processor<S> {
                 Ok(()) => {}
                 Err(failure) => {
                     drop(tx);
+                    self.metrics.handler_failed(projection.name());
                     let event = &events[failure.index.unwrap_or(0).min(events.len() - 1)];
                     warn!(
                         projection = projection.name(),
@@ -242,14 +276,18 @@ impl<S: Store> Processor<S> {
             }
             return match self.store.commit(tx, &fence, projection.name(), &checkpoints).await {
                 Ok(()) => {
-                    debug!(projection = projection.name(), events = events.len(), elapsed = ?started.elapsed(), "Batch committed");
+                    let took = started.elapsed();
+                    self.metrics.batch_committed(projection.name(), events.len(), took);
+                    debug!(projection = projection.name(), events = events.len(), elapsed = ?took, "Batch committed");
                     Ok(BatchOutcome::Committed)
                 }
                 Err(StoreError::Fenced { slot, .. }) => {
+                    self.metrics.commit_fenced(projection.name());
                     warn!(projection = projection.name(), %slot, "Commit fenced: the slot has a new owner");
                     Ok(BatchOutcome::Lost(slot))
                 }
                 Err(StoreError::CheckpointRegression { slot, .. }) => {
+                    self.metrics.commit_fenced(projection.name());
                     // Someone else processed this slot further: it is no longer ours to process.
                     warn!(projection = projection.name(), %slot, "Commit refused: the slot's checkpoint is ahead of this worker");
                     Ok(BatchOutcome::Lost(slot))

@@ -15,9 +15,12 @@ use tracing::{info, warn};
 use crate::Store;
 use crate::clock::SystemClock;
 use crate::error::RunError;
+use crate::health::WorkerHealth;
+use crate::metrics::{Metrics, WorkerState};
 use crate::processor::{Control, Processor, Report};
 use crate::projection::Projection;
 use crate::settings::Settings;
+use crate::telemetry::Telemetry;
 
 /// One worker of a replica set: build it with [`Orchestrator::new`], then [`Orchestrator::run`].
 pub struct Orchestrator<S: Store> {
@@ -25,6 +28,7 @@ pub struct Orchestrator<S: Store> {
     settings: Settings,
     wake: Arc<Notify>,
     changes: Option<Box<dyn ChangeFeed>>,
+    telemetry: Option<Telemetry>,
 }
 
 impl<S: Store> std::fmt::Debug for Orchestrator<S> {
@@ -48,7 +52,7 @@ impl<S: Store> Orchestrator<S> {
                 ),
             }));
         }
-        Ok(Self { store, settings, wake: Arc::new(Notify::new()), changes: None })
+        Ok(Self { store, settings, wake: Arc::new(Notify::new()), changes: None, telemetry: None })
     }
 
     /// The settings in force.
@@ -65,6 +69,15 @@ impl<S: Store> Orchestrator<S> {
         self
     }
 
+    /// Records this worker's metrics and health in `telemetry` (serve it with
+    /// [`Telemetry::serve`]); several workers of one process may share one. Without it, metrics go
+    /// to the global opentelemetry meter provider (a no-op unless the application installed one).
+    #[must_use]
+    pub fn with_telemetry(mut self, telemetry: &Telemetry) -> Self {
+        self.telemetry = Some(telemetry.clone());
+        self
+    }
+
     /// Joins the replica set and processes `projections` until `shutdown` completes, then leaves
     /// gracefully: the batch in flight finishes, the worker deregisters and its slots are handed to
     /// the others at once.
@@ -78,6 +91,18 @@ impl<S: Store> Orchestrator<S> {
     ) -> Result<(), RunError> {
         let settings = self.settings.clone();
         let clock = SystemClock::new();
+        let rs = settings.replica_set.as_str();
+        let (metrics, health) = match &self.telemetry {
+            Some(telemetry) => {
+                (Metrics::new(telemetry.meter(), &settings.replica_set), telemetry.health().add(rs))
+            }
+            None => (
+                Metrics::new(&opentelemetry::global::meter("orchestrator"), &settings.replica_set),
+                WorkerHealth::detached(rs),
+            ),
+        };
+        let metrics = Arc::new(metrics);
+        metrics.zero(&projections.iter().map(|p| p.name()).collect::<Vec<_>>());
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let (report_tx, mut report_rx) = mpsc::unbounded_channel();
         let processor = Processor {
@@ -89,6 +114,8 @@ impl<S: Store> Orchestrator<S> {
             idle_poll: settings.idle_poll,
             retry: settings.retry,
             wake: self.wake.clone(),
+            metrics: metrics.clone(),
+            lag_interval: settings.timing.heartbeat_interval,
         };
         // Aborted if this future is dropped (a crash): no processing may outlive its worker.
         let mut processing = AbortOnDrop(tokio::spawn(processor.run(control_rx, report_tx)));
@@ -107,6 +134,8 @@ impl<S: Store> Orchestrator<S> {
             outcome: Ok(()),
             announced: false,
             leave_deadline: None,
+            metrics: metrics.clone(),
+            health: health.clone(),
         };
         let coordination_changed = Arc::new(Notify::new());
         let _listening = self.changes.map(|feed| {
@@ -159,6 +188,8 @@ impl<S: Store> Orchestrator<S> {
         }
         drop(driver.control);
         let _ = (&mut processing.0).await;
+        metrics.state(WorkerState::Stopped);
+        health.stopped();
         driver.outcome
     }
 }
@@ -202,12 +233,16 @@ struct Driver<S: Store> {
     outcome: Result<(), RunError>,
     announced: bool,
     leave_deadline: Option<Timestamp>,
+    metrics: Arc<Metrics>,
+    health: Arc<WorkerHealth>,
 }
 
 impl<S: Store> Driver<S> {
     async fn begin_leaving(&mut self, now: Timestamp) {
         info!(worker_id = %self.settings.worker_id, "Worker leaving: finishing the batch in flight, then deregistering");
         self.leave_deadline = Some(now + self.settings.timing.coordination_timeout);
+        self.metrics.state(WorkerState::Leaving);
+        self.health.set_ready(false);
         self.feed(now, Input::Shutdown).await;
     }
 
@@ -249,7 +284,12 @@ impl<S: Store> Driver<S> {
                 let started = std::time::Instant::now();
                 match self.store.heartbeat(rs, me, incarnation, timing.stale_worker_timeout).await {
                     Ok(_) => {
-                        tracing::debug!(latency = ?started.elapsed(), "Heartbeat sent");
+                        let latency = started.elapsed();
+                        tracing::debug!(?latency, "Heartbeat sent");
+                        self.metrics.heartbeat(latency);
+                        if self.leave_deadline.is_none() {
+                            self.health.set_ready(true);
+                        }
                         Some(Input::HeartbeatAcked)
                     }
                     Err(StoreError::NotRegistered { .. }) => Some(Input::NotRegistered),
@@ -260,7 +300,15 @@ impl<S: Store> Driver<S> {
                 }
             }
             Command::Observe => match self.store.snapshot(rs).await {
-                Ok(snapshot) => Some(Input::Observed(snapshot)),
+                Ok(snapshot) => {
+                    let live = snapshot
+                        .workers
+                        .iter()
+                        .filter(|w| w.heartbeat_age <= timing.stale_worker_timeout)
+                        .count();
+                    self.metrics.observed(snapshot.generation.0, snapshot.members.len(), live);
+                    Some(Input::Observed(snapshot))
+                }
                 Err(err) => {
                     warn!(%err, "Reading the coordination state failed; retrying");
                     None
@@ -269,6 +317,7 @@ impl<S: Store> Driver<S> {
             Command::CreateGeneration(plan) => {
                 match self.store.create_generation(rs, &plan).await {
                     Ok(()) => {
+                        self.metrics.generation_created(plan.evict.len());
                         info!(
                             generation = plan.generation.0,
                             total_partitions = plan.members.len(),
@@ -365,21 +414,26 @@ impl<S: Store> Driver<S> {
             Notice::Registered { incarnation } => {
                 info!(worker_id = %me, incarnation = incarnation.0, "Worker joined replica set {}", self.settings.replica_set);
                 self.announced = false;
+                self.metrics.registered();
             }
             Notice::BecameLeader => {
                 info!(worker_id = %me, "Worker became the coordinator (leader lease taken)")
             }
             Notice::GenerationPlanned { .. } => {}
             Notice::CoordinationStarted { generation } => {
+                self.metrics.coordination_started(generation.0);
                 info!(generation = generation.0, "Coordination started:")
             }
             Notice::AllCoordinated { generation, duration } => {
+                self.metrics.coordinated(*duration);
                 info!(generation = generation.0, duration = %format!("{:.1}s", duration.as_secs_f64()), "All workers coordinated:");
             }
             Notice::CoordinationTimeout { generation } => {
+                self.metrics.coordination_timed_out();
                 warn!(generation = generation.0, "Coordination timeout:");
             }
             Notice::Processing { generation, partition: Some(p), slots } => {
+                self.metrics.processing(generation.0, Some(p.count), *slots);
                 if !self.announced {
                     self.announced = true;
                     info!(worker_id = %me, partition = %p, "Worker registered:");
@@ -387,12 +441,14 @@ impl<S: Store> Driver<S> {
                 log_processing(*generation, *p, *slots);
             }
             Notice::Processing { generation, partition: None, slots } => {
+                self.metrics.processing(generation.0, None, *slots);
                 info!(generation = generation.0, slots, "Worker processing (not a member yet):");
             }
             Notice::OwnershipLost { slot } => {
                 warn!(slot = slot.0, partition = ?partition(snapshot).map(|p| p.to_string()), "Partition assignment mismatch: slot {slot} now belongs to another worker");
             }
             Notice::ContactLost => {
+                self.health.set_ready(false);
                 warn!("No heartbeat acknowledged within stale_worker_timeout: pausing processing")
             }
             Notice::Superseded => {
