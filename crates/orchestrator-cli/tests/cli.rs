@@ -122,3 +122,64 @@ fn migrate_and_append_on_the_embedded_default() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "appended 25 events over 4 aggregates");
     assert!(dir.join("orchestrator.db").exists());
 }
+
+#[test]
+fn bad_metrics_addresses() {
+    let dir = temp_dir("metrics-addr");
+    refuses(
+        &orchestrator(&dir, &["demo", "worker", "--metrics-addr", "nine-thousand"]),
+        1,
+        "invalid --metrics-addr \"nine-thousand\"",
+    );
+    // A port already taken: the worker says so and exits instead of running without metrics.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    refuses(
+        &orchestrator(&dir, &["demo", "worker", "--metrics-addr", &addr]),
+        1,
+        &format!("cannot serve metrics on {addr}"),
+    );
+}
+
+#[test]
+fn projection_reset_refuses_while_workers_run_and_resets_when_stopped() {
+    let dir = temp_dir("reset");
+    refuses(&orchestrator(&dir, &["projection", "reset"]), 2, "<NAME>");
+    refuses(&orchestrator(&dir, &["projection", "reset", " "]), 1, "projection name is empty");
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+        .args(["demo", "worker", "--worker-id", "w1", "--heartbeat-interval", "200ms"])
+        .args(["--stale-worker-timeout", "2s"])
+        .current_dir(&dir)
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "off")
+        .spawn()
+        .unwrap();
+    let appended = orchestrator(&dir, &["demo", "append", "--events", "20"]);
+    assert!(appended.status.success(), "{appended:?}");
+    // Wait for the worker to register and process.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let status = orchestrator(&dir, &["status", "--json"]);
+        let out = String::from_utf8_lossy(&status.stdout).to_string();
+        if out.contains("\"name\":\"demo_audit\",\"lag_events\":0") && out.contains("\"id\":\"w1\"")
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "worker never caught up: {out}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    refuses(
+        &orchestrator(&dir, &["projection", "reset", "demo_audit"]),
+        1,
+        "running worker(s) (w1)",
+    );
+    // SIGTERM: the worker leaves gracefully, so the reset may go ahead at once.
+    let _ = Command::new("kill").args(["-TERM", &worker.id().to_string()]).status();
+    assert!(worker.wait().unwrap().success());
+    let reset = orchestrator(&dir, &["projection", "reset", "demo_audit"]);
+    assert!(reset.status.success(), "{reset:?}");
+    let status = orchestrator(&dir, &["status", "--json"]);
+    let out = String::from_utf8_lossy(&status.stdout);
+    assert!(out.contains("\"name\":\"demo_audit_batch\",\"lag_events\":0"), "{out}");
+    assert!(!out.contains("\"name\":\"demo_audit\","), "demo_audit has no checkpoints left: {out}");
+}

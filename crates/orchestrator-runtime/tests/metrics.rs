@@ -401,8 +401,10 @@ async fn coordination_timeouts_are_counted() {
     let store = store();
     let a = start(&store, "worker-a", Counting::new(Duration::ZERO, 0)).await;
     // worker-a leads (it heartbeat first); the ghost joins its replica set.
-    a.wait_for("pupsourcing_orchestrator_owned_slots", &[("replica_set", RS)], |v| v == SLOTS as f64)
-        .await;
+    a.wait_for("pupsourcing_orchestrator_owned_slots", &[("replica_set", RS)], |v| {
+        v == SLOTS as f64
+    })
+    .await;
     let rs = ReplicaSetName::new(RS).unwrap();
     let ghost = WorkerId::new("ghost").unwrap();
     let incarnation = store.register(&rs, SlotCount::new(SLOTS).unwrap(), &ghost).await.unwrap();
