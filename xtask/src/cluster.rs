@@ -1,0 +1,206 @@
+//! `cargo xtask cluster up|scale N|status|down`: a local cluster of `orchestrator demo worker`
+//! processes that outlives the command, against SQLite (default) or PostgreSQL.
+//!
+//! State lives in `target/cluster/`: `cluster.env` (the database URL), one `worker-N.pid` and
+//! `worker-N.log` per worker. Worker N serves metrics on 127.0.0.1:(9100 + N).
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::procs::{Procs, build_orchestrator};
+
+const USAGE: &str = "usage: cargo xtask cluster up [--workers N] [--database-url URL] [--events E] \
+                     | scale N | status | down";
+const METRICS_BASE_PORT: u16 = 9100;
+
+pub(crate) fn cluster(args: &[String]) -> Result<()> {
+    match args.first().map(String::as_str) {
+        Some("up") => up(&args[1..]),
+        Some("scale") => {
+            let n = args.get(1).and_then(|n| n.parse().ok()).context(USAGE)?;
+            let procs = load()?;
+            scale(&procs, n)?;
+            status(&procs)
+        }
+        Some("status") => status(&load()?),
+        Some("down") => down(&load()?),
+        _ => bail!(USAGE),
+    }
+}
+
+fn up(args: &[String]) -> Result<()> {
+    let mut workers = 2;
+    let mut database_url = None;
+    let mut events = 1000;
+    let mut rest = args.iter();
+    while let Some(flag) = rest.next() {
+        let value = rest.next().with_context(|| format!("{flag} needs a value; {USAGE}"))?;
+        match flag.as_str() {
+            "--workers" => workers = value.parse().context("--workers takes a number")?,
+            "--events" => events = value.parse().context("--events takes a number")?,
+            "--database-url" => database_url = Some(value.clone()),
+            other => bail!("unknown flag {other}; {USAGE}"),
+        }
+    }
+    if let Ok(existing) = load()
+        && !running(&existing).is_empty()
+    {
+        bail!("a cluster is already up (see `cargo xtask cluster status`); `down` it first");
+    }
+    build_orchestrator()?;
+    let mut procs = Procs::new("cluster")?;
+    procs.database_url = database_url;
+    std::fs::write(procs.dir.join("cluster.env"), procs.database_url.clone().unwrap_or_default())?;
+    procs.orchestrator(&["migrate"])?;
+    if events > 0 {
+        let events = events.to_string();
+        println!("{}", procs.orchestrator(&["demo", "append", "--events", &events])?);
+    }
+    scale(&procs, workers)?;
+    status(&procs)
+}
+
+/// The cluster `up` created.
+fn load() -> Result<Procs> {
+    let mut procs = Procs::existing("cluster");
+    let url = std::fs::read_to_string(procs.dir.join("cluster.env"))
+        .context("no cluster here: start one with `cargo xtask cluster up`")?;
+    procs.database_url = Some(url.trim().to_owned()).filter(|u| !u.is_empty());
+    Ok(procs)
+}
+
+fn pid_file(procs: &Procs, n: u32) -> PathBuf {
+    procs.dir.join(format!("worker-{n}.pid"))
+}
+
+/// Workers whose process is alive, as (number, pid), by number.
+fn running(procs: &Procs) -> Vec<(u32, u32)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(&procs.dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let Some(n) = name.strip_prefix("worker-").and_then(|s| s.strip_suffix(".pid")) else {
+            continue;
+        };
+        let (Ok(n), Some(pid)) = (
+            n.parse::<u32>(),
+            std::fs::read_to_string(entry.path()).ok().and_then(|p| p.trim().parse::<u32>().ok()),
+        ) else {
+            continue;
+        };
+        if alive(pid) {
+            found.push((n, pid));
+        } else {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    found.sort_unstable();
+    found
+}
+
+/// Whether `pid` is a live (not zombie) orchestrator process.
+fn alive(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let state = stat.rsplit(')').next().unwrap_or_default().split_whitespace().next();
+    cmdline.contains("orchestrator") && !matches!(state, Some("Z") | Some("X") | None)
+}
+
+fn scale(procs: &Procs, target: u32) -> Result<()> {
+    let current = running(procs);
+    if (current.len() as u32) < target {
+        let first = current.last().map_or(1, |(n, _)| n + 1);
+        for n in first..first + (target - current.len() as u32) {
+            start(procs, n)?;
+        }
+    } else {
+        // Stop the newest first, gracefully.
+        let stopping: Vec<_> = current.iter().rev().take(current.len() - target as usize).collect();
+        for (n, pid) in &stopping {
+            println!("worker-{n}: SIGTERM (graceful leave)");
+            kill("TERM", *pid);
+        }
+        wait_gone(
+            &stopping.iter().map(|(_, pid)| *pid).collect::<Vec<_>>(),
+            Duration::from_secs(30),
+        );
+    }
+    Ok(())
+}
+
+fn start(procs: &Procs, n: u32) -> Result<()> {
+    let id = format!("worker-{n}");
+    let port = METRICS_BASE_PORT + n as u16;
+    let log = std::fs::File::create(procs.dir.join(format!("{id}.log")))?;
+    let metrics = format!("127.0.0.1:{port}");
+    let child = procs
+        .command(&[
+            "demo",
+            "worker",
+            "--worker-id",
+            &id,
+            "--metrics-addr",
+            &metrics,
+            "--heartbeat-interval",
+            "1s",
+            "--stale-worker-timeout",
+            "5s",
+            "--registration-wait",
+            "500ms",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot start {id}"))?;
+    std::fs::write(pid_file(procs, n), child.id().to_string())?;
+    println!("{id}: started (pid {}, metrics http://{metrics}/metrics)", child.id());
+    Ok(())
+}
+
+fn kill(signal: &str, pid: u32) {
+    let _ =
+        std::process::Command::new("kill").args([format!("-{signal}"), pid.to_string()]).status();
+}
+
+fn wait_gone(pids: &[u32], within: Duration) {
+    let started = Instant::now();
+    while pids.iter().any(|pid| alive(*pid)) && started.elapsed() < within {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for pid in pids.iter().filter(|pid| alive(**pid)) {
+        println!("pid {pid} did not leave within {within:?}: SIGKILL");
+        kill("KILL", *pid);
+    }
+}
+
+fn status(procs: &Procs) -> Result<()> {
+    // Give workers just started a moment to register before showing the picture.
+    std::thread::sleep(Duration::from_millis(1500));
+    let database = procs.database_url.as_deref().unwrap_or("sqlite:target/cluster/orchestrator.db");
+    println!("database: {database}");
+    for (n, pid) in running(procs) {
+        println!(
+            "worker-{n}: pid {pid}, log target/cluster/worker-{n}.log, metrics http://127.0.0.1:{}/metrics",
+            METRICS_BASE_PORT + n as u16
+        );
+    }
+    match procs.orchestrator(&["status"]) {
+        Ok(table) => println!("{table}"),
+        Err(err) => println!("{err:#}"),
+    }
+    Ok(())
+}
+
+fn down(procs: &Procs) -> Result<()> {
+    let workers = running(procs);
+    for (n, pid) in &workers {
+        println!("worker-{n}: SIGTERM");
+        kill("TERM", *pid);
+    }
+    wait_gone(&workers.iter().map(|(_, pid)| *pid).collect::<Vec<_>>(), Duration::from_secs(30));
+    println!("cluster down ({} workers stopped); data kept in target/cluster", workers.len());
+    Ok(())
+}

@@ -1,0 +1,81 @@
+//! Running `orchestrator` commands and worker processes in a directory under target/.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{cargo, project_root, run_step};
+
+/// Builds the release `orchestrator` binary the process-level commands run.
+pub(crate) fn build_orchestrator() -> Result<()> {
+    let mut build = cargo();
+    build.args(["build", "--quiet", "--release", "-p", "orchestrator-cli"]);
+    run_step("build the orchestrator binary", build)
+}
+
+/// Runs `orchestrator` commands and processes in one directory under target/.
+pub(crate) struct Procs {
+    pub(crate) dir: PathBuf,
+    binary: PathBuf,
+    /// `None`: the embedded default, `orchestrator.db` in `dir`.
+    pub(crate) database_url: Option<String>,
+}
+
+impl Procs {
+    /// A fresh directory `target/<name>` (emptied first).
+    pub(crate) fn new(name: &str) -> Result<Self> {
+        let procs = Self::existing(name);
+        let _ = std::fs::remove_dir_all(&procs.dir);
+        std::fs::create_dir_all(&procs.dir)
+            .with_context(|| format!("cannot create {}", procs.dir.display()))?;
+        Ok(procs)
+    }
+
+    /// The directory `target/<name>` as a previous command left it.
+    pub(crate) fn existing(name: &str) -> Self {
+        Self {
+            dir: project_root().join("target").join(name),
+            binary: project_root().join("target/release/orchestrator"),
+            database_url: None,
+        }
+    }
+
+    pub(crate) fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(&self.binary);
+        command.args(args).current_dir(&self.dir).env("RUST_LOG", "info");
+        match &self.database_url {
+            Some(url) => command.env("DATABASE_URL", url),
+            None => command.env_remove("DATABASE_URL"),
+        };
+        command
+    }
+
+    /// Runs a command to completion, failing with its stderr if it fails.
+    pub(crate) fn orchestrator(&self, args: &[&str]) -> Result<String> {
+        let output = self.command(args).output().context("cannot run orchestrator")?;
+        if !output.status.success() {
+            bail!(
+                "orchestrator {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    }
+
+    pub(crate) fn spawn(&self, args: &[&str], log: &str) -> Result<Child> {
+        let log = std::fs::File::create(self.dir.join(log))?;
+        Ok(self.command(args).stdout(Stdio::null()).stderr(log).spawn()?)
+    }
+}
+
+/// Sends a signal by name through `kill` (std can only send SIGKILL).
+pub(crate) fn signal(child: &Child, name: &str) -> Result<()> {
+    let status =
+        Command::new("kill").args([format!("-{name}"), child.id().to_string()]).status()?;
+    if !status.success() {
+        bail!("kill -{name} {} failed", child.id());
+    }
+    Ok(())
+}
