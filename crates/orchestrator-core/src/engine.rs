@@ -28,10 +28,10 @@ use crate::timing::Timing;
 pub enum Strategy {
     /// The seed's stop-the-world: on a new generation every member stops all its slots, hands over
     /// what moved, waits until every member did the same, then starts its new assignment.
-    #[default]
     Recreate,
     /// Only slots that change owner pause; a moved slot starts on its new owner once the old owner
-    /// released it (or was fenced). Unmoved slots keep processing throughout.
+    /// released it (or was fenced). Unmoved slots keep processing throughout. The default.
+    #[default]
     Incremental,
 }
 

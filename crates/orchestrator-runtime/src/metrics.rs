@@ -187,8 +187,13 @@ impl Metrics {
         self.registrations.add(1, &self.labels());
     }
 
-    pub(crate) fn coordination_started(&self, generation: u64) {
+    /// A new generation was adopted; `partitions` is its member count when this worker is one.
+    pub(crate) fn coordination_started(&self, generation: u64, partitions: Option<usize>) {
         self.reconfigurations.add(1, &self.labels());
+        if let Some(partitions) = partitions {
+            self.partition_assignments.add(1, &self.labels());
+            self.current_generation_partitions.record(partitions as u64, &self.labels());
+        }
         self.current_generation.record(generation, &self.labels());
         self.state(WorkerState::Coordinating);
     }
@@ -201,11 +206,7 @@ impl Metrics {
         self.coordination_timeouts.add(1, &self.labels());
     }
 
-    pub(crate) fn processing(&self, generation: u64, partitions: Option<usize>, slots: usize) {
-        if let Some(partitions) = partitions {
-            self.partition_assignments.add(1, &self.labels());
-            self.current_generation_partitions.record(partitions as u64, &self.labels());
-        }
+    pub(crate) fn processing(&self, generation: u64, slots: usize) {
         self.current_generation.record(generation, &self.labels());
         self.owned_slots.record(slots as u64, &self.labels());
         self.state(WorkerState::Processing);

@@ -421,7 +421,8 @@ impl<S: Store> Driver<S> {
             }
             Notice::GenerationPlanned { .. } => {}
             Notice::CoordinationStarted { generation } => {
-                self.metrics.coordination_started(generation.0);
+                self.metrics
+                    .coordination_started(generation.0, partition(snapshot).map(|p| p.count));
                 info!(generation = generation.0, "Coordination started:")
             }
             Notice::AllCoordinated { generation, duration } => {
@@ -433,7 +434,7 @@ impl<S: Store> Driver<S> {
                 warn!(generation = generation.0, "Coordination timeout:");
             }
             Notice::Processing { generation, partition: Some(p), slots } => {
-                self.metrics.processing(generation.0, Some(p.count), *slots);
+                self.metrics.processing(generation.0, *slots);
                 if !self.announced {
                     self.announced = true;
                     info!(worker_id = %me, partition = %p, "Worker registered:");
@@ -441,7 +442,7 @@ impl<S: Store> Driver<S> {
                 log_processing(*generation, *p, *slots);
             }
             Notice::Processing { generation, partition: None, slots } => {
-                self.metrics.processing(generation.0, None, *slots);
+                self.metrics.processing(generation.0, *slots);
                 info!(generation = generation.0, slots, "Worker processing (not a member yet):");
             }
             Notice::OwnershipLost { slot } => {

@@ -246,7 +246,10 @@ fn referenced(text: &str) -> BTreeSet<String> {
         let tail = &rest[at..];
         let end =
             tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
-        found.insert(tail[..end].to_owned());
+        // The bare prefix, where prose introduces it, names no metric.
+        if end > "pupsourcing_orchestrator_".len() {
+            found.insert(tail[..end].to_owned());
+        }
         rest = &tail[end..];
     }
     found

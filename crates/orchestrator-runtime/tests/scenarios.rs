@@ -15,7 +15,7 @@ use support::{Cluster, Harness, fast_settings};
 const WITHIN: Duration = Duration::from_secs(30);
 
 async fn one_worker_processes_everything<H: Harness>() {
-    let Some(mut cluster) = Cluster::<H>::start(Strategy::Recreate).await else { return };
+    let Some(mut cluster) = Cluster::<H>::start(Strategy::default()).await else { return };
     cluster.append(150).await;
     cluster.join("w1").await;
     cluster.append(50).await;
@@ -69,12 +69,12 @@ async fn a_crashed_worker_is_replaced_after_the_stale_timeout<H: Harness>(strate
 }
 
 async fn a_failing_handler_stops_its_projection_at_the_event<H: Harness>() {
-    let Some(mut cluster) = Cluster::<H>::start(Strategy::Recreate).await else { return };
+    let Some(mut cluster) = Cluster::<H>::start(Strategy::default()).await else { return };
     cluster.append(60).await;
     let failing = 37;
     let projections = vec![cluster.harness.audit("audit", "w1", Some(failing))];
     cluster
-        .spawn("w1", fast_settings("main-projections", "w1", Strategy::Recreate), projections)
+        .spawn("w1", fast_settings("main-projections", "w1", Strategy::default()), projections)
         .await;
     let err = cluster.wait_exit("w1").await.unwrap_err();
     let RunError::ProjectionFailed {
@@ -109,7 +109,7 @@ async fn a_failing_handler_stops_its_projection_at_the_event<H: Harness>() {
 }
 
 async fn two_replica_sets_run_side_by_side<H: Harness>() {
-    let Some(mut cluster) = Cluster::<H>::start(Strategy::Recreate).await else { return };
+    let Some(mut cluster) = Cluster::<H>::start(Strategy::default()).await else { return };
     cluster.projections = vec!["main_view".into(), "analytics_view".into()];
     for (replica_set, projection, id) in [
         ("main-projections", "main_view", "m1"),
@@ -117,7 +117,7 @@ async fn two_replica_sets_run_side_by_side<H: Harness>() {
         ("analytics", "analytics_view", "a1"),
     ] {
         let projections = vec![cluster.harness.audit(projection, id, None)];
-        cluster.spawn(id, fast_settings(replica_set, id, Strategy::Recreate), projections).await;
+        cluster.spawn(id, fast_settings(replica_set, id, Strategy::default()), projections).await;
     }
     cluster.append(200).await;
     cluster.wait_all_applied(WITHIN).await;
