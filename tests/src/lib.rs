@@ -2,4 +2,5 @@
 //! adapter ([`sim`]), used by the property tests and the demo.
 #![deny(missing_docs)]
 
+pub mod runtime_sim;
 pub mod sim;

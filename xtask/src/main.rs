@@ -6,8 +6,11 @@
 //! - `check-deps`: fails if `orchestrator-core` gains a dependency outside its allow-list.
 //! - `demo`: the README's first command: worker processes on SQLite scaling 1 -> 3 -> 2.
 //! - `cluster up|scale N|status|down`: a local cluster of worker processes (SQLite or PostgreSQL).
+//! - `sim --seed N | --seeds K`: the seeded simulation of real workers with injected faults.
 //! - `sim-demo`: the same story simulated over the in-memory store.
 //! - `bench [--events N] [--runs R]`: benchmarks against plain sqlx references (needs PostgreSQL).
+//! - `chaos --store postgres|sqlite [--workers N] [--events E] [--duration D] [--seed S]
+//!   [--strategy S]`: worker processes under seeded faults, then the exactly-once check.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -15,6 +18,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
 
+mod chaos;
 mod cluster;
 mod demo;
 mod procs;
@@ -44,7 +48,7 @@ fn main() -> ExitCode {
 fn run() -> Result<()> {
     let args: Vec<String> = env::args().skip(1).collect();
     let Some(command) = args.first() else {
-        bail!("usage: cargo xtask <ci|test|check-deps|demo|cluster|sim-demo|bench>");
+        bail!("usage: cargo xtask <ci|test|check-deps|demo|cluster|sim|sim-demo|bench|chaos>");
     };
     match command.as_str() {
         "ci" => ci(),
@@ -53,9 +57,11 @@ fn run() -> Result<()> {
         "demo" => demo::demo(),
         "cluster" => cluster::cluster(&args[1..]),
         "sim-demo" => sim_demo(),
+        "sim" => sim(&args[1..]),
         "bench" => bench(&args[1..]),
+        "chaos" => chaos::chaos(&args[1..]),
         other => bail!(
-            "unknown command {other:?}; expected ci, test, check-deps, demo, cluster, sim-demo or bench"
+            "unknown command {other:?}; expected ci, test, check-deps, demo, cluster, sim, sim-demo, bench or chaos"
         ),
     }
 }
@@ -124,6 +130,23 @@ fn check_deps() -> Result<()> {
     }
     eprintln!("    ok: {} crates, all allowed", tree.lines().count());
     Ok(())
+}
+
+/// The seeded simulation: `--seed N` replays one run with its trace, `--seeds K` runs K seeds.
+fn sim(args: &[String]) -> Result<()> {
+    let mut sim = cargo();
+    sim.args([
+        "run",
+        "--quiet",
+        "--release",
+        "-p",
+        "orchestrator-tests",
+        "--bin",
+        "orchestrator-sim",
+    ])
+    .args(["--", "run"])
+    .args(args);
+    run_step("seeded simulation (real workers, in-memory store, injected faults)", sim)
 }
 
 /// The simulated cluster (engine over the in-memory store, simulated clock).

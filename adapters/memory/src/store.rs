@@ -400,9 +400,15 @@ impl CoordinationStore for MemoryStore {
             return Ok(());
         }
         set.workers.remove(worker);
-        for record in set.slots.iter_mut().filter(|r| r.owner.as_ref() == Some(worker)) {
-            record.owner = record.next_owner.take();
-            record.epoch = record.epoch.next();
+        // The leaver's slots go to their pending new owners (or none); handoffs pending to the
+        // leaver are cancelled, so no slot is ever handed to a worker that has gone.
+        for record in &mut set.slots {
+            if record.owner.as_ref() == Some(worker) {
+                record.owner = record.next_owner.take();
+                record.epoch = record.epoch.next();
+            } else if record.next_owner.as_ref() == Some(worker) {
+                record.next_owner = None;
+            }
         }
         if set.lease.as_ref().is_some_and(|l| &l.holder == worker && l.incarnation == incarnation) {
             set.lease = None;

@@ -417,8 +417,12 @@ impl CoordinationStore for SqliteStore {
         if deleted.rows_affected() == 0 {
             return tx.commit().await.map_err(err);
         }
+        // The leaver's slots go to their pending new owners (or none); handoffs pending to the
+        // leaver are cancelled, so no slot is ever handed to a worker that has gone.
         let free = format!(
-            "UPDATE {} SET owner = next_owner, next_owner = NULL, epoch = epoch + 1 WHERE replica_set = ? AND owner = ?",
+            "UPDATE {} SET owner = CASE WHEN owner = ?2 THEN next_owner ELSE owner END, \
+                 epoch = CASE WHEN owner = ?2 THEN epoch + 1 ELSE epoch END, next_owner = NULL \
+             WHERE replica_set = ?1 AND (owner = ?2 OR next_owner = ?2)",
             t.slots
         );
         sqlx::query(&free)

@@ -346,6 +346,33 @@ pub async fn deregister_frees_slots_and_the_lease<H: Harness>(h: &H) {
     store.deregister(&rs, &w1, incarnation).await.unwrap();
 }
 
+/// A worker that leaves while a handoff to it is pending cancels that handoff: the slot stays with
+/// its owner, at its epoch, and is never handed to a worker that has gone.
+pub async fn deregister_cancels_handoffs_to_the_leaver<H: Harness>(h: &H) {
+    let store = h.store();
+    let rs = replica_set();
+    let (w1, w2) = (worker("w1"), worker("w2"));
+    let incarnation = first_generation(store, &w1).await;
+    let w2_incarnation = store.register(&rs, slots(), &w2).await.unwrap();
+    let changes = vec![SlotChange {
+        slot: Slot(3),
+        epoch: Epoch(1),
+        action: SlotAction::Handoff { to: w2.clone() },
+    }];
+    store
+        .create_generation(&rs, &next_plan(1, &w1, incarnation, &[&w1, &w2], changes))
+        .await
+        .unwrap();
+    store.deregister(&rs, &w2, w2_incarnation).await.unwrap();
+    let snapshot = store.snapshot(&rs).await.unwrap();
+    let record = snapshot.slot(Slot(3));
+    assert_eq!((record.owner.as_ref(), record.next_owner.as_ref()), (Some(&w1), None));
+    assert_eq!(record.epoch, Epoch(1), "the owner's grant still holds");
+    // Its owner leaving now frees it rather than handing it to the departed worker.
+    store.deregister(&rs, &w1, incarnation).await.unwrap();
+    assert_eq!(store.snapshot(&rs).await.unwrap().slot(Slot(3)).owner, None);
+}
+
 /// Workers named in a plan's `evict` are removed.
 pub async fn evicted_workers_are_removed<H: Harness>(h: &H) {
     let store = h.store();

@@ -92,6 +92,7 @@ macro_rules! conformance_tests {
             coordination::release_by_a_non_owner_is_fenced,
             coordination::ack_generation_never_goes_back,
             coordination::deregister_frees_slots_and_the_lease,
+            coordination::deregister_cancels_handoffs_to_the_leaver,
             coordination::evicted_workers_are_removed,
             checkpoints::unknown_checkpoints_start_at_the_beginning,
             checkpoints::commit_advances_checkpoints_and_read_model_together,

@@ -1,6 +1,11 @@
 //! The runtime's clock: wall time at start-up, advanced by a monotonic clock.
+//!
+//! The monotonic part is tokio's: under a paused tokio clock (tests, the simulation) it follows
+//! simulated time, so a whole cluster can run deterministically.
 
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
 
 use orchestrator_core::{Clock, Timestamp};
 

@@ -7,11 +7,12 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use orchestrator_core::ports::{CheckpointStore, Fence, ReadRequest, StoreError};
 use orchestrator_core::{Epoch, Event, Position, ReplicaSetName, Slot, WorkerId};
 use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
 use tracing::{debug, error, warn};
 
 use crate::Store;
@@ -84,6 +85,8 @@ impl<S: Store> Processor<S> {
             }
             if owned.is_empty() || failed {
                 tokio::select! {
+                    // Biased (polled in order), so that runs under a paused clock are repeatable.
+                    biased;
                     order = control.recv() => match order {
                         Some(order) => self.apply(order, &mut owned, &reports).await,
                         None => return,
@@ -116,11 +119,16 @@ impl<S: Store> Processor<S> {
                             self.retry.initial_backoff.max(Duration::from_millis(100)),
                         )
                         .await;
+                        // A commit that failed may have been written all the same (the connection
+                        // dropped after COMMIT): the store's checkpoints say where to go on from,
+                        // or the batch would take effect twice.
+                        self.reload_cursors(index, &mut owned).await;
                     }
                 }
             }
             if !progressed && !failed {
                 tokio::select! {
+                    biased;
                     order = control.recv() => match order {
                         Some(order) => self.apply(order, &mut owned, &reports).await,
                         None => return,
@@ -172,6 +180,14 @@ impl<S: Store> Processor<S> {
         match self.store.read_horizon_stall().await {
             Ok(stall) => self.metrics.horizon_stall(stall.unwrap_or_default()),
             Err(err) => debug!(%err, "Measuring the read horizon failed"),
+        }
+    }
+
+    /// Replaces projection `index`'s cursors of every owned slot with the stored checkpoints.
+    async fn reload_cursors(&self, index: usize, owned: &mut BTreeMap<Slot, OwnedSlot>) {
+        let name = self.projections[index].name();
+        for (slot, o) in owned.iter_mut() {
+            o.cursors[index] = self.load_checkpoint(name, *slot).await;
         }
     }
 

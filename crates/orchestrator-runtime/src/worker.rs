@@ -166,6 +166,8 @@ impl<S: Store> Orchestrator<S> {
             let wait =
                 Duration::from_millis(deadline.as_millis().saturating_sub(clock.now().as_millis()));
             tokio::select! {
+                // Biased (polled in order), so that runs under a paused clock are repeatable.
+                biased;
                 () = tokio::time::sleep(wait) => driver.feed(clock.now(), Input::Tick).await,
                 report = report_rx.recv() => match report {
                     Some(Report::Stopped(slot)) => driver.feed(clock.now(), Input::SlotStopped(slot)).await,
@@ -281,7 +283,7 @@ impl<S: Store> Driver<S> {
         match command {
             Command::Register => Some(self.register().await),
             Command::Heartbeat { incarnation } => {
-                let started = std::time::Instant::now();
+                let started = tokio::time::Instant::now();
                 match self.store.heartbeat(rs, me, incarnation, timing.stale_worker_timeout).await {
                     Ok(_) => {
                         let latency = started.elapsed();

@@ -1,20 +1,113 @@
-//! Runs the simulated cluster. `orchestrator-sim demo` scales 1 -> 3 -> 2 workers over the
-//! in-memory store with the default timing, printing each generation, and checks that every event
-//! took effect exactly once in per-aggregate order. Exits non-zero if the check fails.
+//! Runs the simulated cluster.
+//!
+//! - `orchestrator-sim run --seed N` / `--seeds K [--first S]`: the seeded fault-injecting
+//!   simulation of real workers (`orchestrator_tests::runtime_sim`); prints the trace of a single
+//!   seed, or one line per seed, and exits non-zero if any seed broke an invariant (its trace is
+//!   printed, and `--seed N` replays it exactly).
+//! - `orchestrator-sim demo`: scales 1 -> 3 -> 2 workers over the in-memory store with the default
+//!   timing, printing each generation, and checks that every event took effect exactly once in
+//!   per-aggregate order. Exits non-zero if the check fails.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use orchestrator_core::{Generation, SlotCount, Strategy, Timing};
+use orchestrator_tests::runtime_sim::{self, SimConfig, SimReport};
 use orchestrator_tests::sim::Cluster;
 
+const USAGE: &str = "usage: orchestrator-sim run (--seed N | --seeds K [--first S]) [--steps N] | orchestrator-sim demo";
+
 fn main() -> ExitCode {
-    match std::env::args().nth(1).as_deref() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
         Some("demo") => demo(),
+        Some("run") => match parse_run(&args[1..]) {
+            Ok(run) => simulate(run),
+            Err(err) => {
+                eprintln!("orchestrator-sim: {err}; {USAGE}");
+                ExitCode::from(2)
+            }
+        },
         _ => {
-            eprintln!("usage: orchestrator-sim demo");
-            ExitCode::FAILURE
+            eprintln!("{USAGE}");
+            ExitCode::from(2)
         }
+    }
+}
+
+/// Which seeds to run.
+struct Run {
+    seeds: std::ops::Range<u64>,
+    single: bool,
+    steps: Option<usize>,
+}
+
+fn parse_run(args: &[String]) -> Result<Run, String> {
+    let (mut seed, mut count, mut first, mut steps) = (None, None, 1, None);
+    let mut rest = args.iter();
+    while let Some(flag) = rest.next() {
+        let value = rest.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        let number =
+            value.parse::<u64>().map_err(|_| format!("{flag} takes a number, not {value:?}"))?;
+        match flag.as_str() {
+            "--seed" => seed = Some(number),
+            "--seeds" => count = Some(number),
+            "--first" => first = number,
+            "--steps" => steps = Some(number as usize),
+            other => return Err(format!("unknown flag {other}")),
+        }
+    }
+    match (seed, count) {
+        (Some(seed), None) => Ok(Run { seeds: seed..seed + 1, single: true, steps }),
+        (None, Some(count)) if count > 0 => {
+            Ok(Run { seeds: first..first + count, single: false, steps })
+        }
+        _ => Err("give either --seed N or --seeds K (K > 0)".to_owned()),
+    }
+}
+
+fn simulate(run: Run) -> ExitCode {
+    let started = std::time::Instant::now();
+    let mut failed = Vec::new();
+    let mut totals: std::collections::BTreeMap<&'static str, u64> = Default::default();
+    let (mut events, mut simulated, mut generations, mut count) = (0, Duration::ZERO, 0, 0);
+    for seed in run.seeds.clone() {
+        let mut config = SimConfig::standard(seed);
+        if let Some(steps) = run.steps {
+            config.steps = steps;
+        }
+        let report: SimReport = runtime_sim::run(config);
+        count += 1;
+        events += report.events;
+        simulated += report.simulated;
+        generations += report.generations;
+        for (kind, n) in &report.faults {
+            *totals.entry(kind).or_default() += n;
+        }
+        if run.single || report.violation.is_some() {
+            print!("{}", report.trace_text());
+        }
+        println!("{}", report.summary());
+        if report.violation.is_some() {
+            failed.push(seed);
+        }
+    }
+    let faults: Vec<String> = totals.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+    println!(
+        "\n{count} seeds ({}..{}), {events} events, {generations} generations, {:.0?} simulated in {:.1?}; faults [{}]",
+        run.seeds.start,
+        run.seeds.end - 1,
+        simulated,
+        started.elapsed(),
+        faults.join(", ")
+    );
+    if failed.is_empty() {
+        println!("verdict: PASS - every seed kept every invariant");
+        ExitCode::SUCCESS
+    } else {
+        let seeds: Vec<String> = failed.iter().map(u64::to_string).collect();
+        println!("verdict: FAIL - seeds {} (replay one with --seed N)", seeds.join(", "));
+        ExitCode::FAILURE
     }
 }
 
