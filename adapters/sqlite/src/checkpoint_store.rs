@@ -59,35 +59,30 @@ impl CheckpointStore for SqliteStore {
         if checkpoints.is_empty() {
             return tx.commit().await.map_err(err);
         }
-        // Claims and positions travel as JSON arrays so each check is one statement whatever the
-        // number of slots (a batch commits every slot the worker owns).
-        let mut claims = Vec::with_capacity(checkpoints.len());
-        for slot in checkpoints.keys() {
-            let Some(epoch) = fence.grants.get(slot) else {
-                return Err(StoreError::Fenced { worker: fence.worker.clone(), slot: *slot });
-            };
-            claims.push(format!("[{},{}]", slot.0, epoch.0));
-        }
-        let claims = format!("[{}]", claims.join(","));
+        // The worker's slots and epochs, read inside the write transaction (BEGIN IMMEDIATE holds
+        // SQLite's only write lock, so no change of ownership can interleave) and compared here.
+        // A join with the claims in SQL was planned badly with bound parameters: 34 ms per commit
+        // for 256 slots, against well under a millisecond for this.
         let owned_sql = format!(
-            "SELECT s.slot FROM json_each(?3) AS j JOIN {} AS s \
-               ON s.replica_set = ?1 AND s.slot = json_extract(j.value, '$[0]') \
-             WHERE s.owner = ?2 AND s.epoch = json_extract(j.value, '$[1]')",
+            "SELECT slot, epoch FROM {} WHERE replica_set = ? AND owner = ?",
             self.tables.slots
         );
-        let owned: Vec<i64> = sqlx::query_scalar(&owned_sql)
+        let owned: BTreeMap<i64, i64> = sqlx::query_as(&owned_sql)
             .bind(fence.replica_set.as_str())
             .bind(fence.worker.as_str())
-            .bind(&claims)
             .fetch_all(&mut *tx)
             .await
-            .map_err(err)?;
-        if owned.len() != checkpoints.len() {
-            let lost = checkpoints.keys().find(|s| !owned.contains(&i64::from(s.0))).copied();
-            return Err(StoreError::Fenced {
-                worker: fence.worker.clone(),
-                slot: lost.unwrap_or(Slot(0)),
-            });
+            .map_err(err)?
+            .into_iter()
+            .collect();
+        let lost = checkpoints.keys().find(|slot| {
+            fence
+                .grants
+                .get(slot)
+                .is_none_or(|epoch| owned.get(&i64::from(slot.0)) != Some(&(epoch.0 as i64)))
+        });
+        if let Some(slot) = lost {
+            return Err(StoreError::Fenced { worker: fence.worker.clone(), slot: *slot });
         }
         let positions: Vec<String> =
             checkpoints.iter().map(|(slot, p)| format!("[{},{}]", slot.0, p.global)).collect();

@@ -94,15 +94,32 @@ impl EventStore for SqliteStore {
         if request.cursors.is_empty() || request.limit == 0 {
             return Ok(Vec::new());
         }
-        let sql = read_sql(&self.tables.events, request);
-        let mut query = sqlx::query(&sql);
-        for (slot, after) in &request.cursors {
-            query = query.bind(slot.0 as i64).bind(after.global as i64);
-            for value in request.scope.aggregate_types.iter().chain(&request.scope.bounded_contexts)
-            {
+        let scope_values =
+            request.scope.aggregate_types.iter().chain(&request.scope.bounded_contexts);
+        let mut query;
+        let sql;
+        if let Some(after) = request.uniform_cursor() {
+            let every_slot = request.cursors.len() == self.slot_count.get() as usize;
+            sql = read_range_sql(&self.tables.events, request, every_slot);
+            query = sqlx::query(&sql).bind(after.global as i64);
+            if !every_slot {
+                for (slot, _) in &request.cursors {
+                    query = query.bind(slot.0 as i64);
+                }
+            }
+            for value in scope_values {
                 query = query.bind(value);
             }
-            query = query.bind(request.limit as i64);
+        } else {
+            sql = read_merge_sql(&self.tables.events, request);
+            query = sqlx::query(&sql);
+            for (slot, after) in &request.cursors {
+                query = query.bind(slot.0 as i64).bind(after.global as i64);
+                for value in scope_values.clone() {
+                    query = query.bind(value);
+                }
+                query = query.bind(request.limit as i64);
+            }
         }
         query = query.bind(request.limit as i64);
         let rows = query.fetch_all(&self.pool).await.map_err(|e| classify("read events", e))?;
@@ -143,17 +160,32 @@ impl EventStore for SqliteStore {
     }
 }
 
-/// One ordered index range per requested slot, each after that slot's cursor, merged by position.
-fn read_sql(events: &str, request: &ReadRequest) -> String {
-    let in_list = |column: &str, n: usize| {
-        if n == 0 {
-            String::new()
-        } else {
-            format!(" AND {column} IN ({})", vec!["?"; n].join(", "))
-        }
-    };
-    let scope = in_list("aggregate_type", request.scope.aggregate_types.len())
-        + &in_list("bounded_context", request.scope.bounded_contexts.len());
+/// ` AND column IN (?, ...)` for `n` values, or nothing when `n` is 0.
+fn in_list(column: &str, n: usize) -> String {
+    if n == 0 { String::new() } else { format!(" AND {column} IN ({})", vec!["?"; n].join(", ")) }
+}
+
+fn scope_sql(request: &ReadRequest) -> String {
+    in_list("aggregate_type", request.scope.aggregate_types.len())
+        + &in_list("bounded_context", request.scope.bounded_contexts.len())
+}
+
+/// Every requested slot after one common cursor: one range of the primary key, filtered by slot.
+/// SQLite materializes and sorts a merge of per-slot ranges (77 ms for 256 slots against 1 ms for
+/// the range), so this is the read of a worker whose cursors moved together, which is the usual
+/// case. With several workers it reads the others' rows too, which an embedded store can afford.
+fn read_range_sql(events: &str, request: &ReadRequest, every_slot: bool) -> String {
+    let slots = if every_slot { String::new() } else { in_list("slot", request.cursors.len()) };
+    format!(
+        "SELECT * FROM {events} WHERE global_position > ?{slots}{scope} ORDER BY global_position LIMIT ?",
+        scope = scope_sql(request)
+    )
+}
+
+/// One ordered index range per requested slot, each after that slot's cursor, merged by position:
+/// for cursors that differ (just after a slot started from its own checkpoint).
+fn read_merge_sql(events: &str, request: &ReadRequest) -> String {
+    let scope = scope_sql(request);
     let mut sql = String::from("SELECT * FROM (");
     for i in 0..request.cursors.len() {
         if i > 0 {

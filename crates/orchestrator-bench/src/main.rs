@@ -1,8 +1,9 @@
 //! `cargo xtask bench`: each measurement next to a reference done with plain sqlx in the same run,
 //! on the same server, so the ratio is meaningful whatever the machine.
 //!
-//! Usage: `orchestrator-bench [store|runtime|all] [--events N] [--runs R]` (defaults: 1,000,000 events, 3 runs, median
-//! reported). PostgreSQL from `ORCH_TEST_POSTGRES_URL` or the local default.
+//! Usage: `orchestrator-bench [store|runtime|embedded|upsert|scaling|all] [--events N] [--runs R]`
+//! (defaults: 1,000,000 events, 3 runs, median reported). PostgreSQL from `ORCH_TEST_POSTGRES_URL`
+//! or the local default.
 
 use std::time::{Duration, Instant};
 
@@ -18,7 +19,10 @@ use sqlx::{PgPool, Row};
 const BATCH: usize = 1000;
 const PAYLOAD: usize = 200;
 
+mod embedded;
 mod runtime;
+mod scaling;
+mod upsert;
 
 struct Args {
     suite: String,
@@ -30,8 +34,8 @@ fn parse_args() -> Result<Args> {
     let mut args = Args { suite: "all".into(), events: 1_000_000, runs: 3 };
     let mut it = std::env::args().skip(1).peekable();
     if let Some(suite) = it.next_if(|a| !a.starts_with("--")) {
-        if !matches!(suite.as_str(), "store" | "runtime" | "all") {
-            bail!("unknown suite {suite}; expected store, runtime or all");
+        if !SUITES.contains(&suite.as_str()) {
+            bail!("unknown suite {suite}; expected one of {}", SUITES.join(", "));
         }
         args.suite = suite;
     }
@@ -58,11 +62,102 @@ async fn main() -> Result<()> {
         args.events,
         args.runs
     );
-    if args.suite != "runtime" {
+    let run = |suite: &str| args.suite == "all" || args.suite == suite;
+    if run("store") {
         store_suite(&args).await?;
     }
-    if args.suite != "store" {
+    if run("runtime") {
         runtime_suite(&args).await?;
+    }
+    if run("embedded") {
+        embedded_suite(&args).await?;
+    }
+    if run("upsert") {
+        upsert_suite(&args).await?;
+    }
+    if run("scaling") {
+        scaling_suite(&args).await?;
+    }
+    Ok(())
+}
+
+const SUITES: [&str; 6] = ["store", "runtime", "embedded", "upsert", "scaling", "all"];
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+async fn embedded_suite(args: &Args) -> Result<()> {
+    for batch in [1000, 100] {
+        let mut rates = Vec::new();
+        for run in 1..=args.runs {
+            eprintln!("memory worker, batch {batch}: run {run}/{}", args.runs);
+            rates.push(embedded::memory_throughput(args.events, batch).await?);
+        }
+        println!(
+            "| single worker, in-memory store, no-op projection, batch {batch} | {:.0} events/s | runs {:?} |",
+            median(rates.clone()),
+            rates.iter().map(|r| r.round()).collect::<Vec<_>>()
+        );
+    }
+    for batch in [1000, 100] {
+        let mut pairs = Vec::new();
+        for run in 1..=args.runs {
+            eprintln!("SQLite worker, batch {batch}: run {run}/{}", args.runs);
+            pairs.push(embedded::sqlite_throughput(args.events, batch).await?);
+        }
+        report_rates(
+            &format!("single worker, SQLite file, no-op transactional projection, batch {batch}"),
+            &pairs,
+        );
+    }
+    Ok(())
+}
+
+async fn upsert_suite(args: &Args) -> Result<()> {
+    let mut pairs = Vec::new();
+    for run in 1..=args.runs {
+        eprintln!("upsert projection: run {run}/{}", args.runs);
+        let schema = runtime::seeded_schema(args.events as u64).await?;
+        let ours = upsert::projection_throughput(&schema, args.events as u64).await?;
+        let reference = upsert::plain_upsert_loop(&schema.pool, args.events as u64).await?;
+        pairs.push((ours, reference));
+        schema.drop_schema().await;
+    }
+    let ours = median(pairs.iter().map(|p| p.0).collect());
+    let reference = median(pairs.iter().map(|p| p.1).collect());
+    println!(
+        "| single worker, projection upserting one row per event through handle_batch (UNNEST), batch 1000 | {ours:.0} events/s | plain read+UNNEST upsert+checkpoint {reference:.0} events/s | {:.2}x of reference |",
+        ours / reference
+    );
+    Ok(())
+}
+
+async fn scaling_suite(args: &Args) -> Result<()> {
+    for workers in [1, 2, 4] {
+        let mut ratios = Vec::new();
+        for run in 1..=args.runs {
+            eprintln!("rows scanned, {workers} workers: run {run}/{}", args.runs);
+            ratios.push(scaling::rows_scanned_per_event(workers, args.events as u64).await?);
+        }
+        println!(
+            "| rows read from the events table per event processed, {workers} worker(s) | {:.3} | runs {:?} |",
+            median(ratios.clone()),
+            ratios.iter().map(|r| (r * 1000.0).round() / 1000.0).collect::<Vec<_>>()
+        );
+    }
+    for strategy in
+        [orchestrator_core::Strategy::Incremental, orchestrator_core::Strategy::Recreate]
+    {
+        for run in 1..=args.runs {
+            eprintln!("pauses on join, {strategy:?}: run {run}/{}", args.runs);
+            let pauses = scaling::pauses_on_join(strategy).await?;
+            println!(
+                "| longest processing gap of a slot, {strategy:?}, run {run} | steady (one worker) {:?} | unmoved slots during the join {:?} | moved slots {:?} |",
+                pauses.steady, pauses.unmoved, pauses.moved
+            );
+        }
     }
     Ok(())
 }
@@ -108,6 +203,24 @@ async fn runtime_suite(args: &Args) -> Result<()> {
             &pairs,
         );
     }
+    eprintln!("worker RSS over {} events", args.events);
+    let schema = runtime::seeded_schema(args.events as u64).await?;
+    let samples = runtime::worker_rss(&schema, args.events as u64).await?;
+    schema.drop_schema().await;
+    let at = |fraction: f64| {
+        let target = (args.events as f64 * fraction) as u64;
+        samples.iter().find(|(handled, _)| *handled >= target).map_or(0, |s| s.1)
+    };
+    let max = samples.iter().map(|s| s.1).max().unwrap_or(0);
+    println!(
+        "| worker process RSS over a {}-event run, batch 1000 | at 10%: {} MiB, 50%: {} MiB, 100%: {} MiB, max {} MiB | {} samples |",
+        args.events,
+        at(0.1) / 1024,
+        at(0.5) / 1024,
+        at(1.0) / 1024,
+        max / 1024,
+        samples.len()
+    );
     let mut joins = Vec::new();
     for run in 1..=args.runs {
         eprintln!("join to processing: run {run}/{}", args.runs);
@@ -137,10 +250,6 @@ async fn runtime_suite(args: &Args) -> Result<()> {
 }
 
 fn report_rates(what: &str, pairs: &[(f64, f64)]) {
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let ours = median(pairs.iter().map(|p| p.0).collect());
     let reference = median(pairs.iter().map(|p| p.1).collect());
     println!(
@@ -150,10 +259,6 @@ fn report_rates(what: &str, pairs: &[(f64, f64)]) {
 }
 
 fn report(what: &str, runs: &[(Duration, Duration)], events: usize) {
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let ours = median(runs.iter().map(|(o, _)| events as f64 / o.as_secs_f64()).collect());
     let reference = median(runs.iter().map(|(_, r)| events as f64 / r.as_secs_f64()).collect());
     println!(

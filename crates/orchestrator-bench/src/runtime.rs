@@ -17,24 +17,53 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::new_event;
 
-/// Counts events; writes nothing.
-struct Noop {
+/// Counts events; writes nothing. Works on any store's transaction.
+pub(crate) struct Noop {
     handled: Arc<AtomicU64>,
     first_at: Arc<std::sync::Mutex<Option<Instant>>>,
     done: std::sync::Mutex<Option<(u64, oneshot::Sender<Instant>)>>,
 }
 
+impl Noop {
+    /// Reports on `done` when `events` were handled; `first_at` gets the first batch's time.
+    pub(crate) fn counting(
+        events: u64,
+        done: oneshot::Sender<Instant>,
+        first_at: Arc<std::sync::Mutex<Option<Instant>>>,
+    ) -> Self {
+        Self {
+            handled: Arc::default(),
+            first_at,
+            done: std::sync::Mutex::new(Some((events, done))),
+        }
+    }
+
+    /// How many events it handled so far.
+    pub(crate) fn handled(&self) -> Arc<AtomicU64> {
+        self.handled.clone()
+    }
+
+    /// Handles everything and tells nobody.
+    pub(crate) fn idle() -> Self {
+        Self {
+            handled: Arc::default(),
+            first_at: Arc::default(),
+            done: std::sync::Mutex::new(None),
+        }
+    }
+}
+
 #[async_trait]
-impl Projection<PgTx> for Noop {
+impl<Tx: Send + 'static> Projection<Tx> for Noop {
     fn name(&self) -> &str {
         "noop"
     }
 
-    async fn handle(&self, _tx: &mut PgTx, _event: &Event) -> Result<(), BoxError> {
+    async fn handle(&self, _tx: &mut Tx, _event: &Event) -> Result<(), BoxError> {
         Ok(())
     }
 
-    async fn handle_batch(&self, _tx: &mut PgTx, events: &[Event]) -> Result<(), HandlerError> {
+    async fn handle_batch(&self, _tx: &mut Tx, events: &[Event]) -> Result<(), HandlerError> {
         self.first_at.lock().unwrap().get_or_insert_with(Instant::now);
         let total =
             self.handled.fetch_add(events.len() as u64, Ordering::SeqCst) + events.len() as u64;
@@ -47,7 +76,7 @@ impl Projection<PgTx> for Noop {
     }
 }
 
-fn settings(worker: &str, batch: usize) -> Result<Settings> {
+pub(crate) fn settings(worker: &str, batch: usize) -> Result<Settings> {
     let mut settings = Settings::new(ReplicaSetName::new("bench")?);
     settings.worker_id = WorkerId::new(worker)?;
     settings.batch_size = batch;
@@ -63,11 +92,7 @@ pub(crate) async fn worker_throughput(
 ) -> Result<f64> {
     let (done_tx, done_rx) = oneshot::channel();
     let first_at = Arc::new(std::sync::Mutex::new(None));
-    let projection = Noop {
-        handled: Arc::default(),
-        first_at: first_at.clone(),
-        done: std::sync::Mutex::new(Some((events, done_tx))),
-    };
+    let projection = Noop::counting(events, done_tx, first_at.clone());
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let worker = Orchestrator::new(schema.store.clone(), settings("w1", batch)?)?;
     let running = tokio::spawn(worker.run(
@@ -83,6 +108,47 @@ pub(crate) async fn worker_throughput(
     let _ = stop_tx.send(());
     running.await??;
     Ok(events as f64 / (finished - started).as_secs_f64())
+}
+
+/// Resident memory of this process, in KiB (`VmRSS` of /proc/self/status).
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status.lines().find_map(|line| {
+                line.strip_prefix("VmRSS:")?.trim().trim_end_matches("kB").trim().parse().ok()
+            })
+        })
+        .unwrap_or(0)
+}
+
+/// The process's RSS while one worker processes `events` events (batch 1000): (events handled, KiB)
+/// sampled every 100 ms.
+pub(crate) async fn worker_rss(schema: &TestSchema, events: u64) -> Result<Vec<(u64, u64)>> {
+    let (done_tx, done_rx) = oneshot::channel();
+    let projection = Noop::counting(events, done_tx, Arc::default());
+    let handled = projection.handled();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let worker = Orchestrator::new(schema.store.clone(), settings("w1", 1000)?)?;
+    let running = tokio::spawn(worker.run(
+        async move {
+            let _ = stop_rx.await;
+        },
+        vec![Arc::new(projection)],
+    ));
+    let mut samples = Vec::new();
+    let mut done = std::pin::pin!(tokio::time::timeout(Duration::from_secs(900), done_rx));
+    loop {
+        samples.push((handled.load(Ordering::SeqCst), rss_kib()));
+        tokio::select! {
+            finished = &mut done => { finished.context("worker too slow")??; break; }
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+    samples.push((handled.load(Ordering::SeqCst), rss_kib()));
+    let _ = stop_tx.send(());
+    running.await??;
+    Ok(samples)
 }
 
 /// The reference: read a batch by keyset and upsert one checkpoint row, one transaction per batch.
@@ -132,11 +198,7 @@ pub(crate) async fn join_to_processing(schema: &TestSchema) -> Result<Duration> 
         let worker = Orchestrator::new(store.clone(), settings)?;
         tokio::spawn(async move {
             let feed = store.change_feed().await.expect("listen");
-            let projection: Arc<dyn Projection<PgTx>> = Arc::new(Noop {
-                handled: Arc::default(),
-                first_at: Arc::default(),
-                done: std::sync::Mutex::new(None),
-            });
+            let projection: Arc<dyn Projection<PgTx>> = Arc::new(Noop::idle());
             worker
                 .with_change_feed(feed)
                 .run(
@@ -163,7 +225,7 @@ pub(crate) async fn join_to_processing(schema: &TestSchema) -> Result<Duration> 
     Ok(took)
 }
 
-async fn wait_settled(
+pub(crate) async fn wait_settled(
     store: &PgStore,
     rs: &ReplicaSetName,
     members: usize,
@@ -240,20 +302,28 @@ pub(crate) async fn append_to_projected(
 /// A fresh schema with `events` events spread round-robin over 1000 aggregates (so every batch
 /// touches most slots, as in production), bulk-inserted 10,000 per transaction.
 pub(crate) async fn seeded_schema(events: u64) -> Result<TestSchema> {
-    const AGGREGATES: u64 = 1000;
-    const CHUNK: u64 = 10_000;
     let schema = TestSchema::start(SlotCount::DEFAULT)
         .await
         .context("PostgreSQL is required for the benchmarks")?;
+    insert_events(&schema, 0, events).await?;
+    sqlx::query("VACUUM ANALYZE orch_events").execute(&schema.pool).await?;
+    Ok(schema)
+}
+
+/// Inserts `events` events numbered from `from`, round-robin over 1000 aggregates, 10,000 per
+/// transaction, straight into the events table (the port's append is measured elsewhere).
+pub(crate) async fn insert_events(schema: &TestSchema, from: u64, events: u64) -> Result<()> {
+    const AGGREGATES: u64 = 1000;
+    const CHUNK: u64 = 10_000;
     let slots: Vec<i32> = (0..AGGREGATES)
         .map(|a| SlotCount::DEFAULT.slot_of(&format!("acct-{a}")).0 as i32)
         .collect();
     let hashes: Vec<i64> = (0..AGGREGATES)
         .map(|a| i64::from(orchestrator_core::fnv1a_32(format!("acct-{a}").as_bytes())))
         .collect();
-    let mut first = 0;
-    while first < events {
-        let n = CHUNK.min(events - first);
+    let mut first = from;
+    while first < from + events {
+        let n = CHUNK.min(from + events - first);
         sqlx::query(
             "INSERT INTO orch_events (bounded_context, aggregate_type, aggregate_id, aggregate_version, slot, \
                  partition_hash, event_id, event_type, event_version, payload, metadata) \
@@ -270,6 +340,5 @@ pub(crate) async fn seeded_schema(events: u64) -> Result<TestSchema> {
         .await?;
         first += n;
     }
-    sqlx::query("VACUUM ANALYZE orch_events").execute(&schema.pool).await?;
-    Ok(schema)
+    Ok(())
 }
