@@ -194,14 +194,16 @@ impl EventStore for MemoryStore {
         for (slot, after) in &request.cursors {
             let Some(list) = state.events_by_slot.get(slot) else { continue };
             let start = list.partition_point(|&i| state.events[i].position <= *after);
-            for &index in &list[start..] {
-                let event = &state.events[index];
-                if request.scope.includes(&event.stream) {
-                    backlog.events += 1;
-                    oldest = Some(oldest.map_or(event.created_at, |o| o.min(event.created_at)));
-                }
+            let mut in_scope = list[start..]
+                .iter()
+                .map(|&i| &state.events[i])
+                .filter(|e| request.scope.includes(&e.stream));
+            if let Some(next) = in_scope.next() {
+                oldest = Some(oldest.map_or(next.created_at, |o| o.min(next.created_at)));
+                backlog.events += 1 + in_scope.count() as u64;
             }
         }
+        backlog.events = backlog.events.min(request.limit as u64);
         backlog.oldest_age = oldest.map(|created| now.saturating_since(created));
         Ok(backlog)
     }

@@ -77,12 +77,18 @@ impl EventStore for PgStore {
             return Ok(Backlog::default());
         }
         // Every committed event counts, also those above the read horizon: they are lag too.
+        // The count stops at the limit ($1): counting a backlog of millions every few seconds
+        // would cost more than processing it. The age comes from each slot's next event.
         let sql = format!(
-            "SELECT count(*), EXTRACT(EPOCH FROM clock_timestamp() - min(e.created_at))::float8 \
-             FROM unnest($4::int[], $5::bigint[], $6::bigint[]) AS c(slot, commit_position, global_position) \
-             JOIN {events} AS e ON e.slot = c.slot \
-              AND (e.transaction_id, e.global_position) > (c.commit_position::text::xid8, c.global_position) \
-             WHERE true {SCOPE}",
+            "WITH c AS (SELECT * FROM unnest($4::int[], $5::bigint[], $6::bigint[]) \
+                 AS c(slot, commit_position, global_position)) \
+             SELECT (SELECT count(*) FROM (SELECT 1 FROM c JOIN {events} AS e ON e.slot = c.slot \
+                       AND (e.transaction_id, e.global_position) > (c.commit_position::text::xid8, c.global_position) \
+                       WHERE true {SCOPE} LIMIT $1) AS counted), \
+                    (SELECT EXTRACT(EPOCH FROM clock_timestamp() - min(next.created_at))::float8 \
+                     FROM c CROSS JOIN LATERAL (SELECT e.created_at FROM {events} AS e WHERE e.slot = c.slot \
+                       AND (e.transaction_id, e.global_position) > (c.commit_position::text::xid8, c.global_position) \
+                       {SCOPE} ORDER BY e.transaction_id, e.global_position LIMIT 1) AS next)",
             events = self.tables.events
         );
         let (slots, (commits, globals)): (Vec<i32>, (Vec<i64>, Vec<i64>)) = request
@@ -92,7 +98,7 @@ impl EventStore for PgStore {
             .unzip();
         let err = |e| classify("count the backlog", e);
         let row = sqlx::query(&sql)
-            .bind(0_i64)
+            .bind(i64::try_from(request.limit).unwrap_or(i64::MAX))
             .bind(&request.scope.aggregate_types)
             .bind(&request.scope.bounded_contexts)
             .bind(&slots)

@@ -132,20 +132,33 @@ impl EventStore for SqliteStore {
         }
         let cursors: Vec<String> =
             request.cursors.iter().map(|(slot, p)| format!("[{},{}]", slot.0, p.global)).collect();
-        let in_list = |column: &str, n: usize| {
+        // Scope values are numbered from ?3, so the filter can appear twice with one binding.
+        let types = request.scope.aggregate_types.len();
+        let numbered = |column: &str, first: usize, n: usize| {
             if n == 0 {
                 String::new()
             } else {
-                format!(" AND e.{column} IN ({})", vec!["?"; n].join(", "))
+                let params: Vec<String> = (first..first + n).map(|i| format!("?{i}")).collect();
+                format!(" AND e.{column} IN ({})", params.join(", "))
             }
         };
+        let scope = numbered("aggregate_type", 3, types)
+            + &numbered("bounded_context", 3 + types, request.scope.bounded_contexts.len());
+        // The count stops at the limit, so its cost stays bounded however far behind the cursors
+        // are; the age comes from each slot's next event.
         let sql = format!(
-            "SELECT count(*), {NOW_MS} - min(e.created_at) FROM json_each(?) AS c              JOIN {events} AS e ON e.slot = json_extract(c.value, '$[0]')               AND e.global_position > json_extract(c.value, '$[1]'){types}{contexts}",
+            "SELECT (SELECT count(*) FROM (SELECT 1 FROM json_each(?1) AS c \
+                       JOIN {events} AS e ON e.slot = json_extract(c.value, '$[0]') \
+                        AND e.global_position > json_extract(c.value, '$[1]'){scope} LIMIT ?2)), \
+                    {NOW_MS} - (SELECT min((SELECT e.created_at FROM {events} AS e \
+                        WHERE e.slot = json_extract(c.value, '$[0]') \
+                          AND e.global_position > json_extract(c.value, '$[1]'){scope} \
+                        ORDER BY e.global_position LIMIT 1)) FROM json_each(?1) AS c)",
             events = self.tables.events,
-            types = in_list("aggregate_type", request.scope.aggregate_types.len()),
-            contexts = in_list("bounded_context", request.scope.bounded_contexts.len()),
         );
-        let mut query = sqlx::query(&sql).bind(format!("[{}]", cursors.join(",")));
+        let mut query = sqlx::query(&sql)
+            .bind(format!("[{}]", cursors.join(",")))
+            .bind(i64::try_from(request.limit).unwrap_or(i64::MAX));
         for value in request.scope.aggregate_types.iter().chain(&request.scope.bounded_contexts) {
             query = query.bind(value);
         }

@@ -31,7 +31,7 @@ async fn lags<S: EventStore + CheckpointStore>(
         let request = ReadRequest {
             cursors: checkpoints.into_iter().collect(),
             scope: Scope::all(),
-            limit: 0,
+            limit: usize::MAX, // exact: the command runs on demand, unlike the workers' capped measurement
         };
         let backlog = store.backlog(&request).await?;
         lags.push(ProjectionLag {

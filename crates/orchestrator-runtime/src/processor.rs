@@ -21,6 +21,10 @@ use crate::metrics::Metrics;
 use crate::projection::Projection;
 use crate::settings::RetryPolicy;
 
+/// Lag is counted up to this many events per projection: enough for alerts and autoscaling, and
+/// the count costs at most this many index entries however far behind the worker is.
+pub(crate) const LAG_COUNT_LIMIT: usize = 100_000;
+
 /// Orders from the coordination task.
 #[derive(Debug)]
 pub(crate) enum Control {
@@ -168,7 +172,7 @@ impl<S: Store> Processor<S> {
             let request = ReadRequest {
                 cursors: owned.iter().map(|(slot, o)| (*slot, o.cursors[index])).collect(),
                 scope: projection.scope(),
-                limit: 0,
+                limit: LAG_COUNT_LIMIT,
             };
             match self.store.backlog(&request).await {
                 Ok(backlog) => {

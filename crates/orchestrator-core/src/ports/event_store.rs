@@ -56,9 +56,10 @@ impl ReadRequest {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Backlog {
     /// Committed events after the cursors, in scope (including any a gap-safe read does not
-    /// return yet because an older transaction is still open).
+    /// return yet because an older transaction is still open), counted up to the request's limit.
     pub events: u64,
-    /// Age of the oldest of them by the store's clock; `None` when there are none.
+    /// Age, by the store's clock, of the oldest of the next event of each slot (the one its
+    /// reader would take next); `None` when no slot has one.
     pub oldest_age: Option<Duration>,
 }
 
@@ -104,8 +105,8 @@ pub fn check_append(
 /// - Events of one stream are returned in version order.
 /// - So a reader may move all its cursors past a batch's last event ([`ReadRequest::advance_past`]).
 /// - `backlog` counts the committed events of the requested slots after their cursors and in
-///   scope (`limit` is ignored), and ages the oldest by the store's own clock, never the
-///   caller's.
+///   scope, up to `limit` (so its cost stays bounded however far behind a reader is), and ages the
+///   next event of each slot by the store's own clock, never the caller's.
 #[async_trait]
 pub trait EventStore: Send + Sync {
     /// The slot count events are bucketed by.
