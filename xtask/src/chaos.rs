@@ -194,26 +194,39 @@ struct Planned {
 }
 
 fn schedule(seed: u64, store: Store, duration: Duration) -> Vec<Planned> {
+    // Kinds are dealt from a shuffled deck, so every kind comes up in every few faults.
+    let deck: &[Fault] = match store {
+        Store::Postgres => &[
+            Fault::Join,
+            Fault::Term,
+            Fault::Kill,
+            Fault::Kill,
+            Fault::Pause,
+            Fault::DropConnections,
+        ],
+        Store::Sqlite => &[Fault::Join, Fault::Term, Fault::Kill, Fault::Kill, Fault::Pause],
+    };
     let mut rng = Rng(seed);
     let mut planned = Vec::new();
+    let mut hand: Vec<Fault> = Vec::new();
     let mut at = rng.between(Duration::from_secs(2), Duration::from_secs(4));
     let last = duration.saturating_sub(Duration::from_secs(1));
     while at < last {
-        let roll = rng.below(100);
-        let fault = match (store, roll) {
-            (_, 0..15) => Fault::Join,
-            (_, 15..35) => Fault::Term,
-            (_, 35..60) => Fault::Kill,
-            (Store::Postgres, 60..80) | (Store::Sqlite, 60..) => Fault::Pause,
-            (Store::Postgres, _) => Fault::DropConnections,
-        };
+        if hand.is_empty() {
+            hand = deck.to_vec();
+            for i in (1..hand.len()).rev() {
+                hand.swap(i, rng.below(i as u64 + 1) as usize);
+            }
+        }
+        let fault = hand.pop().unwrap_or(Fault::Join);
         let pick = rng.next();
-        // A stopped process that holds SQLite's write lock blocks every writer (5 s busy
-        // timeout): keep SQLite pauses just past the 3 s stale timeout.
+        // Eviction takes about 3.7 s (3 s stale timeout, heartbeats every 500 ms). A stopped
+        // process that holds SQLite's write lock blocks every writer, which give up after the
+        // 5 s busy timeout: SQLite pauses stay under that.
         let pause = match store {
-            Store::Sqlite => rng.between(Duration::from_millis(4000), Duration::from_millis(4500)),
+            Store::Sqlite => rng.between(Duration::from_millis(4300), Duration::from_millis(4800)),
             Store::Postgres => {
-                rng.between(Duration::from_millis(4000), Duration::from_millis(6000))
+                rng.between(Duration::from_millis(4500), Duration::from_millis(6500))
             }
         };
         let replace = rng.below(100) < 75;
@@ -554,12 +567,22 @@ struct Worker {
     state: State,
 }
 
+/// One stream of appends: a `demo append` process, started again for the rest of its window
+/// when it fails (a terminated connection ends it).
 struct Appender {
     number: u64,
     start_at: Duration,
+    end_at: Duration,
     events: u64,
+    /// Events per second wanted.
+    per_second: f64,
+    /// `--rate` that gives about `per_second`.
     rate: Option<u64>,
     child: Option<Child>,
+    /// Processes started so far.
+    runs: u32,
+    /// Processes that failed.
+    failures: u32,
     exit: Option<ExitStatus>,
 }
 
@@ -710,8 +733,6 @@ impl Chaos<'_> {
             if !all && now < until {
                 continue;
             }
-            signal(&self.workers[i].child, "CONT")?;
-            self.workers[i].state = State::Running;
             let id = self.workers[i].id.clone();
             // The leader's log says whether the stopped worker was evicted while stopped.
             let evictions =
@@ -723,15 +744,61 @@ impl Chaos<'_> {
                         "evicted while stopped ({by} logged `Stale worker cleaned` at {at}); now a zombie"
                     )
                 }
-                None => "not evicted while stopped (no `Stale worker cleaned` for it in any log)"
-                    .to_owned(),
+                None => {
+                    let mut text =
+                        "not evicted while stopped (no `Stale worker cleaned` for it in any log)"
+                            .to_owned();
+                    if let Some(waiting) = self.waiting_on_locks() {
+                        text.push_str(&format!("; {waiting}"));
+                    }
+                    text
+                }
             };
+            signal(&self.workers[i].child, "CONT")?;
+            self.workers[i].state = State::Running;
             self.log(&format!(
                 "SIGCONT {id} after {:.1}s stopped: {evicted}",
                 since.elapsed().as_secs_f64()
             ));
         }
         Ok(())
+    }
+
+    /// On PostgreSQL: the sessions of the run's database waiting on a lock, and on whom (a
+    /// stopped worker in the middle of a transaction holds its locks while stopped).
+    fn waiting_on_locks(&self) -> Option<String> {
+        let (admin, database) = self.postgres.as_ref()?;
+        let waiting = psql(
+            admin,
+            &format!(
+                "SELECT a.pid || ' waits for ' || array_to_string(pg_blocking_pids(a.pid), ',') \
+                 || ' (' || left(regexp_replace(a.query, '\\s+', ' ', 'g'), 60) || ')' \
+                 FROM pg_stat_activity a WHERE a.datname = '{database}' \
+                 AND cardinality(pg_blocking_pids(a.pid)) > 0 ORDER BY a.pid"
+            ),
+        )
+        .ok()?;
+        let waiting: Vec<&str> = waiting.lines().filter(|l| !l.is_empty()).collect();
+        if waiting.is_empty() {
+            return None;
+        }
+        let holders = psql(
+            admin,
+            &format!(
+                "SELECT b.pid || ' ' || b.state || ' after (' \
+                 || left(regexp_replace(b.query, '\\s+', ' ', 'g'), 60) || ')' \
+                 FROM pg_stat_activity b WHERE b.pid IN (SELECT unnest(pg_blocking_pids(a.pid)) \
+                 FROM pg_stat_activity a WHERE a.datname = '{database}') ORDER BY b.pid"
+            ),
+        )
+        .unwrap_or_default();
+        let holders: Vec<&str> = holders.lines().filter(|l| !l.is_empty()).collect();
+        Some(format!(
+            "{} sessions were waiting on locks at SIGCONT: {}; lock holders: {}",
+            waiting.len(),
+            waiting.join("; "),
+            holders.join("; ")
+        ))
     }
 
     /// Notices workers that exited: expected after SIGTERM, a violation otherwise. A worker
@@ -788,56 +855,68 @@ impl Chaos<'_> {
         Ok(())
     }
 
-    /// Starts appenders whose moment came; notices those that finished.
+    fn spawn_appender(&mut self, index: usize, events: u64) -> Result<String> {
+        let appender = &self.appenders[index];
+        let events = events.to_string();
+        let rate = appender.rate.map(|r| r.to_string());
+        let mut args = vec!["demo", "append", "--events", &events, "--aggregates", AGGREGATES];
+        if let Some(rate) = &rate {
+            args.extend(["--rate", rate]);
+        }
+        match self.options.store {
+            Store::Postgres => args.extend(["--concurrency", "4", "--hold-open", "20"]),
+            Store::Sqlite => args.extend(["--concurrency", "2"]),
+        }
+        let log = match appender.runs {
+            0 => format!("append-{}.log", appender.number),
+            runs => format!("append-{}.{}.log", appender.number, runs + 1),
+        };
+        let child = self.procs.spawn(&args, &log)?;
+        let message = format!("(pid {}, log {log}): {}", child.id(), args.join(" "));
+        let appender = &mut self.appenders[index];
+        appender.child = Some(child);
+        appender.runs += 1;
+        Ok(message)
+    }
+
+    /// Starts appenders whose moment came; notices those that finished; starts a failed one
+    /// again for the rest of its window (the events that exist are what `demo verify` counts).
     fn appenders(&mut self) -> Result<()> {
         let elapsed = self.started.elapsed();
-        let mut messages = Vec::new();
-        for appender in &mut self.appenders {
-            match (&mut appender.child, appender.exit) {
-                (None, None) if elapsed >= appender.start_at => {
-                    let events = appender.events.to_string();
-                    let rate = appender.rate.map(|r| r.to_string());
-                    let mut args =
-                        vec!["demo", "append", "--events", &events, "--aggregates", AGGREGATES];
-                    if let Some(rate) = &rate {
-                        args.extend(["--rate", rate]);
-                    }
-                    match self.options.store {
-                        Store::Postgres => args.extend(["--concurrency", "4", "--hold-open", "20"]),
-                        Store::Sqlite => args.extend(["--concurrency", "2"]),
-                    }
-                    let log = format!("append-{}.log", appender.number);
-                    let child = self.procs.spawn(&args, &log)?;
-                    messages.push(format!(
-                        "appender {} starts (pid {}): {}",
-                        appender.number,
-                        child.id(),
-                        args.join(" ")
-                    ));
-                    appender.child = Some(child);
-                }
-                (Some(child), None) => {
-                    if let Some(status) = child.try_wait()? {
-                        appender.exit = Some(status);
-                        messages.push(format!(
-                            "appender {} finished ({status}){}",
-                            appender.number,
-                            if status.success() {
-                                String::new()
-                            } else {
-                                format!(
-                                    ": tolerated, the events that exist are counted; see append-{}.log",
-                                    appender.number
-                                )
-                            }
-                        ));
-                    }
-                }
-                _ => {}
+        for index in 0..self.appenders.len() {
+            let appender = &mut self.appenders[index];
+            let number = appender.number;
+            if appender.exit.is_some() {
+                continue;
             }
-        }
-        for message in messages {
-            self.log(&message);
+            let Some(child) = &mut appender.child else {
+                if elapsed >= appender.start_at {
+                    let events = appender.events;
+                    let started = self.spawn_appender(index, events)?;
+                    self.log(&format!("appender {number} starts {started}"));
+                }
+                continue;
+            };
+            let Some(status) = child.try_wait()? else { continue };
+            appender.child = None;
+            if status.success() {
+                appender.exit = Some(status);
+                self.log(&format!("appender {number} finished"));
+                continue;
+            }
+            appender.failures += 1;
+            let left = appender.end_at.saturating_sub(elapsed);
+            if left < Duration::from_secs(1) {
+                appender.exit = Some(status);
+                self.log(&format!("appender {number} failed ({status}): tolerated"));
+                continue;
+            }
+            let events = (appender.per_second * left.as_secs_f64()).ceil() as u64;
+            let started = self.spawn_appender(index, events.max(1))?;
+            self.log(&format!(
+                "appender {number} failed ({status}; tolerated): again for the {:.1}s left {started}",
+                left.as_secs_f64()
+            ));
         }
         Ok(())
     }
@@ -868,15 +947,20 @@ fn plan_appenders(options: &Options) -> Vec<Appender> {
     (0..APPENDERS)
         .map(|i| {
             let events = options.events / APPENDERS + u64::from(i < options.events % APPENDERS);
-            let wanted = events as f64 / (run * 0.6);
-            let sleep_ms = concurrency * 1000.0 / wanted - per_append_ms;
+            let per_second = events as f64 / (run * 0.6);
+            let sleep_ms = concurrency * 1000.0 / per_second - per_append_ms;
             let rate = (sleep_ms >= 1.0).then(|| (concurrency * 1000.0 / sleep_ms).ceil() as u64);
+            let start = run * (0.02 + 0.1 * i as f64);
             Appender {
                 number: i + 1,
-                start_at: Duration::from_secs_f64(run * (0.02 + 0.1 * i as f64)),
+                start_at: Duration::from_secs_f64(start),
+                end_at: Duration::from_secs_f64(start + run * 0.6),
                 events,
+                per_second,
                 rate,
                 child: None,
+                runs: 0,
+                failures: 0,
                 exit: None,
             }
         })
@@ -965,6 +1049,19 @@ fn evictions(dir: &Path, id: &str, from: &str, to: &str) -> Vec<(String, String)
     }
     found.sort();
     found
+}
+
+/// Lines of the worker logs that contain `needle`.
+fn count_in_logs(dir: &Path, needle: &str) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("chaos-"))
+        .map(|e| {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            text.lines().filter(|line| line.contains(needle)).count()
+        })
+        .sum()
 }
 
 /// Runs `demo verify`: (passed, report).
@@ -1139,8 +1236,8 @@ pub(crate) fn chaos(args: &[String]) -> Result<()> {
         options.workers, outcome.processes, outcome.final_workers
     );
     println!(
-        "events appended:  {appended} (asked {}; {} of {APPENDERS} appenders failed)",
-        options.events, outcome.appenders_failed
+        "events appended:  {appended} (asked {}; {} appender processes, {} failed)",
+        options.events, outcome.appender_runs, outcome.appenders_failed
     );
     println!(
         "faults injected:  {}: {}",
@@ -1148,8 +1245,11 @@ pub(crate) fn chaos(args: &[String]) -> Result<()> {
         if faults.is_empty() { "none".to_owned() } else { faults.join(", ") }
     );
     println!(
-        "rebalances:       generation {} at the end",
-        outcome.generation.map_or("unknown".to_owned(), |g| g.to_string())
+        "rebalances:       generation {} at the end; {} `Stale worker cleaned`, {} `Commit fenced` \
+         in the worker logs",
+        outcome.generation.map_or("unknown".to_owned(), |g| g.to_string()),
+        count_in_logs(&procs.dir, "Stale worker cleaned"),
+        count_in_logs(&procs.dir, "Commit fenced")
     );
     println!(
         "max lag seen:     {} events (status polled {} times, {} failed)",
@@ -1196,7 +1296,8 @@ struct Outcome {
     violations: Vec<String>,
     processes: u32,
     final_workers: usize,
-    appenders_failed: usize,
+    appender_runs: u32,
+    appenders_failed: u32,
     appends_done: Duration,
     converged_in: Option<Duration>,
     not_converged: String,
@@ -1343,11 +1444,8 @@ fn run(procs: &Procs, options: &Options, postgres: Option<(String, String)>) -> 
         violations: std::mem::take(&mut chaos.violations),
         processes: chaos.next_worker,
         final_workers,
-        appenders_failed: chaos
-            .appenders
-            .iter()
-            .filter(|a| a.exit.is_some_and(|status| !status.success()))
-            .count(),
+        appender_runs: chaos.appenders.iter().map(|a| a.runs).sum(),
+        appenders_failed: chaos.appenders.iter().map(|a| a.failures).sum(),
         appends_done,
         converged_in,
         not_converged,

@@ -49,16 +49,22 @@ impl EventStore for PgStore {
                 .collect::<std::collections::BTreeSet<_>>()
                 .len()
                 == request.cursors.len();
-        let (sql, cursors) = match request.uniform_cursor() {
+        let (sql, cursors, planned_each_time) = match request.uniform_cursor() {
             Some(after) if every_slot => {
-                (read_all_slots_sql(&self.tables.events), vec![(None, after)])
+                (read_all_slots_sql(&self.tables.events), vec![(None, after)], true)
             }
             _ => (
                 read_per_slot_sql(&self.tables.events, request.cursors.len()),
                 request.cursors.iter().map(|(s, p)| (Some(*s), *p)).collect(),
+                false,
             ),
         };
+        // The one-range read is planned at every call (0.3 ms): a plan cached while the events
+        // table was empty sorts everything after the cursor instead of walking the index, and
+        // would be kept until autovacuum analyzed the table. The per-slot read costs too much to
+        // plan each time (17 ms for 256 slots) and has no such cheaper-looking alternative.
         let mut query = sqlx::query(&sql)
+            .persistent(!planned_each_time)
             .bind(request.limit as i64)
             .bind(&request.scope.aggregate_types)
             .bind(&request.scope.bounded_contexts);

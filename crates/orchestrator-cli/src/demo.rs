@@ -44,7 +44,8 @@ pub(crate) async fn create_audit_table(db: &Database) -> Result<()> {
                      projection TEXT NOT NULL, global_position INTEGER NOT NULL, aggregate_id TEXT NOT NULL, \
                      aggregate_version INTEGER NOT NULL, slot INTEGER NOT NULL, times INTEGER NOT NULL, \
                      handled_seq INTEGER NOT NULL, worker_id TEXT NOT NULL, created_at TEXT NOT NULL, \
-                     handled_at TEXT NOT NULL, PRIMARY KEY (projection, global_position))",
+                     handled_at TEXT NOT NULL, PRIMARY KEY (projection, global_position)); \
+                 CREATE INDEX IF NOT EXISTS demo_audit_handled_seq ON demo_audit (handled_seq)",
             )
             .execute(store.pool())
             .await?;
