@@ -3,6 +3,8 @@
 //! Lock order: every transaction that changes slot ownership locks the replica set row first
 //! (`register`, `create_generation`, `release_slot`, `deregister`), so they serialize without
 //! deadlocks, and a fenced commit only needs that one row FOR SHARE to hold them all off.
+//! The leader lease lives in its own row (`leases`), which no commit locks: heartbeats and leader
+//! failover never wait behind a commit, not even one whose worker froze half way through.
 
 use std::time::Duration;
 
@@ -78,6 +80,14 @@ impl CoordinationStore for PgStore {
             .await
             .map_err(err)?;
         }
+        sqlx::query(&format!(
+            "INSERT INTO {} (replica_set) VALUES ($1) ON CONFLICT (replica_set) DO NOTHING",
+            t.leases
+        ))
+        .bind(replica_set.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
         let row = sqlx::query(&format!(
             "UPDATE {} SET last_incarnation = last_incarnation + 1 WHERE name = $1 \
              RETURNING slot_count, last_incarnation",
@@ -155,10 +165,10 @@ impl CoordinationStore for PgStore {
         let leader = sqlx::query(&format!(
             "UPDATE {} SET leader = $2, leader_incarnation = $3, \
                  lease_expires_at = clock_timestamp() + $4 * INTERVAL '1 millisecond' \
-             WHERE name = $1 AND (leader IS NULL OR lease_expires_at IS NULL \
+             WHERE replica_set = $1 AND (leader IS NULL OR lease_expires_at IS NULL \
                  OR lease_expires_at <= clock_timestamp() \
                  OR (leader = $2 AND leader_incarnation = $3))",
-            t.replica_sets
+            t.leases
         ))
         .bind(replica_set.as_str())
         .bind(worker.as_str())
@@ -182,10 +192,10 @@ impl CoordinationStore for PgStore {
             .await
             .map_err(err)?;
         let Some(set) = sqlx::query(&format!(
-            "SELECT slot_count, generation, members, leader, leader_incarnation, \
-                 (GREATEST(EXTRACT(EPOCH FROM lease_expires_at - clock_timestamp()), 0) * 1000)::bigint \
-             FROM {} WHERE name = $1",
-            t.replica_sets
+            "SELECT r.slot_count, r.generation, r.members, l.leader, l.leader_incarnation, \
+                 (GREATEST(EXTRACT(EPOCH FROM l.lease_expires_at - clock_timestamp()), 0) * 1000)::bigint \
+             FROM {} AS r LEFT JOIN {} AS l ON l.replica_set = r.name WHERE r.name = $1",
+            t.replica_sets, t.leases
         ))
         .bind(replica_set.as_str())
         .fetch_optional(&mut *tx)
@@ -268,10 +278,11 @@ impl CoordinationStore for PgStore {
         let t = &self.tables;
         let mut tx = self.pool.begin().await.map_err(err)?;
         let Some(row) = sqlx::query(&format!(
-            "SELECT generation, leader = $2 AND leader_incarnation = $3 \
-                 AND lease_expires_at > clock_timestamp() \
-             FROM {} WHERE name = $1 FOR UPDATE",
-            t.replica_sets
+            "SELECT r.generation, l.leader = $2 AND l.leader_incarnation = $3 \
+                 AND l.lease_expires_at > clock_timestamp() \
+             FROM {} AS r LEFT JOIN {} AS l ON l.replica_set = r.name \
+             WHERE r.name = $1 FOR UPDATE OF r",
+            t.replica_sets, t.leases
         ))
         .bind(replica_set.as_str())
         .bind(plan.leader.as_str())
@@ -486,8 +497,8 @@ impl CoordinationStore for PgStore {
         .map_err(err)?;
         sqlx::query(&format!(
             "UPDATE {} SET leader = NULL, lease_expires_at = NULL \
-             WHERE name = $1 AND leader = $2 AND leader_incarnation = $3",
-            t.replica_sets
+             WHERE replica_set = $1 AND leader = $2 AND leader_incarnation = $3",
+            t.leases
         ))
         .bind(replica_set.as_str())
         .bind(worker.as_str())

@@ -49,6 +49,7 @@ pub struct PgStore {
 struct Tables {
     events: String,
     replica_sets: String,
+    leases: String,
     workers: String,
     slots: String,
     generations: String,
@@ -70,6 +71,7 @@ impl PgStore {
         let tables = Tables {
             events: format!("{p}events"),
             replica_sets: format!("{p}replica_sets"),
+            leases: format!("{p}leases"),
             workers: format!("{p}workers"),
             slots: format!("{p}slots"),
             generations: format!("{p}generations"),

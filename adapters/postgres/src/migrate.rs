@@ -7,8 +7,10 @@ use sqlx::{Executor, PgPool};
 use crate::error::classify;
 
 /// The migrations, in order: (version, name, SQL with `{prefix}` placeholders).
-const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "init", include_str!("../../../migrations/postgres/0001_init.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "init", include_str!("../../../migrations/postgres/0001_init.sql")),
+    (2, "leases", include_str!("../../../migrations/postgres/0002_leases.sql")),
+];
 
 /// Creates or upgrades every table under `prefix`, and records the event store's slot count
 /// (`slot_count` on a new store; an existing store keeps its own and a different one is refused).

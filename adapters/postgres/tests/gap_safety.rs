@@ -235,6 +235,37 @@ async fn a_move_waits_for_a_commit_in_progress() {
     schema.drop_schema().await;
 }
 
+/// A commit holds the replica set row FOR SHARE; a worker frozen half way through one holds it
+/// until its session ends. Heartbeats, and taking over an expired lease, must not wait for it:
+/// otherwise every heartbeat stalls and no new leader can be chosen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_and_lease_takeover_do_not_wait_behind_a_commit() {
+    let Some(schema) = TestSchema::start(SlotCount::new(8).unwrap()).await else { return };
+    let store = schema.store.clone();
+    let rs = ReplicaSetName::new("main").unwrap();
+    let (w1, w2) = (WorkerId::new("w1").unwrap(), WorkerId::new("w2").unwrap());
+    let slots = SlotCount::new(8).unwrap();
+    let inc1 = store.register(&rs, slots, &w1).await.unwrap();
+    let inc2 = store.register(&rs, slots, &w2).await.unwrap();
+    let lease = Duration::from_millis(300);
+    assert!(store.heartbeat(&rs, &w1, inc1, lease).await.unwrap().leader);
+
+    let mut frozen_commit = store.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM orch_replica_sets WHERE name = 'main' FOR SHARE")
+        .execute(&mut *frozen_commit)
+        .await
+        .unwrap();
+    let within = Duration::from_secs(5);
+    let beat = tokio::time::timeout(within, store.heartbeat(&rs, &w2, inc2, lease)).await;
+    assert!(!beat.expect("a heartbeat waited behind the commit").unwrap().leader);
+    tokio::time::sleep(lease + Duration::from_millis(100)).await;
+    let takeover = tokio::time::timeout(within, store.heartbeat(&rs, &w2, inc2, lease)).await;
+    assert!(takeover.expect("taking the lease waited behind the commit").unwrap().leader);
+    assert_eq!(store.snapshot(&rs).await.unwrap().leader().map(|l| &l.holder), Some(&w2));
+    frozen_commit.rollback().await.unwrap();
+    schema.drop_schema().await;
+}
+
 /// Columns decoded from PostgreSQL's binary form (transaction id, event id, metadata, creation
 /// time) match what SQL says they are.
 #[tokio::test]
