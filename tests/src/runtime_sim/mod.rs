@@ -55,7 +55,8 @@ impl SimConfig {
     /// The standard run for a seed: 60 steps, 32 slots, standard fault rates, the strategy picked
     /// by the seed.
     pub fn standard(seed: u64) -> Self {
-        let strategy = if seed.is_multiple_of(2) { Strategy::Incremental } else { Strategy::Recreate };
+        let strategy =
+            if seed.is_multiple_of(2) { Strategy::Incremental } else { Strategy::Recreate };
         Self { seed, strategy, steps: 60, slots: 32, rates: FaultRates::standard() }
     }
 }
