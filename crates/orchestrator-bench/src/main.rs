@@ -269,6 +269,18 @@ fn report(what: &str, runs: &[(Duration, Duration)], events: usize) {
     );
 }
 
+/// The references' read: keyset pagination on `table`'s primary key, fetching the columns the port
+/// decodes (PostgreSQL placeholders, or SQLite's when `sqlite`).
+pub(crate) fn keyset_read_sql(table: &str, sqlite: bool) -> String {
+    let (after, limit) = if sqlite { ("?", "?") } else { ("$1", "$2") };
+    format!(
+        "SELECT global_position, bounded_context, aggregate_type, aggregate_id, aggregate_version, \
+             slot, event_id, event_type, event_version, payload, metadata, causation_id, \
+             correlation_id, trace_id, created_at \
+         FROM {table} WHERE global_position > {after} ORDER BY global_position LIMIT {limit}"
+    )
+}
+
 pub(crate) fn new_event(n: usize) -> NewEvent {
     let mut id = [0u8; 16];
     id[8..].copy_from_slice(&(n as u64).to_be_bytes());
@@ -358,16 +370,11 @@ async fn read_plain(pool: &PgPool, events: usize) -> Result<Duration> {
     let mut seen = 0;
     let started = Instant::now();
     while seen < events {
-        let rows = sqlx::query(
-            "SELECT global_position, bounded_context, aggregate_type, aggregate_id, aggregate_version, \
-                 slot, event_id, event_type, event_version, payload, metadata, causation_id, \
-                 correlation_id, trace_id, created_at \
-             FROM plain_events WHERE global_position > $1 ORDER BY global_position LIMIT $2",
-        )
-        .bind(after)
-        .bind(BATCH as i64)
-        .fetch_all(pool)
-        .await?;
+        let rows = sqlx::query(&crate::keyset_read_sql("plain_events", false))
+            .bind(after)
+            .bind(BATCH as i64)
+            .fetch_all(pool)
+            .await?;
         let Some(last) = rows.last() else { bail!("plain read stopped at {seen}") };
         after = last.get(0);
         seen += rows.len();

@@ -161,16 +161,11 @@ pub(crate) async fn plain_read_checkpoint(pool: &PgPool, events: u64, batch: usi
     let started = Instant::now();
     while seen < events {
         let mut tx = pool.begin().await?;
-        let rows = sqlx::query(
-            "SELECT global_position, bounded_context, aggregate_type, aggregate_id, aggregate_version, \
-                 slot, event_id, event_type, event_version, payload, metadata, causation_id, \
-                 correlation_id, trace_id, created_at \
-             FROM orch_events WHERE global_position > $1 ORDER BY global_position LIMIT $2",
-        )
-        .bind(after)
-        .bind(batch as i64)
-        .fetch_all(&mut *tx)
-        .await?;
+        let rows = sqlx::query(&crate::keyset_read_sql("orch_events", false))
+            .bind(after)
+            .bind(batch as i64)
+            .fetch_all(&mut *tx)
+            .await?;
         let Some(last) = rows.last() else { bail!("plain loop stopped at {seen}") };
         after = last.get(0);
         seen += rows.len() as u64;
