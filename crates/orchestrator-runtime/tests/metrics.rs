@@ -429,3 +429,63 @@ async fn coordination_timeouts_are_counted() {
     heartbeats.abort();
     a.leave().await;
 }
+
+/// A no-op projection on PostgreSQL.
+struct PgNoop;
+
+#[async_trait]
+impl Projection<orchestrator_postgres::PgTx> for PgNoop {
+    fn name(&self) -> &str {
+        "orders"
+    }
+    async fn handle(
+        &self,
+        _tx: &mut orchestrator_postgres::PgTx,
+        _event: &Event,
+    ) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+/// On PostgreSQL a transaction that appended and stays open holds every reader back; the worker
+/// reports for how long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_read_horizon_stall_is_reported_on_postgres() {
+    let slots = SlotCount::new(SLOTS).unwrap();
+    let Some(schema) = orchestrator_postgres::testing::TestSchema::start(slots).await else {
+        return;
+    };
+    let telemetry = Telemetry::new().unwrap();
+    let server = telemetry.serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let worker = Orchestrator::new(schema.store.clone(), settings("worker-a"))
+        .unwrap()
+        .with_telemetry(&telemetry);
+    let projections: Vec<Arc<dyn Projection<orchestrator_postgres::PgTx>>> = vec![Arc::new(PgNoop)];
+    let task = tokio::spawn(worker.run(
+        async {
+            let _ = stopped.await;
+        },
+        projections,
+    ));
+    let stream = StreamId::new("sales", "Order", "order-1");
+    let event = NewEvent {
+        event_id: EventId([7; 16]),
+        event_type: "Placed".into(),
+        event_version: 1,
+        payload: Vec::new(),
+        metadata: "{}".into(),
+        tracing: Tracing::default(),
+    };
+    let (open, _) =
+        schema.store.append_uncommitted(&stream, ExpectedVersion::Any, &[event]).await.unwrap();
+    let running = Running { telemetry_server: server, stop: Some(stop), task };
+    let rs = [("replica_set", RS)];
+    running
+        .wait_for("pupsourcing_orchestrator_read_horizon_stall_seconds", &rs, |v| v >= 0.5)
+        .await;
+    drop(open);
+    running.wait_for("pupsourcing_orchestrator_read_horizon_stall_seconds", &rs, |v| v < 0.5).await;
+    running.leave().await;
+    schema.drop_schema().await;
+}
