@@ -21,6 +21,7 @@ use anyhow::{Context, Result, bail};
 mod chaos;
 mod cluster;
 mod demo;
+mod json;
 mod procs;
 
 /// Crates `orchestrator-core` may depend on (normal edges): no IO, no runtime, no clock.

@@ -141,9 +141,12 @@ struct WorkerArgs {
     /// Events per batch.
     #[arg(long, env = "BATCH_SIZE")]
     batch_size: Option<usize>,
-    /// recreate or incremental.
+    /// incremental (default) or recreate.
     #[arg(long, env = "STRATEGY")]
     strategy: Option<String>,
+    /// Attempts of a failing batch before its projection stops the worker.
+    #[arg(long, env = "HANDLER_MAX_ATTEMPTS")]
+    handler_max_attempts: Option<u32>,
     /// Serve /metrics, /healthz and /readyz on this address, like 0.0.0.0:9090 (default: no server).
     #[arg(long, env = "METRICS_ADDR")]
     metrics_addr: Option<String>,
@@ -318,6 +321,9 @@ fn worker_settings(args: &WorkerArgs, prefix: TablePrefix, slots: SlotCount) -> 
     if let Some(strategy) = &args.strategy {
         settings.strategy = parse_strategy(strategy)
             .map_err(|rule| anyhow::anyhow!("invalid --strategy: {rule}"))?;
+    }
+    if let Some(attempts) = args.handler_max_attempts {
+        settings.retry.max_attempts = attempts;
     }
     settings.table_prefix = prefix;
     settings.slots = slots;

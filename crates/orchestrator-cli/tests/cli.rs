@@ -80,6 +80,7 @@ fn bad_settings_name_the_setting() {
     refuses(&worker(&["--stale-worker-timeout", "5s"]), 1, "invalid stale_worker_timeout");
     refuses(&worker(&["--batch-size", "0"]), 1, "invalid batch_size");
     refuses(&worker(&["--strategy", "yolo"]), 1, "invalid --strategy");
+    refuses(&worker(&["--handler-max-attempts", "0"]), 1, "invalid handler_max_attempts");
     refuses(&orchestrator(&dir, &["--slots", "100", "migrate"]), 1, "invalid --slots");
     refuses(
         &orchestrator(&dir, &["--table-prefix", "x; drop", "migrate"]),
