@@ -263,8 +263,17 @@ impl<S: Store> Driver<S> {
                 _ => None,
             };
             self.engine.handle(now, input);
+            // Slots lost together (a reset fences every slot at once) make one warning, not one
+            // per slot.
+            let mut lost = Vec::new();
             for notice in self.engine.take_notices() {
-                self.log(&notice, observed.as_ref());
+                match notice {
+                    Notice::OwnershipLost { slot } => lost.push(slot),
+                    notice => self.log(&notice, observed.as_ref()),
+                }
+            }
+            if !lost.is_empty() {
+                self.log_lost(&lost, observed.as_ref());
             }
             let mut results = Vec::new();
             for command in self.engine.take_commands() {
@@ -447,9 +456,7 @@ impl<S: Store> Driver<S> {
                 self.metrics.processing(generation.0, *slots);
                 info!(generation = generation.0, slots, "Worker processing (not a member yet):");
             }
-            Notice::OwnershipLost { slot } => {
-                warn!(slot = slot.0, partition = ?partition(snapshot).map(|p| p.to_string()), "Partition assignment mismatch: slot {slot} now belongs to another worker");
-            }
+            Notice::OwnershipLost { slot } => self.log_lost(&[*slot], snapshot),
             Notice::ContactLost => {
                 self.health.set_ready(false);
                 warn!("No heartbeat acknowledged within stale_worker_timeout: pausing processing")
@@ -457,6 +464,26 @@ impl<S: Store> Driver<S> {
             Notice::Superseded => {
                 warn!(worker_id = %me, "Worker id registered again by another process: stopping");
                 self.outcome = Err(RunError::Superseded(me.clone()));
+            }
+        }
+    }
+}
+
+impl<S: Store> Driver<S> {
+    fn log_lost(&self, slots: &[orchestrator_core::Slot], snapshot: Option<&Snapshot>) {
+        let me = &self.settings.worker_id;
+        let partition = snapshot.and_then(|s| s.partition_of(me)).map(|p| p.to_string());
+        match slots {
+            [slot] => {
+                warn!(
+                    slot = slot.0,
+                    ?partition,
+                    "Partition assignment mismatch: slot {slot} now belongs to another worker"
+                );
+            }
+            _ => {
+                let list: Vec<String> = slots.iter().map(|s| s.0.to_string()).collect();
+                warn!(slots = %list.join(","), ?partition, "Partition assignment mismatch: {} slots now belong to another worker or have a new epoch", slots.len());
             }
         }
     }
