@@ -260,12 +260,40 @@ pub(crate) async fn append(db: &Database, plan: &AppendPlan) -> Result<u64> {
 }
 
 async fn append_one(store: &impl EventStore, stream: &StreamId, event: NewEvent) -> Result<()> {
-    // Transient failures (a busy SQLite file, a restarting server) are retried: the demo must
-    // append exactly the number of events asked for.
+    retrying(|| async {
+        store.append(stream, ExpectedVersion::Any, vec![event.clone()]).await.map(drop)
+    })
+    .await
+}
+
+async fn append_held(
+    store: &PgStore,
+    stream: &StreamId,
+    event: NewEvent,
+    hold_ms: u64,
+) -> Result<()> {
+    retrying(|| async {
+        let (tx, _) = store
+            .append_uncommitted(stream, ExpectedVersion::Any, std::slice::from_ref(&event))
+            .await?;
+        tokio::time::sleep(Duration::from_millis(hold_ms)).await;
+        tx.commit().await.map_err(|e| orchestrator_postgres::classify_error("commit an append", e))
+    })
+    .await
+}
+
+/// Runs one append, retrying transient failures (a busy SQLite file, a restarting server, a
+/// killed connection): the demo must append exactly the number of events asked for. An append
+/// whose commit was cut off may have landed: its event id then comes back as a duplicate.
+async fn retrying<F, Fut>(mut append: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), orchestrator_core::ports::StoreError>>,
+{
     let mut attempt = 0;
     loop {
-        match store.append(stream, ExpectedVersion::Any, vec![event.clone()]).await {
-            Ok(_) => return Ok(()),
+        match append().await {
+            Ok(()) => return Ok(()),
             Err(err) if err.is_retryable() && attempt < 20 => {
                 attempt += 1;
                 tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
@@ -276,18 +304,6 @@ async fn append_one(store: &impl EventStore, stream: &StreamId, event: NewEvent)
             Err(err) => return Err(err.into()),
         }
     }
-}
-
-async fn append_held(
-    store: &PgStore,
-    stream: &StreamId,
-    event: NewEvent,
-    hold_ms: u64,
-) -> Result<()> {
-    let (tx, _) = store.append_uncommitted(stream, ExpectedVersion::Any, &[event]).await?;
-    tokio::time::sleep(Duration::from_millis(hold_ms)).await;
-    tx.commit().await?;
-    Ok(())
 }
 
 /// Per projection: rows, rows applied exactly once, distinct workers.
