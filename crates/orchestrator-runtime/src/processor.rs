@@ -63,6 +63,11 @@ struct OwnedSlot {
     cursors: Vec<Position>,
 }
 
+/// Projection `index`'s cursor of every owned slot.
+fn cursors_of(owned: &BTreeMap<Slot, OwnedSlot>, index: usize) -> Vec<(Slot, Position)> {
+    owned.iter().map(|(slot, o)| (*slot, o.cursors[index])).collect()
+}
+
 enum BatchOutcome {
     Committed,
     Lost(Slot),
@@ -170,7 +175,7 @@ impl<S: Store> Processor<S> {
     async fn measure_lag(&self, owned: &BTreeMap<Slot, OwnedSlot>) {
         for (index, projection) in self.projections.iter().enumerate() {
             let request = ReadRequest {
-                cursors: owned.iter().map(|(slot, o)| (*slot, o.cursors[index])).collect(),
+                cursors: cursors_of(owned, index),
                 scope: projection.scope(),
                 limit: LAG_COUNT_LIMIT,
             };
@@ -219,7 +224,7 @@ impl<S: Store> Processor<S> {
     ) -> Result<Option<BatchOutcome>, StoreError> {
         let projection = &self.projections[index];
         let mut request = ReadRequest {
-            cursors: owned.iter().map(|(slot, o)| (*slot, o.cursors[index])).collect(),
+            cursors: cursors_of(owned, index),
             scope: projection.scope(),
             limit: self.batch_size,
         };

@@ -8,7 +8,7 @@ use orchestrator_core::ports::BoxError;
 use orchestrator_memory::{MemoryStore, MemoryTx};
 use orchestrator_runtime::Projection;
 
-/// The projections every simulated worker runs (the second one batch by batch).
+/// The projections every simulated worker runs: two, each checked on its own.
 pub const PROJECTIONS: [&str; 2] = ["sim_audit", "sim_audit_batch"];
 
 fn applied_table(projection: &str) -> String {
@@ -64,20 +64,6 @@ impl Projection<MemoryTx> for Audit {
             );
         }
         tx.put(&versions, aggregate, event.aggregate_version.to_be_bytes().to_vec());
-        Ok(())
-    }
-
-    async fn handle_batch(
-        &self,
-        tx: &mut MemoryTx,
-        events: &[Event],
-    ) -> Result<(), orchestrator_runtime::HandlerError> {
-        for (index, event) in events.iter().enumerate() {
-            self.handle(tx, event).await.map_err(|source| orchestrator_runtime::HandlerError {
-                index: Some(index),
-                source,
-            })?;
-        }
         Ok(())
     }
 }

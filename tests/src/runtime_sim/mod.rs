@@ -208,7 +208,7 @@ impl Sim {
             tokio::time::sleep(pause).await;
             self.thaw_due();
             self.step();
-            self.check()?;
+            self.check().await?;
         }
         self.wind_down().await
     }
@@ -335,9 +335,9 @@ impl Sim {
     /// The invariants that hold at every moment (SPEC §4.4): no event applied twice and every
     /// aggregate in version order in what was committed, generations never going back, every slot
     /// with at most one owner, that owner a registered worker.
-    fn check(&mut self) -> Result<(), String> {
+    async fn check(&mut self) -> Result<(), String> {
         let rs = ReplicaSetName::new(REPLICA_SET).expect("valid");
-        let snapshot = match futures_ready(self.store.snapshot(&rs)) {
+        let snapshot = match self.store.snapshot(&rs).await {
             Ok(snapshot) => snapshot,
             Err(_) => return Ok(()), // no worker registered yet
         };
@@ -382,7 +382,7 @@ impl Sim {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             tokio::time::sleep(Duration::from_millis(250)).await;
-            self.check()?;
+            self.check().await?;
             if audit::all_applied(&self.store, appended) {
                 break;
             }
@@ -407,7 +407,7 @@ impl Sim {
                 Err(join) => return Err(format!("worker {} panicked: {join}", process.id)),
             }
         }
-        self.check()?;
+        self.check().await?;
         audit::check_committed(&self.store, Some(appended))
     }
 
@@ -423,14 +423,5 @@ impl Sim {
             faults,
             violation,
         }
-    }
-}
-
-/// Runs a future of the in-memory store, which completes on its first poll.
-fn futures_ready<F: std::future::Future>(future: F) -> F::Output {
-    let mut future = std::pin::pin!(future);
-    match future.as_mut().poll(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
-        std::task::Poll::Ready(output) => output,
-        std::task::Poll::Pending => unreachable!("the in-memory store never waits"),
     }
 }
