@@ -418,6 +418,24 @@ impl<S: Store> Driver<S> {
         }
     }
 
+    fn log_lost(&self, slots: &[orchestrator_core::Slot], snapshot: Option<&Snapshot>) {
+        let me = &self.settings.worker_id;
+        let partition = snapshot.and_then(|s| s.partition_of(me)).map(|p| p.to_string());
+        match slots {
+            [slot] => {
+                warn!(
+                    slot = slot.0,
+                    ?partition,
+                    "Partition assignment mismatch: slot {slot} now belongs to another worker"
+                );
+            }
+            _ => {
+                let list: Vec<String> = slots.iter().map(|s| s.0.to_string()).collect();
+                warn!(slots = %list.join(","), ?partition, "Partition assignment mismatch: {} slots now belong to another worker or have a new epoch", slots.len());
+            }
+        }
+    }
+
     fn log(&mut self, notice: &Notice, snapshot: Option<&Snapshot>) {
         let me = &self.settings.worker_id;
         let partition = |snapshot: Option<&Snapshot>| snapshot.and_then(|s| s.partition_of(me));
@@ -464,26 +482,6 @@ impl<S: Store> Driver<S> {
             Notice::Superseded => {
                 warn!(worker_id = %me, "Worker id registered again by another process: stopping");
                 self.outcome = Err(RunError::Superseded(me.clone()));
-            }
-        }
-    }
-}
-
-impl<S: Store> Driver<S> {
-    fn log_lost(&self, slots: &[orchestrator_core::Slot], snapshot: Option<&Snapshot>) {
-        let me = &self.settings.worker_id;
-        let partition = snapshot.and_then(|s| s.partition_of(me)).map(|p| p.to_string());
-        match slots {
-            [slot] => {
-                warn!(
-                    slot = slot.0,
-                    ?partition,
-                    "Partition assignment mismatch: slot {slot} now belongs to another worker"
-                );
-            }
-            _ => {
-                let list: Vec<String> = slots.iter().map(|s| s.0.to_string()).collect();
-                warn!(slots = %list.join(","), ?partition, "Partition assignment mismatch: {} slots now belong to another worker or have a new epoch", slots.len());
             }
         }
     }
