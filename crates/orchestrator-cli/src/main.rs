@@ -7,6 +7,7 @@ mod db;
 mod demo;
 mod reset;
 mod status;
+mod verify;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -249,7 +250,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Demo(DemoCommand::Verify) => {
             let db = db::open(&url, &prefix, slots).await?;
             demo::create_audit_table(&db).await?;
-            let report = demo::verify(&db, &prefix).await?;
+            let report = verify::verify(&db, &prefix).await?;
             println!("{report}");
             if !report.passed() {
                 anyhow::bail!("demo_audit check failed");
