@@ -4,13 +4,16 @@ use std::fmt;
 
 use thiserror::Error;
 
-/// A name or identifier given by the user was rejected.
+use crate::quote::quote;
+
+/// A name or identifier given by the user was rejected. The message quotes a long value briefly
+/// (its first characters and its length, see [`quote`]).
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[error("invalid {what} {value:?}: {rule}")]
+#[error("invalid {what} {}: {rule}", quote(.value))]
 pub struct InvalidName {
     /// Which kind of name was checked (`replica set name`, `worker id`, ...).
     pub what: &'static str,
-    /// The rejected value.
+    /// The rejected value, whole.
     pub value: String,
     /// The rule it broke.
     pub rule: String,
@@ -212,6 +215,22 @@ mod tests {
             err.to_string(),
             "invalid replica set name \"main projections\": use ASCII letters, digits, '-', '_' and '.', starting with a letter or digit"
         );
+    }
+
+    #[test]
+    fn a_long_name_is_quoted_briefly() {
+        let err = ReplicaSetName::new("x".repeat(5000)).unwrap_err();
+        assert_eq!(err.value.len(), 5000);
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "invalid replica set name {:?}… (5000 characters): must be at most 63 bytes",
+                "x".repeat(40)
+            )
+        );
+        let err = WorkerId::new(format!("a\n{}", " ".repeat(300))).unwrap_err().to_string();
+        assert!(err.starts_with("invalid worker id \"a\\n  "), "{err}");
+        assert!(err.contains("… (302 characters)") && !err.contains('\n'), "{err}");
     }
 
     #[test]

@@ -7,20 +7,24 @@
 #![deny(missing_docs)]
 
 pub mod assignment;
+pub mod duration;
 pub mod engine;
 pub mod event;
 pub mod ids;
 pub mod plan;
 pub mod ports;
+pub mod quote;
 pub mod slot;
 pub mod snapshot;
 pub mod time;
 pub mod timing;
 
+pub use duration::{InvalidDuration, parse_duration};
 pub use engine::{Command, Engine, EngineConfig, Input, Notice, Strategy};
 pub use event::{Event, EventId, ExpectedVersion, NewEvent, Position, Scope, StreamId, Tracing};
 pub use ids::{Epoch, Generation, Incarnation, InvalidName, ReplicaSetName, TablePrefix, WorkerId};
 pub use plan::{GenerationPlan, SlotAction, SlotChange};
+pub use quote::{Quoted, quote};
 pub use slot::{Slot, SlotCount, fnv1a_32};
 pub use snapshot::{Lease, Partition, SlotRecord, Snapshot, WorkerRecord};
 pub use time::{Clock, Timestamp};

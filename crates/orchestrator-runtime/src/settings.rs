@@ -3,8 +3,9 @@
 
 use std::time::Duration;
 
+pub use orchestrator_core::{InvalidDuration, parse_duration};
 use orchestrator_core::{
-    InvalidName, ReplicaSetName, SlotCount, Strategy, TablePrefix, Timing, WorkerId,
+    InvalidName, ReplicaSetName, SlotCount, Strategy, TablePrefix, Timing, WorkerId, quote,
 };
 use thiserror::Error;
 
@@ -137,7 +138,8 @@ impl Settings {
         ];
         for (key, slot) in durations {
             if let Some(text) = lookup(key) {
-                *slot = parse_duration(&text).map_err(|rule| InvalidSetting::new(key, rule))?;
+                *slot = parse_duration(&text)
+                    .map_err(|rule| InvalidSetting::new(key, rule.to_string()))?;
             }
         }
         if let Some(text) = lookup("BATCH_SIZE") {
@@ -163,13 +165,13 @@ impl Settings {
 }
 
 fn named(setting: &str, err: InvalidName) -> InvalidSetting {
-    InvalidSetting::new(setting, format!("{:?} {}", err.value, err.rule))
+    InvalidSetting::new(setting, format!("{} {}", quote(&err.value), err.rule))
 }
 
 fn parse_number(setting: &str, text: &str) -> Result<u64, InvalidSetting> {
     text.trim()
         .parse::<u64>()
-        .map_err(|_| InvalidSetting::new(setting, format!("{text:?} is not a whole number")))
+        .map_err(|_| InvalidSetting::new(setting, format!("{} is not a whole number", quote(text))))
 }
 
 /// Parses `rebalancing strategy` names.
@@ -177,34 +179,8 @@ pub fn parse_strategy(text: &str) -> Result<Strategy, String> {
     match text.trim().to_ascii_lowercase().as_str() {
         "recreate" => Ok(Strategy::Recreate),
         "incremental" => Ok(Strategy::Incremental),
-        other => Err(format!("{other:?} is not a strategy: use recreate or incremental")),
+        other => Err(format!("{} is not a strategy: use recreate or incremental", quote(other))),
     }
-}
-
-/// Parses durations written `250ms`, `5s`, `1m`, `1h` (a bare number is seconds). Zero and negative
-/// values are refused: every duration here is a wait or an interval.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    if number.is_empty() {
-        return Err(format!("{text:?} is not a duration: write it like 500ms, 5s or 1m"));
-    }
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration: write it like 500ms, 5s or 1m"))?;
-    let seconds = match unit.trim() {
-        "ms" => value / 1000.0,
-        "" | "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        other => return Err(format!("unknown unit {other:?} in {text:?}: use ms, s, m or h")),
-    };
-    let duration = Duration::from_secs_f64(seconds);
-    if duration < Duration::from_millis(1) {
-        return Err(format!("{text:?} must be at least 1ms"));
-    }
-    Ok(duration)
 }
 
 /// `<host>-<pid>` from `HOSTNAME` (the pod name in Kubernetes), else `worker-<pid>-<nanos>`.
@@ -233,14 +209,23 @@ mod tests {
     }
 
     #[test]
-    fn durations_parse_like_the_seed_writes_them() {
-        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+    fn durations_are_the_core_parser() {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
-        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("-5s").unwrap_err().contains("not a duration"));
-        assert!(parse_duration("5 parsecs").unwrap_err().contains("unknown unit"));
+        let err = Settings::from_lookup(env(&[("HEARTBEAT_INTERVAL", "5 parsecs")])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid HEARTBEAT_INTERVAL: unknown unit \"parsecs\" in \"5 parsecs\": use ms, s, m or h"
+        );
+    }
+
+    #[test]
+    fn long_values_are_quoted_briefly() {
+        let long = "x".repeat(5000);
+        for key in ["REPLICA_SET", "WORKER_ID", "BATCH_SIZE", "STRATEGY", "HEARTBEAT_INTERVAL"] {
+            let err = Settings::from_lookup(env(&[(key, &long)])).unwrap_err().to_string();
+            assert!(err.contains("… (5000 characters)"), "{key}: {err}");
+            assert!(err.len() < 200, "{key}: {err}");
+        }
     }
 
     #[test]
