@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-pub use orchestrator_core::{InvalidDuration, parse_duration};
+pub use orchestrator_core::parse_duration;
 use orchestrator_core::{
     InvalidName, ReplicaSetName, SlotCount, Strategy, TablePrefix, Timing, WorkerId, quote,
 };
