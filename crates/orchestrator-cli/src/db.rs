@@ -1,7 +1,7 @@
 //! The database behind `--database-url`: PostgreSQL or SQLite, chosen by the URL's scheme.
 
 use anyhow::{Context, Result, bail};
-use orchestrator_core::{SlotCount, TablePrefix};
+use orchestrator_core::{SlotCount, TablePrefix, quote};
 use orchestrator_postgres::PgStore;
 use orchestrator_sqlite::SqliteStore;
 
@@ -22,7 +22,10 @@ pub(crate) fn kind_of(url: &str) -> Result<&'static str> {
         Ok("sqlite")
     } else {
         let scheme = url.split(':').next().unwrap_or(url);
-        bail!("unknown database URL scheme {scheme:?}: use postgres://, postgresql:// or sqlite:")
+        bail!(
+            "unknown database URL scheme {}: use postgres://, postgresql:// or sqlite:",
+            quote(scheme)
+        )
     }
 }
 

@@ -9,13 +9,15 @@ mod reset;
 mod status;
 mod verify;
 
+use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
-use orchestrator_core::{ReplicaSetName, SlotCount, TablePrefix, WorkerId};
+use clap::error::{ContextKind, ContextValue};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use orchestrator_core::{ReplicaSetName, SlotCount, TablePrefix, WorkerId, quote};
 use orchestrator_runtime::{Orchestrator, Settings, Telemetry, parse_duration, parse_strategy};
 
 use crate::db::{DEFAULT_URL, Database};
@@ -37,8 +39,26 @@ struct Cli {
     /// Slot count of the event store (a power of two; fixed when the store is first migrated).
     #[arg(long, env = "SLOTS", global = true, default_value_t = 256)]
     slots: u64,
+    /// Log lines on stderr: text (coloured only on a terminal) or json (one object per line).
+    #[arg(
+        long,
+        env = "LOG_FORMAT",
+        global = true,
+        value_enum,
+        ignore_case = true,
+        default_value_t = LogFormat::Text
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines; ANSI colours only when stderr is a terminal.
+    Text,
+    /// One JSON object per line: timestamp, level, message, the event's fields, target, spans.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -83,6 +103,17 @@ struct StatusArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// The strategy the JSON form reports (the store does not record the workers' setting).
+    #[arg(long, env = "STRATEGY", default_value = "incremental")]
+    strategy: String,
+}
+
+#[derive(Debug, Args)]
+struct VerifyArgs {
+    /// Print one JSON object: events, projections (applied, exactly_once, duplicates, missing,
+    /// order_violations) and verdict (pass or fail).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -93,7 +124,7 @@ enum DemoCommand {
     Worker(WorkerArgs),
     /// Check demo_audit: every appended event applied exactly once per projection, each
     /// aggregate's events in version order. Exits 1 on any violation.
-    Verify,
+    Verify(VerifyArgs),
 }
 
 #[derive(Debug, Args)]
@@ -162,25 +193,29 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(err) => {
-            // clap spreads its message over several lines; keep what it says, on one line.
-            let text = err.to_string();
+            // clap spreads its message over several lines; keep what it says, on one line, with
+            // a long bad value quoted briefly.
+            let mut text = err.to_string();
+            if let Some(ContextValue::String(value)) = err.get(ContextKind::InvalidValue)
+                && value.chars().count() > orchestrator_core::quote::QUOTED_CHARS
+            {
+                text = text.replace(&format!("'{value}'"), &quote(value).to_string());
+            }
             let said: Vec<&str> = text
                 .lines()
                 .take_while(|line| !line.starts_with("Usage:"))
                 .map(str::trim)
-                .filter(|line| !line.is_empty() && !line.starts_with("tip:"))
+                .filter(|line| {
+                    !line.is_empty()
+                        && !line.starts_with("tip:")
+                        && !line.starts_with("For more information")
+                })
                 .collect();
             eprintln!("{} (see --help)", said.join(" "));
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,sqlx=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logs(cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -194,6 +229,19 @@ fn main() -> ExitCode {
             eprintln!("error: {}", one_line(&err));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Log lines on stderr, filtered by `RUST_LOG` (default `info,sqlx=warn`): text, coloured only
+/// when stderr is a terminal (not in a file, a pipe or a container's log), or one JSON object per
+/// line with the event's fields at the top level next to `message`.
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,sqlx=warn".into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
     }
 }
 
@@ -245,13 +293,24 @@ async fn run(cli: Cli) -> Result<()> {
             let replica_set = ReplicaSetName::new(args.replica_set.clone())
                 .map_err(|e| anyhow::anyhow!("invalid --replica-set: {e}"))?;
             let db = db::open(&url, &prefix, slots).await?;
-            status::print(&db, &replica_set, args.json).await
+            let format = if args.json {
+                let strategy = parse_strategy(&args.strategy)
+                    .map_err(|rule| anyhow::anyhow!("invalid --strategy: {rule}"))?;
+                status::Format::Json(strategy)
+            } else {
+                status::Format::Table
+            };
+            status::print(&db, &replica_set, format).await
         }
-        Command::Demo(DemoCommand::Verify) => {
+        Command::Demo(DemoCommand::Verify(args)) => {
             let db = db::open(&url, &prefix, slots).await?;
             demo::create_audit_table(&db).await?;
             let report = verify::verify(&db, &prefix).await?;
-            println!("{report}");
+            if args.json {
+                println!("{}", report.to_json()?);
+            } else {
+                println!("{report}");
+            }
             if !report.passed() {
                 anyhow::bail!("demo_audit check failed");
             }
@@ -337,7 +396,10 @@ fn parse_listen_addr(addr: &str) -> Result<SocketAddr> {
     use std::net::ToSocketAddrs as _;
     let full = if addr.starts_with(':') { format!("0.0.0.0{addr}") } else { addr.to_owned() };
     full.to_socket_addrs().ok().and_then(|mut addrs| addrs.next()).ok_or_else(|| {
-        anyhow::anyhow!("invalid --metrics-addr {addr:?}: expected host:port, like 0.0.0.0:9090")
+        anyhow::anyhow!(
+            "invalid --metrics-addr {}: expected host:port, like 0.0.0.0:9090",
+            quote(addr)
+        )
     })
 }
 

@@ -6,7 +6,8 @@ use anyhow::Result;
 use orchestrator_core::ports::{
     CheckpointStore, CoordinationStore, EventStore, ReadRequest, StoreError,
 };
-use orchestrator_core::{Partition, ReplicaSetName, Scope, Slot, Snapshot};
+use orchestrator_core::{Partition, ReplicaSetName, Scope, Slot, Snapshot, Strategy};
+use serde::Serialize;
 
 use crate::db::Database;
 
@@ -43,7 +44,19 @@ async fn lags<S: EventStore + CheckpointStore>(
     Ok(lags)
 }
 
-pub(crate) async fn print(db: &Database, replica_set: &ReplicaSetName, json: bool) -> Result<()> {
+/// How `status` prints.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Format {
+    Table,
+    /// JSON, with the strategy configured where the command runs.
+    Json(Strategy),
+}
+
+pub(crate) async fn print(
+    db: &Database,
+    replica_set: &ReplicaSetName,
+    format: Format,
+) -> Result<()> {
     let (snapshot, lags) = match db {
         Database::Postgres(store) => {
             (store.snapshot(replica_set).await, lags(store, replica_set).await?)
@@ -61,10 +74,11 @@ pub(crate) async fn print(db: &Database, replica_set: &ReplicaSetName, json: boo
         }
         Err(err) => return Err(err.into()),
     };
-    println!(
-        "{}",
-        if json { render_json(&snapshot, &lags) } else { render_table(&snapshot, &lags) }
-    );
+    let text = match format {
+        Format::Table => render_table(&snapshot, &lags),
+        Format::Json(strategy) => render_json(&snapshot, &lags, strategy)?,
+    };
+    println!("{text}");
     Ok(())
 }
 
@@ -135,55 +149,78 @@ fn render_table(snapshot: &Snapshot, lags: &[ProjectionLag]) -> String {
     out.trim_end().to_owned()
 }
 
-fn json_string(text: &str) -> String {
-    let mut out = String::from("\"");
-    for c in text.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+/// One replica set in the stable JSON form (SPEC §7).
+#[derive(Debug, Serialize)]
+struct ReplicaSetJson<'a> {
+    replica_set: &'a str,
+    generation: u64,
+    /// The strategy as configured where the command runs: the store does not record the
+    /// workers' own setting.
+    strategy: &'static str,
+    slots: u32,
+    workers: Vec<WorkerJson>,
+    projections: Vec<ProjectionJson<'a>>,
 }
 
-/// The stable JSON form (SPEC §7). `strategy` is null: it is each worker's setting, not stored.
-fn render_json(snapshot: &Snapshot, lags: &[ProjectionLag]) -> String {
-    let workers: Vec<String> = rows(snapshot)
-        .iter()
-        .map(|row| {
-            format!(
-                "{{\"id\":{},\"partition\":{},\"partitions\":{},\"state\":{},\"heartbeat_age_ms\":{},\"slots\":[{}]}}",
-                json_string(&row.id),
-                row.partition.map_or("null".to_owned(), |p| p.index.to_string()),
-                snapshot.members.len(),
-                json_string(state(row)),
-                row.heartbeat_age_ms,
-                row.slots.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
-            )
+#[derive(Debug, Serialize)]
+struct WorkerJson {
+    id: String,
+    /// The worker's index among the members; null while it is joining.
+    partition: Option<usize>,
+    /// How many members share the slots.
+    partitions: usize,
+    state: &'static str,
+    heartbeat_age_ms: u128,
+    slots: Vec<u32>,
+}
+
+#[derive(Debug, Serialize)]
+struct ProjectionJson<'a> {
+    name: &'a str,
+    lag_events: u64,
+    /// Seconds, to the millisecond.
+    lag_seconds: f64,
+}
+
+/// The stable JSON form (SPEC §7): an array with one object per replica set shown.
+fn render_json(
+    snapshot: &Snapshot,
+    lags: &[ProjectionLag],
+    strategy: Strategy,
+) -> serde_json::Result<String> {
+    let workers = rows(snapshot)
+        .into_iter()
+        .map(|row| WorkerJson {
+            state: state(&row),
+            id: row.id,
+            partition: row.partition.map(|p| p.index),
+            partitions: snapshot.members.len(),
+            heartbeat_age_ms: row.heartbeat_age_ms,
+            slots: row.slots,
         })
         .collect();
-    let projections: Vec<String> = lags
+    let projections = lags
         .iter()
-        .map(|lag| {
-            format!(
-                "{{\"name\":{},\"lag_events\":{},\"lag_seconds\":{:.3}}}",
-                json_string(&lag.name),
-                lag.events,
-                lag.seconds
-            )
+        .map(|lag| ProjectionJson {
+            name: &lag.name,
+            lag_events: lag.events,
+            lag_seconds: (lag.seconds * 1000.0).round() / 1000.0,
         })
         .collect();
-    format!(
-        "[{{\"replica_set\":{},\"generation\":{},\"strategy\":null,\"slots\":{},\"workers\":[{}],\"projections\":[{}]}}]",
-        json_string(snapshot.replica_set.as_str()),
-        snapshot.generation,
-        snapshot.slot_count,
-        workers.join(","),
-        projections.join(",")
-    )
+    serde_json::to_string(&[ReplicaSetJson {
+        replica_set: snapshot.replica_set.as_str(),
+        generation: snapshot.generation.0,
+        strategy: strategy_name(strategy),
+        slots: snapshot.slot_count.get(),
+        workers,
+        projections,
+    }])
+}
+
+/// The strategy as `STRATEGY` spells it.
+fn strategy_name(strategy: Strategy) -> &'static str {
+    match strategy {
+        Strategy::Recreate => "recreate",
+        Strategy::Incremental => "incremental",
+    }
 }

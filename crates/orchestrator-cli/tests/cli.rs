@@ -1,7 +1,11 @@
 //! The `orchestrator` command refuses bad input with one line on stderr and a non-zero exit.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("orch-cli-{}-{name}", std::process::id()));
@@ -175,12 +179,102 @@ fn projection_reset_refuses_while_workers_run_and_resets_when_stopped() {
         "running worker(s) (w1)",
     );
     // SIGTERM: the worker leaves gracefully, so the reset may go ahead at once.
-    let _ = Command::new("kill").args(["-TERM", &worker.id().to_string()]).status();
-    assert!(worker.wait().unwrap().success());
+    terminate(&mut worker);
     let reset = orchestrator(&dir, &["projection", "reset", "demo_audit"]);
     assert!(reset.status.success(), "{reset:?}");
     let status = orchestrator(&dir, &["status", "--json"]);
     let out = String::from_utf8_lossy(&status.stdout);
     assert!(out.contains("\"name\":\"demo_audit_batch\",\"lag_events\":0"), "{out}");
     assert!(!out.contains("\"name\":\"demo_audit\","), "demo_audit has no checkpoints left: {out}");
+}
+
+/// SIGTERM, then waits: the worker must leave gracefully.
+fn terminate(worker: &mut Child) {
+    kill(Pid::from_raw(worker.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(worker.wait().unwrap().success());
+}
+
+/// Runs a demo worker with `LOG_FORMAT` = `format` (unset when `None`), its stderr in a file (not
+/// a terminal), until it logged `needle`; returns the log.
+fn worker_log(dir: &Path, format: Option<&str>, needle: &str) -> String {
+    let log = dir.join(format!("worker-{}.log", format.unwrap_or("default")));
+    let mut command = Command::new(env!("CARGO_BIN_EXE_orchestrator"));
+    command
+        .args(["demo", "worker", "--worker-id", "w1", "--heartbeat-interval", "200ms"])
+        .args(["--stale-worker-timeout", "2s", "--registration-wait", "100ms"])
+        .current_dir(dir)
+        .env_remove("DATABASE_URL")
+        .env_remove("LOG_FORMAT")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    if let Some(format) = format {
+        command.env("LOG_FORMAT", format);
+    }
+    let mut worker = command.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains(needle) {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "no {needle:?} in the log: {text}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    terminate(&mut worker);
+    text
+}
+
+#[test]
+fn logs_have_no_colours_off_a_terminal_and_json_lines_on_request() {
+    let dir = temp_dir("logs");
+    let plain = worker_log(&dir, None, "Worker registered");
+    assert!(!plain.contains("\x1b["), "colour codes in a log file: {plain}");
+    let text = worker_log(&dir, Some("text"), "Worker registered");
+    assert!(!text.contains("\x1b["), "{text}");
+
+    let json = worker_log(&dir, Some("json"), "Worker registered");
+    let lines: Vec<serde_json::Value> = json
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}")))
+        .collect();
+    let registered = lines
+        .iter()
+        .find(|line| line["message"].as_str().is_some_and(|m| m.starts_with("Worker registered")))
+        .unwrap_or_else(|| panic!("no `Worker registered` object: {json}"));
+    assert_eq!(registered["level"], "INFO", "{registered}");
+    assert_eq!(registered["worker_id"], "w1", "{registered}");
+    assert!(registered["timestamp"].is_string(), "{registered}");
+
+    let bad = Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+        .arg("migrate")
+        .current_dir(&dir)
+        .env("LOG_FORMAT", "xml")
+        .output()
+        .unwrap();
+    refuses(&bad, 2, "xml");
+    refuses(&orchestrator(&dir, &["--log-format", "yaml", "migrate"]), 2, "yaml");
+}
+
+#[test]
+fn long_bad_values_are_quoted_briefly() {
+    let dir = temp_dir("long-values");
+    let long = "x".repeat(5000);
+    for args in [
+        vec!["demo", "worker", "--replica-set", &long],
+        vec!["demo", "worker", "--heartbeat-interval", &long],
+        vec!["demo", "worker", "--metrics-addr", &long],
+        vec!["--database-url", &long, "migrate"],
+        vec!["--log-format", &long, "migrate"],
+        vec!["demo", "append", "--events", &long],
+    ] {
+        let output = orchestrator(&dir, &args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let shown: Vec<&str> =
+            args.iter().map(|a| if a.len() > 40 { "<5000 x>" } else { a }).collect();
+        assert!(!output.status.success(), "{shown:?}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{shown:?}: {stderr}");
+        assert!(stderr.contains("… (5000 characters)"), "{shown:?}: {stderr}");
+        assert!(stderr.len() < 400, "{shown:?}: {stderr}");
+    }
 }
