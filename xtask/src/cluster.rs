@@ -9,42 +9,59 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
 
-use crate::procs::{Procs, build_orchestrator};
+use crate::procs::{Procs, Signal, build_orchestrator, exists, signal_pid};
 
-const USAGE: &str = "usage: cargo xtask cluster up [--workers N] [--database-url URL] [--events E] \
-                     | scale N | status | down";
 const METRICS_BASE_PORT: u16 = 9100;
+/// Most workers `up` and `scale` start (each gets a metrics port of its own).
+const MAX_WORKERS: u32 = 100;
 
-pub(crate) fn cluster(args: &[String]) -> Result<()> {
-    match args.first().map(String::as_str) {
-        Some("up") => up(&args[1..]),
-        Some("scale") => {
-            let n = args.get(1).and_then(|n| n.parse().ok()).context(USAGE)?;
+#[derive(Debug, Args)]
+pub(crate) struct ClusterArgs {
+    #[command(subcommand)]
+    command: ClusterCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Migrate, append demo events and start workers.
+    Up {
+        /// Workers to start.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=MAX_WORKERS as i64))]
+        workers: u32,
+        /// postgres://... or sqlite:FILE (default: target/cluster/orchestrator.db).
+        #[arg(long)]
+        database_url: Option<String>,
+        /// Demo events appended before the workers start.
+        #[arg(long, default_value_t = 1000)]
+        events: u64,
+    },
+    /// Start or stop (SIGTERM, newest first) workers until N run.
+    Scale {
+        #[arg(value_parser = clap::value_parser!(u32).range(0..=MAX_WORKERS as i64))]
+        n: u32,
+    },
+    /// The workers' processes and `orchestrator status`.
+    Status,
+    /// SIGTERM every worker; the data stays.
+    Down,
+}
+
+pub(crate) fn cluster(args: ClusterArgs) -> Result<()> {
+    match args.command {
+        ClusterCommand::Up { workers, database_url, events } => up(workers, database_url, events),
+        ClusterCommand::Scale { n } => {
             let procs = load()?;
             scale(&procs, n)?;
             status(&procs)
         }
-        Some("status") => status(&load()?),
-        Some("down") => down(&load()?),
-        _ => bail!(USAGE),
+        ClusterCommand::Status => status(&load()?),
+        ClusterCommand::Down => down(&load()?),
     }
 }
 
-fn up(args: &[String]) -> Result<()> {
-    let mut workers = 2;
-    let mut database_url = None;
-    let mut events = 1000;
-    let mut rest = args.iter();
-    while let Some(flag) = rest.next() {
-        let value = rest.next().with_context(|| format!("{flag} needs a value; {USAGE}"))?;
-        match flag.as_str() {
-            "--workers" => workers = value.parse().context("--workers takes a number")?,
-            "--events" => events = value.parse().context("--events takes a number")?,
-            "--database-url" => database_url = Some(value.clone()),
-            other => bail!("unknown flag {other}; {USAGE}"),
-        }
-    }
+fn up(workers: u32, database_url: Option<String>, events: u64) -> Result<()> {
     if let Ok(existing) = load()
         && !running(&existing).is_empty()
     {
@@ -100,12 +117,11 @@ fn running(procs: &Procs) -> Vec<(u32, u32)> {
     found
 }
 
-/// Whether `pid` is a live (not zombie) orchestrator process.
+/// Whether process `pid` still exists. The workers are not this command's children (the `up`
+/// that started them has exited), so their exit is reaped by init and a gone worker's pid no
+/// longer exists; a pid file is deleted as soon as its process is seen gone.
 fn alive(pid: u32) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let state = stat.rsplit(')').next().unwrap_or_default().split_whitespace().next();
-    cmdline.contains("orchestrator") && !matches!(state, Some("Z") | Some("X") | None)
+    exists(pid)
 }
 
 fn scale(procs: &Procs, target: u32) -> Result<()> {
@@ -120,7 +136,7 @@ fn scale(procs: &Procs, target: u32) -> Result<()> {
         let stopping: Vec<_> = current.iter().rev().take(current.len() - target as usize).collect();
         for (n, pid) in &stopping {
             println!("worker-{n}: SIGTERM (graceful leave)");
-            kill("TERM", *pid);
+            kill(Signal::SIGTERM, *pid);
         }
         wait_gone(
             &stopping.iter().map(|(_, pid)| *pid).collect::<Vec<_>>(),
@@ -160,9 +176,10 @@ fn start(procs: &Procs, n: u32) -> Result<()> {
     Ok(())
 }
 
-fn kill(signal: &str, pid: u32) {
-    let _ =
-        std::process::Command::new("kill").args([format!("-{signal}"), pid.to_string()]).status();
+fn kill(signal: Signal, pid: u32) {
+    if let Err(err) = signal_pid(pid, signal) {
+        println!("{err:#}");
+    }
 }
 
 fn wait_gone(pids: &[u32], within: Duration) {
@@ -172,7 +189,7 @@ fn wait_gone(pids: &[u32], within: Duration) {
     }
     for pid in pids.iter().filter(|pid| alive(**pid)) {
         println!("pid {pid} did not leave within {within:?}: SIGKILL");
-        kill("KILL", *pid);
+        kill(Signal::SIGKILL, *pid);
     }
 }
 
@@ -198,7 +215,7 @@ fn down(procs: &Procs) -> Result<()> {
     let workers = running(procs);
     for (n, pid) in &workers {
         println!("worker-{n}: SIGTERM");
-        kill("TERM", *pid);
+        kill(Signal::SIGTERM, *pid);
     }
     wait_gone(&workers.iter().map(|(_, pid)| *pid).collect::<Vec<_>>(), Duration::from_secs(30));
     println!("cluster down ({} workers stopped); data kept in target/cluster", workers.len());

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 
-use crate::procs::{Procs, build_orchestrator, signal};
+use crate::procs::{Procs, Signal, build_orchestrator, signal};
 
 /// The README's first command: real `orchestrator` worker processes on an embedded SQLite file,
 /// scaling 1 -> 3 -> 2 (one leaves by SIGTERM, one dies by kill -9 and a replacement starts), with
@@ -33,7 +33,7 @@ pub(crate) fn demo() -> Result<()> {
     )?;
 
     eprintln!("--- worker-2 receives SIGTERM");
-    signal(&workers[1], "TERM")?;
+    signal(&workers[1], Signal::SIGTERM)?;
     let status = workers.remove(1).wait()?;
     eprintln!("    worker-2 exited ({status})");
     wait_settled(
@@ -65,7 +65,7 @@ pub(crate) fn demo() -> Result<()> {
     eprintln!("--- waiting for the workers to apply all 6000 events");
     let verdict = wait_verified(&demo, Duration::from_secs(60));
     for worker in &workers {
-        let _ = signal(worker, "TERM");
+        let _ = signal(worker, Signal::SIGTERM);
     }
     for mut worker in workers {
         let _ = worker.wait();

@@ -1,4 +1,7 @@
-//! Project automation, run as `cargo xtask <command>`; std only, so it builds in seconds.
+//! Project automation, run as `cargo xtask <command>`. It depends on a few small crates only
+//! (clap, serde_json, rand, nix, url, and orchestrator-core for the duration parser), not on the
+//! product's runtime or adapters, so it builds in seconds; the process-level commands build and
+//! run the `orchestrator` binary.
 //!
 //! Commands:
 //! - `ci`: everything `.ci/run` checks besides the tests: fmt, clippy, check-deps, docs.
@@ -17,12 +20,48 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
 
 mod chaos;
 mod cluster;
 mod demo;
-mod json;
 mod procs;
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask", about = "Project automation")]
+struct Xtask {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Everything .ci/run checks besides the tests: fmt, clippy, check-deps, docs.
+    Ci,
+    /// The test suite: nextest over the workspace, then doctests.
+    Test,
+    /// Fails if orchestrator-core gains a dependency outside its allow-list.
+    CheckDeps,
+    /// The README's first command: worker processes on SQLite scaling 1 -> 3 -> 2.
+    Demo,
+    /// A local cluster of worker processes (SQLite or PostgreSQL) that outlives the command.
+    Cluster(cluster::ClusterArgs),
+    /// The seeded simulation of real workers with injected faults (`--seed N` or `--seeds K`).
+    Sim(PassThrough),
+    /// The cluster story simulated over the in-memory store.
+    SimDemo,
+    /// Benchmarks against plain sqlx references (needs PostgreSQL).
+    Bench(PassThrough),
+    /// Worker processes under seeded faults, then the exactly-once check.
+    Chaos(chaos::ChaosArgs),
+}
+
+/// Arguments handed on to the program the command runs (which checks them).
+#[derive(Debug, Args)]
+struct PassThrough {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
+}
 
 /// Crates `orchestrator-core` may depend on (normal edges): no IO, no runtime, no clock.
 const CORE_ALLOWED: &[&str] = &[
@@ -47,23 +86,16 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<()> {
-    let args: Vec<String> = env::args().skip(1).collect();
-    let Some(command) = args.first() else {
-        bail!("usage: cargo xtask <ci|test|check-deps|demo|cluster|sim|sim-demo|bench|chaos>");
-    };
-    match command.as_str() {
-        "ci" => ci(),
-        "test" => test(),
-        "check-deps" => check_deps(),
-        "demo" => demo::demo(),
-        "cluster" => cluster::cluster(&args[1..]),
-        "sim-demo" => sim_demo(),
-        "sim" => sim(&args[1..]),
-        "bench" => bench(&args[1..]),
-        "chaos" => chaos::chaos(&args[1..]),
-        other => bail!(
-            "unknown command {other:?}; expected ci, test, check-deps, demo, cluster, sim, sim-demo, bench or chaos"
-        ),
+    match Xtask::parse().task {
+        Task::Ci => ci(),
+        Task::Test => test(),
+        Task::CheckDeps => check_deps(),
+        Task::Demo => demo::demo(),
+        Task::Cluster(args) => cluster::cluster(args),
+        Task::SimDemo => sim_demo(),
+        Task::Sim(args) => sim(&args.args),
+        Task::Bench(args) => bench(&args.args),
+        Task::Chaos(args) => chaos::chaos(args),
     }
 }
 
@@ -171,4 +203,28 @@ fn bench(args: &[String]) -> Result<()> {
     let mut bench = cargo();
     bench.args(["run", "--quiet", "--release", "-p", "orchestrator-bench", "--"]).args(args);
     run_step("benchmarks (each against a plain sqlx reference in the same run)", bench)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn commands_parse_and_pass_arguments_on() {
+        let parse = |args: &[&str]| {
+            Xtask::try_parse_from(std::iter::once("xtask").chain(args.iter().copied()))
+        };
+        let Task::Sim(sim) = parse(&["sim", "--seeds", "300"]).unwrap().task else { panic!() };
+        assert_eq!(sim.args, ["--seeds", "300"]);
+        let Task::Bench(bench) = parse(&["bench", "store", "--events", "1000"]).unwrap().task
+        else {
+            panic!()
+        };
+        assert_eq!(bench.args, ["store", "--events", "1000"]);
+        assert!(matches!(parse(&["check-deps"]).unwrap().task, Task::CheckDeps));
+        assert!(parse(&["teleport"]).is_err());
+        assert!(parse(&["cluster", "up", "--workers", "many"]).is_err());
+    }
 }

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
 use anyhow::{Context, Result, bail};
+pub(crate) use nix::sys::signal::Signal;
+use nix::unistd::Pid;
 
 use crate::{cargo, project_root, run_step};
 
@@ -20,6 +22,8 @@ pub(crate) struct Procs {
     binary: PathBuf,
     /// `None`: the embedded default, `orchestrator.db` in `dir`.
     pub(crate) database_url: Option<String>,
+    /// `LOG_FORMAT` of the processes (`None`: as in this environment).
+    pub(crate) log_format: Option<&'static str>,
 }
 
 impl Procs {
@@ -38,6 +42,7 @@ impl Procs {
             dir: project_root().join("target").join(name),
             binary: project_root().join("target/release/orchestrator"),
             database_url: None,
+            log_format: None,
         }
     }
 
@@ -48,6 +53,9 @@ impl Procs {
             Some(url) => command.env("DATABASE_URL", url),
             None => command.env_remove("DATABASE_URL"),
         };
+        if let Some(format) = self.log_format {
+            command.env("LOG_FORMAT", format);
+        }
         command
     }
 
@@ -70,12 +78,20 @@ impl Procs {
     }
 }
 
-/// Sends a signal by name through `kill` (std can only send SIGKILL).
-pub(crate) fn signal(child: &Child, name: &str) -> Result<()> {
-    let status =
-        Command::new("kill").args([format!("-{name}"), child.id().to_string()]).status()?;
-    if !status.success() {
-        bail!("kill -{name} {} failed", child.id());
-    }
-    Ok(())
+/// Sends `signal` to a child process (std's `Child` can only send SIGKILL).
+pub(crate) fn signal(child: &Child, signal: Signal) -> Result<()> {
+    signal_pid(child.id(), signal)
+}
+
+/// Sends `signal` to process `pid`.
+pub(crate) fn signal_pid(pid: u32, signal: Signal) -> Result<()> {
+    let raw = i32::try_from(pid).with_context(|| format!("pid {pid} out of range"))?;
+    nix::sys::signal::kill(Pid::from_raw(raw), signal)
+        .with_context(|| format!("cannot send {signal} to pid {pid}"))
+}
+
+/// Whether process `pid` exists (signal 0: nothing is sent, the kernel only checks).
+pub(crate) fn exists(pid: u32) -> bool {
+    i32::try_from(pid)
+        .is_ok_and(|raw| raw > 0 && nix::sys::signal::kill(Pid::from_raw(raw), None).is_ok())
 }
