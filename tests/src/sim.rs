@@ -16,8 +16,8 @@ use orchestrator_core::ports::{
 };
 use orchestrator_core::{
     Clock, Command, Engine, EngineConfig, Epoch, EventId, ExpectedVersion, Generation, Input,
-    NewEvent, Position, ReplicaSetName, Scope, Slot, SlotCount, Strategy, StreamId, Timing,
-    Tracing, WorkerId,
+    NewEvent, Position, ReplicaSetName, Scope, Slot, SlotCount, Strategy, StreamId, Timing, Uuid,
+    WorkerId,
 };
 use orchestrator_memory::{ManualClock, MemoryStore};
 
@@ -187,16 +187,8 @@ impl Cluster {
             self.appended += 1;
             let seq = self.appended;
             let stream = StreamId::new("sim", "Account", format!("acct-{}", seq % 13));
-            let mut id = [0u8; 16];
-            id[8..].copy_from_slice(&seq.to_be_bytes());
-            let event = NewEvent {
-                event_id: EventId(id),
-                event_type: "Deposited".to_owned(),
-                event_version: 1,
-                payload: Vec::new(),
-                metadata: "{}".to_owned(),
-                tracing: Tracing::default(),
-            };
+            let event =
+                NewEvent::new(EventId(Uuid::from_u64_pair(0, seq)), "Deposited", Vec::new());
             ready(self.store.append(&stream, ExpectedVersion::Any, vec![event]))
                 .expect("append to memory");
         }

@@ -9,6 +9,8 @@
 
 mod clock;
 mod store;
+mod unit_of_work;
 
 pub use clock::ManualClock;
 pub use store::{MemoryStore, MemoryTx};
+pub use unit_of_work::MemoryUnitOfWork;

@@ -8,32 +8,41 @@ use std::time::Duration;
 use async_trait::async_trait;
 use orchestrator_core::ports::{
     Appended, Backlog, CheckpointStore, CoordinationStore, EventStore, Fence, HeartbeatAck,
-    ReadRequest, StoreError, StoreResult, check_append,
+    ReadRequest, StoreError, StoreResult, UnitOfWork, UnitOfWorkStore,
 };
 use orchestrator_core::{
     Clock, Epoch, Event, EventId, ExpectedVersion, Generation, GenerationPlan, Incarnation, Lease,
-    NewEvent, Position, ReplicaSetName, Slot, SlotAction, SlotCount, SlotRecord, Snapshot,
-    StreamId, Timestamp, WorkerId, WorkerRecord,
+    NewEvent, PartitionKey, Position, ReplicaSetName, Slot, SlotAction, SlotCount, SlotRecord,
+    Snapshot, StreamId, Timestamp, WorkerId, WorkerRecord,
 };
 
 /// Every port of the orchestrator, in memory. Cloning shares the same state.
 #[derive(Debug, Clone)]
 pub struct MemoryStore {
-    state: Arc<Mutex<State>>,
-    clock: Arc<dyn Clock>,
-    slot_count: SlotCount,
+    pub(crate) state: Arc<Mutex<State>>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) slot_count: SlotCount,
+    /// Streams locked by units of work (and appends, which are units of work of one stream).
+    pub(crate) stream_locks: Arc<crate::unit_of_work::StreamLocks>,
 }
 
 #[derive(Debug, Default)]
-struct State {
-    events: Vec<Event>,
+pub(crate) struct State {
+    pub(crate) events: Vec<Event>,
     /// Indexes into `events`, per slot, in position order.
-    events_by_slot: BTreeMap<Slot, Vec<usize>>,
-    stream_versions: BTreeMap<StreamId, u64>,
-    event_ids: BTreeSet<EventId>,
+    pub(crate) events_by_slot: BTreeMap<Slot, Vec<usize>>,
+    /// Per stream: its partition key and the indexes of its events in `events`, in version order.
+    pub(crate) streams: BTreeMap<StreamId, StreamState>,
+    pub(crate) event_ids: BTreeSet<EventId>,
     replica_sets: BTreeMap<ReplicaSetName, ReplicaSetState>,
     checkpoints: BTreeMap<(ReplicaSetName, String, Slot), Position>,
     tables: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
+}
+
+#[derive(Debug)]
+pub(crate) struct StreamState {
+    pub(crate) partition_key: String,
+    pub(crate) events: Vec<usize>,
 }
 
 #[derive(Debug)]
@@ -65,10 +74,10 @@ struct WorkerState {
 impl MemoryStore {
     /// An empty store bucketing events into `slot_count` slots, telling time by `clock`.
     pub fn new(slot_count: SlotCount, clock: Arc<dyn Clock>) -> Self {
-        Self { state: Arc::default(), clock, slot_count }
+        Self { state: Arc::default(), clock, slot_count, stream_locks: Arc::default() }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves consistent data (every mutation completes
         // before the guard drops), so a poisoned lock is still usable.
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -84,6 +93,11 @@ impl MemoryStore {
         self.lock().tables.get(table).cloned().unwrap_or_default()
     }
 
+    /// A transaction for read-model writes, applied at commit.
+    pub(crate) fn transaction(&self) -> MemoryTx {
+        MemoryTx { state: Arc::clone(&self.state), writes: Vec::new() }
+    }
+
     /// Number of events appended.
     pub fn event_count(&self) -> usize {
         self.lock().events.len()
@@ -95,6 +109,13 @@ fn not_registered(replica_set: &ReplicaSetName, worker: &WorkerId) -> StoreError
 }
 
 impl State {
+    /// The stream's events from `from_version` on, in version order.
+    pub(crate) fn stream_events(&self, stream: &StreamId, from_version: u64) -> Vec<Event> {
+        let Some(state) = self.streams.get(stream) else { return Vec::new() };
+        let skip = usize::try_from(from_version.saturating_sub(1)).unwrap_or(usize::MAX);
+        state.events.iter().skip(skip).map(|&i| self.events[i].clone()).collect()
+    }
+
     fn replica_set(&mut self, name: &ReplicaSetName) -> StoreResult<&mut ReplicaSetState> {
         self.replica_sets.get_mut(name).ok_or_else(|| StoreError::UnknownReplicaSet(name.clone()))
     }
@@ -120,43 +141,21 @@ impl EventStore for MemoryStore {
         self.slot_count
     }
 
-    async fn append(
+    async fn append_with_key(
         &self,
         stream: &StreamId,
+        key: Option<&PartitionKey>,
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> StoreResult<Appended> {
-        let now = self.clock.now();
-        let mut state = self.lock();
-        let current = state.stream_versions.get(stream).copied().unwrap_or(0);
-        check_append(stream, expected, current, &events)?;
-        if let Some(stored) = events.iter().find(|e| state.event_ids.contains(&e.event_id)) {
-            return Err(StoreError::DuplicateEvent { event_id: stored.event_id });
-        }
-        let slot = self.slot_count.slot_of(&stream.aggregate_id);
-        let first_global = state.events.len() as u64 + 1;
-        let mut version = current;
-        for new in events {
-            version += 1;
-            let index = state.events.len();
-            state.event_ids.insert(new.event_id);
-            state.events.push(Event {
-                position: Position::global(index as u64 + 1),
-                stream: stream.clone(),
-                aggregate_version: version,
-                slot,
-                event_id: new.event_id,
-                event_type: new.event_type,
-                event_version: new.event_version,
-                payload: new.payload,
-                metadata: new.metadata,
-                tracing: new.tracing,
-                created_at: now,
-            });
-            state.events_by_slot.entry(slot).or_default().push(index);
-        }
-        state.stream_versions.insert(stream.clone(), version);
-        Ok(Appended { first_global, last_global: state.events.len() as u64, version })
+        let mut unit = self.begin_unit_of_work(std::slice::from_ref(stream)).await?;
+        unit.append_with_key(stream, key, expected, events).await?;
+        let mut appended = unit.commit().await?;
+        Ok(appended.pop().expect("one append, one result"))
+    }
+
+    async fn read_stream(&self, stream: &StreamId, from_version: u64) -> StoreResult<Vec<Event>> {
+        Ok(self.lock().stream_events(stream, from_version))
     }
 
     async fn read(&self, request: &ReadRequest) -> StoreResult<Vec<Event>> {
@@ -449,7 +448,7 @@ impl MemoryTx {
     }
 
     /// Applies the writes to the committed state (the caller holds its lock).
-    fn apply_to(self, state: &mut State) {
+    pub(crate) fn apply_to(self, state: &mut State) {
         for (table, key, value) in self.writes {
             let rows = state.tables.entry(table).or_default();
             match value {
@@ -481,7 +480,7 @@ impl CheckpointStore for MemoryStore {
     }
 
     async fn begin(&self) -> StoreResult<MemoryTx> {
-        Ok(MemoryTx { state: Arc::clone(&self.state), writes: Vec::new() })
+        Ok(self.transaction())
     }
 
     async fn commit(

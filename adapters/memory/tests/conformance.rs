@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use orchestrator_conformance::{Harness, SLOTS, conformance_tests};
 use orchestrator_core::SlotCount;
-use orchestrator_memory::{ManualClock, MemoryStore, MemoryTx};
+use orchestrator_memory::{ManualClock, MemoryStore, MemoryTx, MemoryUnitOfWork};
 
 struct MemoryHarness {
     clock: Arc<ManualClock>,
@@ -37,6 +37,10 @@ impl Harness for MemoryHarness {
 
     async fn get_row(&self, key: &str) -> Option<String> {
         self.store.read_model_row("rows", key).map(|v| String::from_utf8(v).unwrap())
+    }
+
+    async fn put_row_in_unit(&self, unit: &mut MemoryUnitOfWork, key: &str, value: &str) {
+        unit.tx().put("rows", key, value.as_bytes().to_vec());
     }
 }
 

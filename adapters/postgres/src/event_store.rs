@@ -5,20 +5,18 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use orchestrator_core::ports::{
-    Appended, Backlog, EventStore, ReadRequest, StoreError, StoreResult, check_append,
+    Appended, Backlog, EventStore, ReadRequest, StoreError, StoreResult, UnitOfWork,
+    UnitOfWorkStore,
 };
 use orchestrator_core::{
-    Event, EventId, ExpectedVersion, NewEvent, Position, Slot, SlotCount, StreamId, Timestamp,
-    Tracing, fnv1a_32,
+    Event, EventId, ExpectedVersion, NewEvent, PartitionKey, Position, Slot, SlotCount, StreamId,
+    Timestamp, Tracing,
 };
 use sqlx::Row;
 use sqlx::postgres::PgRow;
 
+use crate::PgStore;
 use crate::error::{classify, unique_violation_detail};
-use crate::{PgStore, PgTx};
-
-/// Namespace of the advisory locks appends take per stream (an arbitrary constant: "orch").
-const STREAM_LOCK_SPACE: i32 = 0x6f72_6368;
 
 #[async_trait]
 impl EventStore for PgStore {
@@ -26,56 +24,37 @@ impl EventStore for PgStore {
         self.slot_count
     }
 
-    async fn append(
+    async fn append_with_key(
         &self,
         stream: &StreamId,
+        key: Option<&PartitionKey>,
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> StoreResult<Appended> {
-        let (tx, appended) = self.append_uncommitted(stream, expected, &events).await?;
-        tx.commit().await.map_err(|e| duplicate_or(e, &self.tables.events, &events))?;
-        Ok(appended)
+        let mut unit = self.begin_unit_of_work(std::slice::from_ref(stream)).await?;
+        unit.append_with_key(stream, key, expected, events).await?;
+        let mut appended = unit.commit().await?;
+        Ok(appended.pop().expect("one append, one result"))
+    }
+
+    async fn read_stream(&self, stream: &StreamId, from_version: u64) -> StoreResult<Vec<Event>> {
+        let mut conn = self.pool.acquire().await.map_err(|e| classify("read a stream", e))?;
+        read_stream_on(&mut conn, &self.tables.events, stream, from_version).await
     }
 
     async fn read(&self, request: &ReadRequest) -> StoreResult<Vec<Event>> {
         if request.cursors.is_empty() || request.limit == 0 {
             return Ok(Vec::new());
         }
-        let every_slot = request.cursors.len() == self.slot_count.get() as usize
-            && request
-                .cursors
-                .iter()
-                .map(|(s, _)| s)
-                .collect::<std::collections::BTreeSet<_>>()
-                .len()
-                == request.cursors.len();
-        let (sql, cursors, planned_each_time) = match request.uniform_cursor() {
-            Some(after) if every_slot => {
-                (read_all_slots_sql(&self.tables.events), vec![(None, after)], true)
-            }
-            _ => (
-                read_per_slot_sql(&self.tables.events, request.cursors.len()),
-                request.cursors.iter().map(|(s, p)| (Some(*s), *p)).collect(),
-                false,
-            ),
-        };
-        // The one-range read is planned at every call (0.3 ms): a plan cached while the events
-        // table was empty sorts everything after the cursor instead of walking the index, and
-        // would be kept until autovacuum analyzed the table. The per-slot read costs too much to
-        // plan each time (17 ms for 256 slots) and has no such cheaper-looking alternative.
-        let mut query = sqlx::query(&sql)
-            .persistent(!planned_each_time)
-            .bind(request.limit as i64)
-            .bind(&request.scope.aggregate_types)
-            .bind(&request.scope.bounded_contexts);
-        for (slot, after) in cursors {
-            if let Some(slot) = slot {
-                query = query.bind(slot.0 as i32);
-            }
-            query = query.bind(after.commit as i64).bind(after.global as i64);
+        // Read below the greatest horizon known; only a reader that reached it (a short batch)
+        // pays for computing a new one, and reads again if it moved.
+        let cached = self.horizon.cached();
+        let events = self.read_below(request, cached).await?;
+        if events.len() >= request.limit {
+            return Ok(events);
         }
-        let rows = query.fetch_all(&self.pool).await.map_err(|e| classify("read events", e))?;
-        rows.iter().map(event_from_row).collect()
+        let fresh = self.horizon.refresh(&self.pool).await?;
+        if fresh > cached { self.read_below(request, fresh).await } else { Ok(events) }
     }
 
     async fn backlog(&self, request: &ReadRequest) -> StoreResult<Backlog> {
@@ -122,103 +101,74 @@ impl EventStore for PgStore {
     }
 
     async fn read_horizon_stall(&self) -> StoreResult<Option<Duration>> {
-        self.horizon_stall().await.map(Some)
+        self.horizon.stall(&self.pool).await.map(Some)
     }
 }
 
 impl PgStore {
-    /// Appends like [`EventStore::append`] but leaves the transaction open: nothing is visible
-    /// until the caller commits it, and dropping it appends nothing.
-    ///
-    /// The append is the transaction's first write, as the per-stream order requires; the caller
-    /// may write more (an outbox row, say) before committing. Holding it open holds back every
-    /// reader's horizon, which is what the gap-safety tests and `demo append --hold-open` exercise.
-    pub async fn append_uncommitted(
-        &self,
-        stream: &StreamId,
-        expected: ExpectedVersion,
-        events: &[NewEvent],
-    ) -> StoreResult<(PgTx, Appended)> {
-        let err = |e| classify("append", e);
-        let mut tx = self.pool.begin().await.map_err(err)?;
-        // Lock the stream before any write: the transaction id is assigned at the first write,
-        // after the previous appender to this stream committed, so ids follow versions.
-        sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
-            .bind(STREAM_LOCK_SPACE)
-            .bind(stream.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(err)?;
-        let current: i64 = sqlx::query_scalar(&format!(
-            "SELECT COALESCE(MAX(aggregate_version), 0) FROM {} \
-             WHERE bounded_context = $1 AND aggregate_type = $2 AND aggregate_id = $3",
-            self.tables.events
-        ))
-        .bind(&stream.bounded_context)
-        .bind(&stream.aggregate_type)
-        .bind(&stream.aggregate_id)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(err)?;
-        let current = current as u64;
-        check_append(stream, expected, current, events)?;
-        if events.is_empty() {
-            return Ok((tx, Appended { first_global: 1, last_global: 0, version: current }));
+    /// Reads the next events below `horizon`.
+    async fn read_below(&self, request: &ReadRequest, horizon: u64) -> StoreResult<Vec<Event>> {
+        let every_slot = request.cursors.len() == self.slot_count.get() as usize
+            && request
+                .cursors
+                .iter()
+                .map(|(s, _)| s)
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+                == request.cursors.len();
+        let (sql, cursors, planned_each_time) = match request.uniform_cursor() {
+            Some(after) if every_slot => {
+                (read_all_slots_sql(&self.tables.events), vec![(None, after)], true)
+            }
+            _ => (
+                read_per_slot_sql(&self.tables.events, request.cursors.len()),
+                request.cursors.iter().map(|(s, p)| (Some(*s), *p)).collect(),
+                false,
+            ),
+        };
+        // The one-range read is planned at every call (0.3 ms): a plan cached while the events
+        // table was empty sorts everything after the cursor instead of walking the index, and
+        // would be kept until autovacuum analyzed the table. The per-slot read costs too much to
+        // plan each time (17 ms for 256 slots) and has no such cheaper-looking alternative.
+        let mut query = sqlx::query(&sql)
+            .persistent(!planned_each_time)
+            .bind(request.limit as i64)
+            .bind(&request.scope.aggregate_types)
+            .bind(&request.scope.bounded_contexts)
+            .bind(i64::try_from(horizon).unwrap_or(i64::MAX));
+        for (slot, after) in cursors {
+            if let Some(slot) = slot {
+                query = query.bind(slot.0 as i32);
+            }
+            query = query.bind(after.commit as i64).bind(after.global as i64);
         }
+        let rows = query.fetch_all(&self.pool).await.map_err(|e| classify("read events", e))?;
+        rows.iter().map(event_from_row).collect()
+    }
+}
 
-        let n = events.len() as u64;
-        let hash = fnv1a_32(stream.aggregate_id.as_bytes());
-        let slot = self.slot_count.slot_of_hash(hash);
-        let versions: Vec<i64> = (1..=n).map(|i| (current + i) as i64).collect();
-        let ids: Vec<String> = events.iter().map(|e| e.event_id.to_string()).collect();
-        let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
-        let type_versions: Vec<i32> = events.iter().map(|e| e.event_version as i32).collect();
-        let payloads: Vec<&[u8]> = events.iter().map(|e| e.payload.as_slice()).collect();
-        let metadata: Vec<&str> = events.iter().map(|e| e.metadata.as_str()).collect();
-        let causation: Vec<Option<&str>> =
-            events.iter().map(|e| e.tracing.causation_id.as_deref()).collect();
-        let correlation: Vec<Option<&str>> =
-            events.iter().map(|e| e.tracing.correlation_id.as_deref()).collect();
-        let trace: Vec<Option<&str>> =
-            events.iter().map(|e| e.tracing.trace_id.as_deref()).collect();
-        let inserted: Vec<i64> = sqlx::query_scalar(&format!(
-            "INSERT INTO {} (bounded_context, aggregate_type, aggregate_id, aggregate_version, slot, \
-                 partition_hash, event_id, event_type, event_version, payload, metadata, \
-                 causation_id, correlation_id, trace_id) \
-             SELECT $1, $2, $3, v, $4, $5, id::uuid, t, tv, p, m::jsonb, c, r, tr \
-             FROM unnest($6::bigint[], $7::text[], $8::text[], $9::int[], $10::bytea[], $11::text[], \
-                         $12::text[], $13::text[], $14::text[]) \
-                  AS e(v, id, t, tv, p, m, c, r, tr) \
-             RETURNING global_position",
-            self.tables.events
-        ))
+/// The events of one stream from `from_version` on, in version order, on `conn`. No horizon: a
+/// stream's committed events are a prefix of its versions (appends to it are serialized by its
+/// lock), so this reads everything whose append has returned.
+pub(crate) async fn read_stream_on(
+    conn: &mut sqlx::PgConnection,
+    events: &str,
+    stream: &StreamId,
+    from_version: u64,
+) -> StoreResult<Vec<Event>> {
+    let sql = format!(
+        "SELECT {EVENT_COLUMNS} FROM {events} WHERE bounded_context = $1 AND aggregate_type = $2 \
+         AND aggregate_id = $3 AND aggregate_version >= $4 ORDER BY aggregate_version"
+    );
+    let rows = sqlx::query(&sql)
         .bind(&stream.bounded_context)
         .bind(&stream.aggregate_type)
         .bind(&stream.aggregate_id)
-        .bind(slot.0 as i32)
-        .bind(i64::from(hash))
-        .bind(&versions)
-        .bind(&ids)
-        .bind(&types)
-        .bind(&type_versions)
-        .bind(&payloads)
-        .bind(&metadata)
-        .bind(&causation)
-        .bind(&correlation)
-        .bind(&trace)
-        .fetch_all(&mut *tx)
+        .bind(i64::try_from(from_version).unwrap_or(i64::MAX))
+        .fetch_all(conn)
         .await
-        .map_err(|e| duplicate_or(e, &self.tables.events, events))?;
-        // Delivered at commit, and only if it commits: wakes idle readers at once.
-        sqlx::query("SELECT pg_notify($1, '')")
-            .bind(&self.tables.events_channel)
-            .execute(&mut *tx)
-            .await
-            .map_err(err)?;
-        let first_global = inserted.iter().copied().min().unwrap_or(0) as u64;
-        let last_global = inserted.iter().copied().max().unwrap_or(0) as u64;
-        Ok((tx, Appended { first_global, last_global, version: current + n }))
-    }
+        .map_err(|e| classify("read a stream", e))?;
+    rows.iter().map(event_from_row).collect()
 }
 
 /// The columns of an event as [`event_from_row`] decodes them. The transaction id, event id,
@@ -226,34 +176,31 @@ impl PgStore {
 /// the server nothing (converting them to text in SQL halved read throughput).
 const EVENT_COLUMNS: &str = "global_position, transaction_id, bounded_context, aggregate_type, \
      aggregate_id, aggregate_version, slot, event_id, event_type, event_version, payload, metadata, \
-     causation_id, correlation_id, trace_id, created_at";
-
-/// The oldest transaction still running: nothing at or above it may be read yet.
-const HORIZON: &str =
-    "WITH horizon AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin) ";
+     causation_id, correlation_id, trace_id, created_at, partition_key";
 
 /// Scope filters on `$2` (aggregate types) and `$3` (bounded contexts); empty arrays match all.
 const SCOPE: &str = "AND (cardinality($2::text[]) = 0 OR aggregate_type = ANY($2)) \
      AND (cardinality($3::text[]) = 0 OR bounded_context = ANY($3))";
 
-/// Every slot after one common cursor (`$4`, `$5`): one range of the commit-order index.
+/// Every slot after one common cursor (`$5`, `$6`) and below the horizon (`$4`): one range of
+/// the commit-order index.
 fn read_all_slots_sql(events: &str) -> String {
     format!(
-        "{HORIZON}SELECT {EVENT_COLUMNS} FROM {events} \
-         WHERE (transaction_id, global_position) > ($4::text::xid8, $5) \
-           AND transaction_id < (SELECT xmin FROM horizon) {SCOPE} \
+        "SELECT {EVENT_COLUMNS} FROM {events} \
+         WHERE (transaction_id, global_position) > ($5::text::xid8, $6) \
+           AND transaction_id < $4::text::xid8 {SCOPE} \
          ORDER BY transaction_id, global_position LIMIT $1"
     )
 }
 
-/// One ordered index range per requested slot (`slot`, `commit`, `global` from `$4` on), each after
-/// that slot's cursor and below the horizon, merged by position: PostgreSQL runs this as a Merge
-/// Append over index scans, reading about as many rows as it returns whatever share of the slots
-/// the reader owns.
+/// One ordered index range per requested slot (`slot`, `commit`, `global` from `$5` on), each after
+/// that slot's cursor and below the horizon (`$4`), merged by position: PostgreSQL runs this as a
+/// Merge Append over index scans, reading about as many rows as it returns whatever share of the
+/// slots the reader owns.
 fn read_per_slot_sql(events: &str, n_slots: usize) -> String {
-    let mut sql = format!("{HORIZON}SELECT {EVENT_COLUMNS} FROM (");
+    let mut sql = format!("SELECT {EVENT_COLUMNS} FROM (");
     for i in 0..n_slots {
-        let p = 4 + 3 * i;
+        let p = 5 + 3 * i;
         if i > 0 {
             sql.push_str(" UNION ALL ");
         }
@@ -261,7 +208,7 @@ fn read_per_slot_sql(events: &str, n_slots: usize) -> String {
             sql,
             "(SELECT * FROM {events} WHERE slot = ${p} \
                AND (transaction_id, global_position) > (${c}::text::xid8, ${g}) \
-               AND transaction_id < (SELECT xmin FROM horizon) {SCOPE} \
+               AND transaction_id < $4::text::xid8 {SCOPE} \
              ORDER BY transaction_id, global_position LIMIT $1)",
             c = p + 1,
             g = p + 2,
@@ -294,10 +241,11 @@ fn raw_i64(row: &PgRow, index: usize) -> StoreResult<i64> {
 fn event_from_row(row: &PgRow) -> StoreResult<Event> {
     let get_err = |e| classify("decode an event", e);
     let event_id = raw_column(row, 7)?;
-    let event_id = <[u8; 16]>::try_from(event_id).map(EventId).map_err(|_| StoreError::Other {
-        message: format!("event id of {} bytes, expected 16", event_id.len()),
-        source: None,
-    })?;
+    let event_id =
+        <[u8; 16]>::try_from(event_id).map(EventId::from_bytes).map_err(|_| StoreError::Other {
+            message: format!("event id of {} bytes, expected 16", event_id.len()),
+            source: None,
+        })?;
     let metadata = match raw_column(row, 11)? {
         [1, json @ ..] => String::from_utf8_lossy(json).into_owned(),
         other => {
@@ -308,6 +256,9 @@ fn event_from_row(row: &PgRow) -> StoreResult<Event> {
         }
     };
     let created_micros = raw_i64(row, 15)?.saturating_add(PG_EPOCH_MICROS);
+    let aggregate_id: String = row.try_get(4).map_err(get_err)?;
+    // Streams appended before partition keys existed have none stored: their key is the id.
+    let partition_key: Option<String> = row.try_get(16).map_err(get_err)?;
     Ok(Event {
         position: Position {
             commit: raw_i64(row, 1)? as u64,
@@ -316,9 +267,10 @@ fn event_from_row(row: &PgRow) -> StoreResult<Event> {
         stream: StreamId {
             bounded_context: row.try_get(2).map_err(get_err)?,
             aggregate_type: row.try_get(3).map_err(get_err)?,
-            aggregate_id: row.try_get(4).map_err(get_err)?,
+            aggregate_id: aggregate_id.clone(),
         },
         aggregate_version: row.try_get::<i64, _>(5).map_err(get_err)? as u64,
+        partition_key: partition_key.unwrap_or(aggregate_id),
         slot: Slot(row.try_get::<i32, _>(6).map_err(get_err)? as u32),
         event_id,
         event_type: row.try_get(8).map_err(get_err)?,
@@ -335,7 +287,7 @@ fn event_from_row(row: &PgRow) -> StoreResult<Event> {
 }
 
 /// A unique violation on the event id becomes `DuplicateEvent`, naming the id from the detail.
-fn duplicate_or(err: sqlx::Error, events_table: &str, batch: &[NewEvent]) -> StoreError {
+pub(crate) fn duplicate_or(err: sqlx::Error, events_table: &str, batch: &[NewEvent]) -> StoreError {
     match unique_violation_detail(&err, &format!("{events_table}_event_id_key")) {
         Some(detail) => {
             let event_id = batch

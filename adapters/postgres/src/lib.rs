@@ -1,11 +1,13 @@
 //! PostgreSQL implementation of every port of `orchestrator-core`, on sqlx.
 //!
 //! - Events are read gap-safe: each event records its transaction's id (`xid8`), and readers only
-//!   read below the oldest transaction still running, in `(transaction_id, global_position)` order,
-//!   so an event whose transaction commits after a later one was read is still delivered.
-//!   [`PgStore::horizon_stall`] tells how long the oldest running transaction holds readers back.
-//! - Appends take a per-stream advisory lock before anything else, so a stream's events get
-//!   increasing transaction ids in version order.
+//!   read below the oldest *appending* transaction still running, in
+//!   `(transaction_id, global_position)` order, so an event whose transaction commits after a later
+//!   one was read is still delivered. Appenders register before their first write (a shared
+//!   advisory lock); transactions that do not append to this events table never hold readers back.
+//!   [`PgStore::horizon_stall`] tells how long the oldest running appender holds readers back.
+//! - Appends, and units of work ([`PgUnitOfWork`]), lock their streams before anything else, so a
+//!   stream's events get increasing transaction ids in version order.
 //! - Commits are fenced: the slot rows are locked `FOR SHARE` in the committing transaction and
 //!   checked against the worker's epochs, so a concurrent change of owner either waits for the
 //!   commit or makes it fail with `Fenced`, rolling back the projection's writes.
@@ -17,8 +19,10 @@ mod checkpoint_store;
 mod coordination_store;
 mod error;
 mod event_store;
+mod horizon;
 mod migrate;
 pub mod testing;
+mod unit_of_work;
 
 use std::time::Duration;
 
@@ -30,8 +34,10 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 pub use change_feed::PgChangeFeed;
 pub use error::classify as classify_error;
 pub use migrate::migrate;
+pub use unit_of_work::PgUnitOfWork;
 
 use crate::error::classify;
+use crate::horizon::Horizon;
 
 /// The transaction a transactional projection writes its read model through.
 pub type PgTx = sqlx::Transaction<'static, sqlx::Postgres>;
@@ -42,12 +48,13 @@ pub struct PgStore {
     pool: PgPool,
     tables: std::sync::Arc<Tables>,
     slot_count: SlotCount,
+    horizon: std::sync::Arc<Horizon>,
 }
 
 /// Table names under the configured prefix.
 #[derive(Debug)]
-struct Tables {
-    events: String,
+pub(crate) struct Tables {
+    pub(crate) events: String,
     replica_sets: String,
     leases: String,
     workers: String,
@@ -56,7 +63,7 @@ struct Tables {
     checkpoints: String,
     progress: String,
     /// NOTIFY channel of appends.
-    events_channel: String,
+    pub(crate) events_channel: String,
     /// NOTIFY channel of coordination changes (payload: the replica set).
     coordination_channel: String,
 }
@@ -80,7 +87,8 @@ impl PgStore {
             events_channel: format!("{p}events"),
             coordination_channel: format!("{p}coordination"),
         };
-        Ok(Self { pool, tables: std::sync::Arc::new(tables), slot_count })
+        let horizon = std::sync::Arc::new(Horizon::new(&tables.events));
+        Ok(Self { pool, tables: std::sync::Arc::new(tables), slot_count, horizon })
     }
 
     /// Connects a pool to `url` with sensible defaults (`max_connections` connections, a 5 s
@@ -124,17 +132,19 @@ impl PgStore {
         &self.pool
     }
 
-    /// How long the oldest transaction that has written anything has been running: readers cannot
-    /// read past it, so this is how long event delivery may be held back. Zero when none runs.
+    /// How long the oldest transaction appending to this events table that has written anything
+    /// has been running: readers cannot read past it, so this is how long event delivery may be
+    /// held back. Zero when none runs. Other transactions (other tables, other databases) never
+    /// hold readers back.
     pub async fn horizon_stall(&self) -> StoreResult<Duration> {
-        let seconds: f64 = sqlx::query_scalar(
-            "SELECT COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - MIN(xact_start)), 0)::float8
-             FROM pg_stat_activity WHERE backend_xid IS NOT NULL",
-        )
-        .fetch_one(&self.pool)
-        .await
-        .map_err(|e| classify("read the transaction horizon", e))?;
-        Ok(Duration::from_secs_f64(seconds.max(0.0)))
+        self.horizon.stall(&self.pool).await
+    }
+
+    /// The read horizon now: the transaction id below which every appender has ended, so every
+    /// event below it is visible and none can appear there later. Readers return only events below
+    /// it; tests wait on it.
+    pub async fn read_horizon(&self) -> StoreResult<u64> {
+        self.horizon.refresh(&self.pool).await
     }
 }
 

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use orchestrator_conformance::{Harness, SLOTS, conformance_tests};
 use orchestrator_core::SlotCount;
 use orchestrator_postgres::testing::TestSchema;
-use orchestrator_postgres::{PgStore, PgTx};
+use orchestrator_postgres::{PgStore, PgTx, PgUnitOfWork};
 
 struct PgHarness(TestSchema);
 
@@ -40,6 +40,20 @@ impl Harness for PgHarness {
             .unwrap();
     }
 
+    async fn put_row_in_unit(&self, unit: &mut PgUnitOfWork, key: &str, value: &str) {
+        self.put_row(unit.tx(), key, value).await;
+    }
+
+    async fn hold_foreign_transaction(&self) -> Option<Box<dyn std::any::Any + Send>> {
+        // A transaction that has written (so holds a transaction id) to another table.
+        let mut tx = self.0.pool.begin().await.unwrap();
+        sqlx::query("INSERT INTO rows (key, value) VALUES ('foreign', 'open')")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        Some(Box::new(tx))
+    }
+
     async fn get_row(&self, key: &str) -> Option<String> {
         sqlx::query_scalar("SELECT value FROM rows WHERE key = $1")
             .bind(key)
@@ -49,15 +63,15 @@ impl Harness for PgHarness {
     }
 
     async fn settle(&self) {
-        // Wait until the transaction horizon has passed every event appended so far.
+        // Wait until the read horizon has passed every event appended so far.
         loop {
-            let visible: bool = sqlx::query_scalar(
-                "SELECT COALESCE(pg_snapshot_xmin(pg_current_snapshot()) > MAX(transaction_id), TRUE) FROM orch_events",
-            )
-            .fetch_one(&self.0.pool)
-            .await
-            .unwrap();
-            if visible {
+            let horizon = self.0.store.read_horizon().await.unwrap();
+            let newest: Option<i64> =
+                sqlx::query_scalar("SELECT MAX(transaction_id)::text::bigint FROM orch_events")
+                    .fetch_one(&self.0.pool)
+                    .await
+                    .unwrap();
+            if newest.is_none_or(|newest| (newest as u64) < horizon) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;

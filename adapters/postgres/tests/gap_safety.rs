@@ -1,9 +1,12 @@
-//! Gap safety and fencing under real concurrency on PostgreSQL.
+//! Gap safety, horizon isolation and fencing under real concurrency on PostgreSQL.
 //!
-//! Many appenders hold their transactions open for random times, so later positions commit before
+//! Many appenders (units of work, some writing an unrelated row first, some appending to two
+//! streams) hold their transactions open for random times, so later positions commit before
 //! earlier ones, while a reader keeps reading: every event must be seen exactly once and each
-//! stream's events in version order. Without the transaction-horizon protection the reader skips
-//! the events of transactions that commit late, and this test fails.
+//! stream's events in version order. Without the read-horizon protection (appenders registering
+//! before their first write) the reader skips the events of transactions that commit late, and
+//! this test fails. Transactions that do not append to the events table (another database, another
+//! table, another table prefix) must not hold delivery back.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -11,37 +14,46 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use orchestrator_core::ports::{
-    CheckpointStore, CoordinationStore, EventStore, Fence, ReadRequest, StoreError,
+    CheckpointStore, CoordinationStore, EventStore, Fence, ReadRequest, StoreError, UnitOfWork,
+    UnitOfWorkStore,
 };
 use orchestrator_core::{
     Epoch, EventId, ExpectedVersion, Generation, GenerationPlan, NewEvent, Position,
-    ReplicaSetName, Scope, Slot, SlotAction, SlotChange, SlotCount, StreamId, Tracing, WorkerId,
+    ReplicaSetName, Scope, Slot, SlotAction, SlotChange, SlotCount, StreamId, TablePrefix, Uuid,
+    WorkerId,
 };
-use orchestrator_postgres::testing::TestSchema;
-
-/// SplitMix64: a tiny deterministic generator, enough to spread hold times.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        (z ^ (z >> 31)) % n
-    }
-}
+use orchestrator_postgres::testing::{DEFAULT_TEST_URL, TestSchema};
+use orchestrator_postgres::{PgStore, migrate};
+use rand::rngs::SmallRng;
+use rand::{RngExt, SeedableRng};
+use sqlx::PgPool;
 
 fn event(n: u64) -> NewEvent {
-    let mut id = [0u8; 16];
-    id[8..].copy_from_slice(&n.to_be_bytes());
-    NewEvent {
-        event_id: EventId(id),
-        event_type: "Deposited".into(),
-        event_version: 1,
-        payload: n.to_string().into_bytes(),
-        metadata: "{}".into(),
-        tracing: Tracing::default(),
+    NewEvent::new(EventId(Uuid::from_u64_pair(0, n)), "Deposited", n.to_string())
+}
+
+fn test_url() -> String {
+    std::env::var("ORCH_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_TEST_URL.to_owned())
+}
+
+/// Reads every slot from the start until `wanted` events are back, or gives up after `within`.
+async fn read_until(
+    store: &PgStore,
+    wanted: usize,
+    within: Duration,
+) -> Vec<orchestrator_core::Event> {
+    let request = ReadRequest {
+        cursors: store.slot_count().all().map(|s| (s, Position::START)).collect(),
+        scope: Scope::all(),
+        limit: 1000,
+    };
+    let deadline = Instant::now() + within;
+    loop {
+        let events = store.read(&request).await.unwrap();
+        if events.len() >= wanted || Instant::now() > deadline {
+            return events;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -52,6 +64,7 @@ async fn reader_never_skips_events_committed_out_of_order() {
     const EVENTS_PER_APPEND: u64 = 2;
     let Some(schema) = TestSchema::start(SlotCount::new(2).unwrap()).await else { return };
     let store = schema.store.clone();
+    sqlx::query("CREATE TABLE ledger (n BIGINT PRIMARY KEY)").execute(&schema.pool).await.unwrap();
     let total = (APPENDERS * APPENDS_EACH * EVENTS_PER_APPEND) as usize;
     let finished = Arc::new(AtomicUsize::new(0));
 
@@ -60,16 +73,47 @@ async fn reader_never_skips_events_committed_out_of_order() {
         let store = store.clone();
         let finished = finished.clone();
         appenders.push(tokio::spawn(async move {
-            let mut rng = Rng(appender);
+            let mut rng = SmallRng::seed_from_u64(appender);
             for i in 0..APPENDS_EACH {
                 // Streams are shared between appenders, so versions interleave across them.
-                let stream = StreamId::new("bank", "Account", format!("acct-{}", rng.below(40)));
+                let account = |rng: &mut SmallRng| {
+                    StreamId::new("bank", "Account", format!("acct-{}", rng.random_range(0..40)))
+                };
+                let (first, second) = (account(&mut rng), account(&mut rng));
                 let n = (appender * APPENDS_EACH + i) * EVENTS_PER_APPEND;
-                let batch = vec![event(n), event(n + 1)];
-                let (tx, _) =
-                    store.append_uncommitted(&stream, ExpectedVersion::Any, &batch).await.unwrap();
-                tokio::time::sleep(Duration::from_millis(rng.below(40))).await;
-                tx.commit().await.unwrap();
+                let mut unit =
+                    store.begin_unit_of_work(&[first.clone(), second.clone()]).await.unwrap();
+                let hold = |rng: &mut SmallRng| Duration::from_millis(rng.random_range(0..20));
+                match i % 3 {
+                    // The application writes its own row first: the transaction takes its id
+                    // before the append, after the streams were locked.
+                    0 => {
+                        sqlx::query("INSERT INTO ledger VALUES ($1)")
+                            .bind(n as i64)
+                            .execute(&mut **unit.tx())
+                            .await
+                            .unwrap();
+                        tokio::time::sleep(hold(&mut rng)).await;
+                        unit.append(&first, ExpectedVersion::Any, vec![event(n), event(n + 1)])
+                            .await
+                            .unwrap();
+                    }
+                    // Two streams in one transaction.
+                    1 if first != second => {
+                        unit.append(&first, ExpectedVersion::Any, vec![event(n)]).await.unwrap();
+                        tokio::time::sleep(hold(&mut rng)).await;
+                        unit.append(&second, ExpectedVersion::Any, vec![event(n + 1)])
+                            .await
+                            .unwrap();
+                    }
+                    _ => {
+                        unit.append(&first, ExpectedVersion::Any, vec![event(n), event(n + 1)])
+                            .await
+                            .unwrap();
+                    }
+                }
+                tokio::time::sleep(hold(&mut rng) * 2).await;
+                unit.commit().await.unwrap();
             }
             finished.fetch_add(1, Ordering::SeqCst);
         }));
@@ -116,21 +160,86 @@ async fn reader_never_skips_events_committed_out_of_order() {
 }
 
 #[tokio::test]
-async fn horizon_stall_reports_the_oldest_open_transaction() {
+async fn horizon_stall_reports_the_oldest_open_appender_only() {
     let Some(schema) = TestSchema::start(SlotCount::new(8).unwrap()).await else { return };
     let store = schema.store.clone();
-    let (tx, _) = store
-        .append_uncommitted(
-            &StreamId::new("bank", "Account", "a"),
-            ExpectedVersion::Any,
-            &[event(1)],
-        )
-        .await
-        .unwrap();
+    sqlx::query("CREATE TABLE other (n INT)").execute(&schema.pool).await.unwrap();
+    let mut foreign = schema.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO other VALUES (1)").execute(&mut *foreign).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(store.horizon_stall().await.unwrap(), Duration::ZERO, "not an appender");
+    let stream = StreamId::new("bank", "Account", "a");
+    let mut unit = store.begin_unit_of_work(std::slice::from_ref(&stream)).await.unwrap();
+    unit.append(&stream, ExpectedVersion::Any, vec![event(1)]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let stall = store.horizon_stall().await.unwrap();
     assert!(stall >= Duration::from_millis(300), "{stall:?}");
-    tx.commit().await.unwrap();
+    unit.commit().await.unwrap();
+    assert_eq!(store.horizon_stall().await.unwrap(), Duration::ZERO);
+    foreign.rollback().await.unwrap();
+    schema.drop_schema().await;
+}
+
+/// Open writing transactions that do not append to this events table hold nobody back: one in
+/// another database of the server, one on another table of this database (a projection's slow
+/// read-model transaction), one appending under another table prefix. An event appended meanwhile
+/// is delivered while all three are still open; an open appender of this table does hold it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_appenders_of_this_events_table_hold_readers_back() {
+    let Some(schema) = TestSchema::start(SlotCount::new(8).unwrap()).await else { return };
+    let store = schema.store.clone();
+
+    // Another database on the same server, with a transaction that has written.
+    let database = format!("{}_other", schema.schema);
+    sqlx::query(&format!("CREATE DATABASE {database}")).execute(&schema.pool).await.unwrap();
+    let mut url = test_url();
+    let path_start = url.rfind('/').unwrap();
+    url.replace_range(path_start + 1.., &database);
+    let other_db = PgPool::connect(&url).await.unwrap();
+    sqlx::query("CREATE TABLE t (n INT)").execute(&other_db).await.unwrap();
+    let mut in_other_db = other_db.begin().await.unwrap();
+    sqlx::query("INSERT INTO t VALUES (1)").execute(&mut *in_other_db).await.unwrap();
+
+    // Another table of this database.
+    sqlx::query("CREATE TABLE read_model (n INT)").execute(&schema.pool).await.unwrap();
+    let mut other_table = schema.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO read_model VALUES (1)").execute(&mut *other_table).await.unwrap();
+
+    // An appender of another table prefix in this database.
+    let prefix = TablePrefix::new("other_").unwrap();
+    migrate(&schema.pool, &prefix, SlotCount::new(8).unwrap()).await.unwrap();
+    let other_prefix = PgStore::open(schema.pool.clone(), prefix).await.unwrap();
+    let theirs = StreamId::new("bank", "Account", "theirs");
+    let mut their_unit =
+        other_prefix.begin_unit_of_work(std::slice::from_ref(&theirs)).await.unwrap();
+    their_unit.append(&theirs, ExpectedVersion::Any, vec![event(99)]).await.unwrap();
+
+    let ours = StreamId::new("bank", "Account", "ours");
+    store.append(&ours, ExpectedVersion::NoStream, vec![event(1)]).await.unwrap();
+    let delivered = read_until(&store, 1, Duration::from_secs(10)).await;
+    assert_eq!(delivered.len(), 1, "delivery waited for a transaction that does not append here");
+    assert_eq!(store.horizon_stall().await.unwrap(), Duration::ZERO);
+
+    // Our own open appender does hold the next event back, until it ends.
+    let mut ours_open =
+        store.begin_unit_of_work(&[StreamId::new("bank", "Account", "slow")]).await.unwrap();
+    ours_open
+        .append(&StreamId::new("bank", "Account", "slow"), ExpectedVersion::Any, vec![event(2)])
+        .await
+        .unwrap();
+    store.append(&ours, ExpectedVersion::Exact(1), vec![event(3)]).await.unwrap();
+    assert_eq!(read_until(&store, 2, Duration::from_millis(300)).await.len(), 1, "held back");
+    ours_open.commit().await.unwrap();
+    assert_eq!(read_until(&store, 3, Duration::from_secs(10)).await.len(), 3);
+
+    their_unit.commit().await.unwrap();
+    other_table.rollback().await.unwrap();
+    in_other_db.rollback().await.unwrap();
+    other_db.close().await;
+    sqlx::query(&format!("DROP DATABASE {database} WITH (FORCE)"))
+        .execute(&schema.pool)
+        .await
+        .unwrap();
     schema.drop_schema().await;
 }
 

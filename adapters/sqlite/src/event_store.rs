@@ -5,16 +5,17 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use orchestrator_core::ports::{
-    Appended, Backlog, EventStore, ReadRequest, StoreError, StoreResult, check_append,
+    Appended, Backlog, EventStore, ReadRequest, StoreError, StoreResult, UnitOfWork,
+    UnitOfWorkStore,
 };
 use orchestrator_core::{
-    Event, EventId, ExpectedVersion, NewEvent, Position, Slot, SlotCount, StreamId, Timestamp,
-    Tracing, fnv1a_32,
+    Event, EventId, ExpectedVersion, NewEvent, PartitionKey, Position, Slot, SlotCount, StreamId,
+    Timestamp, Tracing,
 };
 use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 
-use crate::error::{classify, is_unique_violation_on};
+use crate::error::classify;
 use crate::{NOW_MS, SqliteStore};
 
 #[async_trait]
@@ -23,71 +24,22 @@ impl EventStore for SqliteStore {
         self.slot_count
     }
 
-    async fn append(
+    async fn append_with_key(
         &self,
         stream: &StreamId,
+        key: Option<&PartitionKey>,
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> StoreResult<Appended> {
-        let err = |e| classify("append", e);
-        let mut tx = self.begin_write("append").await?;
-        let version_sql = format!(
-            "SELECT COALESCE(MAX(aggregate_version), 0) FROM {} \
-             WHERE bounded_context = ? AND aggregate_type = ? AND aggregate_id = ?",
-            self.tables.events
-        );
-        let current: i64 = sqlx::query_scalar(&version_sql)
-            .bind(&stream.bounded_context)
-            .bind(&stream.aggregate_type)
-            .bind(&stream.aggregate_id)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(err)?;
-        let current = current as u64;
-        check_append(stream, expected, current, &events)?;
-        if events.is_empty() {
-            return Ok(Appended { first_global: 1, last_global: 0, version: current });
-        }
-        let hash = fnv1a_32(stream.aggregate_id.as_bytes());
-        let slot = self.slot_count.slot_of_hash(hash);
-        let insert_sql = format!(
-            "INSERT INTO {} (bounded_context, aggregate_type, aggregate_id, aggregate_version, slot, \
-                 partition_hash, event_id, event_type, event_version, payload, metadata, causation_id, \
-                 correlation_id, trace_id, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {NOW_MS}) RETURNING global_position",
-            self.tables.events
-        );
-        let (mut first_global, mut last_global) = (u64::MAX, 0);
-        for (i, event) in events.iter().enumerate() {
-            let position: i64 = sqlx::query_scalar(&insert_sql)
-                .bind(&stream.bounded_context)
-                .bind(&stream.aggregate_type)
-                .bind(&stream.aggregate_id)
-                .bind((current + i as u64 + 1) as i64)
-                .bind(slot.0 as i64)
-                .bind(i64::from(hash))
-                .bind(event.event_id.0.as_slice())
-                .bind(&event.event_type)
-                .bind(i64::from(event.event_version))
-                .bind(event.payload.as_slice())
-                .bind(&event.metadata)
-                .bind(event.tracing.causation_id.as_deref())
-                .bind(event.tracing.correlation_id.as_deref())
-                .bind(event.tracing.trace_id.as_deref())
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(|e| {
-                    if is_unique_violation_on(&e, "event_id") {
-                        StoreError::DuplicateEvent { event_id: event.event_id }
-                    } else {
-                        classify("append", e)
-                    }
-                })?;
-            first_global = first_global.min(position as u64);
-            last_global = last_global.max(position as u64);
-        }
-        tx.commit().await.map_err(err)?;
-        Ok(Appended { first_global, last_global, version: current + events.len() as u64 })
+        let mut unit = self.begin_unit_of_work(std::slice::from_ref(stream)).await?;
+        unit.append_with_key(stream, key, expected, events).await?;
+        let mut appended = unit.commit().await?;
+        Ok(appended.pop().expect("one append, one result"))
+    }
+
+    async fn read_stream(&self, stream: &StreamId, from_version: u64) -> StoreResult<Vec<Event>> {
+        let mut conn = self.pool.acquire().await.map_err(|e| classify("read a stream", e))?;
+        read_stream_on(&mut conn, &self.tables.events, stream, from_version).await
     }
 
     async fn read(&self, request: &ReadRequest) -> StoreResult<Vec<Event>> {
@@ -214,14 +166,41 @@ fn read_merge_sql(events: &str, request: &ReadRequest) -> String {
     sql
 }
 
+/// The events of one stream from `from_version` on, in version order, on `conn` (a unit of work's
+/// transaction sees its own appends).
+pub(crate) async fn read_stream_on(
+    conn: &mut sqlx::SqliteConnection,
+    events: &str,
+    stream: &StreamId,
+    from_version: u64,
+) -> StoreResult<Vec<Event>> {
+    let sql = format!(
+        "SELECT * FROM {events} WHERE bounded_context = ? AND aggregate_type = ? \
+         AND aggregate_id = ? AND aggregate_version >= ? ORDER BY aggregate_version"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(&stream.bounded_context)
+        .bind(&stream.aggregate_type)
+        .bind(&stream.aggregate_id)
+        .bind(i64::try_from(from_version).unwrap_or(i64::MAX))
+        .fetch_all(conn)
+        .await
+        .map_err(|e| classify("read a stream", e))?;
+    rows.iter().map(event_from_row).collect()
+}
+
 fn event_from_row(row: &SqliteRow) -> StoreResult<Event> {
     let get_err = |e| classify("decode an event", e);
     let id: Vec<u8> = row.try_get("event_id").map_err(get_err)?;
-    let event_id =
-        <[u8; 16]>::try_from(id.as_slice()).map(EventId).map_err(|_| StoreError::Other {
+    let event_id = <[u8; 16]>::try_from(id.as_slice()).map(EventId::from_bytes).map_err(|_| {
+        StoreError::Other {
             message: format!("event id of {} bytes, expected 16", id.len()),
             source: None,
-        })?;
+        }
+    })?;
+    let aggregate_id: String = row.try_get("aggregate_id").map_err(get_err)?;
+    // Streams appended before partition keys existed have none stored: their key is the id.
+    let partition_key: Option<String> = row.try_get("partition_key").map_err(get_err)?;
     Ok(Event {
         position: Position::global(
             row.try_get::<i64, _>("global_position").map_err(get_err)? as u64
@@ -229,9 +208,10 @@ fn event_from_row(row: &SqliteRow) -> StoreResult<Event> {
         stream: StreamId {
             bounded_context: row.try_get("bounded_context").map_err(get_err)?,
             aggregate_type: row.try_get("aggregate_type").map_err(get_err)?,
-            aggregate_id: row.try_get("aggregate_id").map_err(get_err)?,
+            aggregate_id: aggregate_id.clone(),
         },
         aggregate_version: row.try_get::<i64, _>("aggregate_version").map_err(get_err)? as u64,
+        partition_key: partition_key.unwrap_or(aggregate_id),
         slot: Slot(row.try_get::<i64, _>("slot").map_err(get_err)? as u32),
         event_id,
         event_type: row.try_get("event_type").map_err(get_err)?,

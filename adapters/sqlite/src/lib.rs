@@ -14,6 +14,7 @@ mod coordination_store;
 mod error;
 mod event_store;
 mod migrate;
+mod unit_of_work;
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 
 pub use error::classify as classify_error;
 pub use migrate::migrate;
+pub use unit_of_work::SqliteUnitOfWork;
 
 use crate::error::classify;
 
@@ -44,8 +46,8 @@ pub struct SqliteStore {
 }
 
 #[derive(Debug)]
-struct Tables {
-    events: String,
+pub(crate) struct Tables {
+    pub(crate) events: String,
     replica_sets: String,
     workers: String,
     slots: String,

@@ -8,8 +8,10 @@ use sqlx::{Executor, SqlitePool};
 use crate::error::classify;
 
 /// The migrations, in order: (version, name, SQL with `{prefix}` placeholders).
-const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "init", include_str!("../../../migrations/sqlite/0001_init.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "init", include_str!("../../../migrations/sqlite/0001_init.sql")),
+    (2, "partition_keys", include_str!("../../../migrations/sqlite/0002_partition_keys.sql")),
+];
 
 /// Creates or upgrades every table under `prefix`, and records the event store's slot count
 /// (`slot_count` on a new store; an existing store keeps its own and a different one is refused).

@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use orchestrator_conformance::{Harness, SLOTS, conformance_tests};
 use orchestrator_core::{SlotCount, TablePrefix};
-use orchestrator_sqlite::{SqliteStore, SqliteTx, migrate};
+use orchestrator_sqlite::{SqliteStore, SqliteTx, SqliteUnitOfWork, migrate};
 
 struct SqliteHarness {
     store: SqliteStore,
@@ -50,6 +50,18 @@ impl Harness for SqliteHarness {
             .execute(&mut **tx)
             .await
             .unwrap();
+    }
+
+    async fn put_row_in_unit(&self, unit: &mut SqliteUnitOfWork, key: &str, value: &str) {
+        self.put_row(unit.tx(), key, value).await;
+    }
+
+    const CONCURRENT_WRITERS: bool = false;
+
+    async fn hold_foreign_transaction(&self) -> Option<Box<dyn std::any::Any + Send>> {
+        let mut tx = self.store.pool().begin().await.unwrap();
+        sqlx::query("SELECT count(*) FROM orch_events").execute(&mut *tx).await.unwrap();
+        Some(Box::new(tx))
     }
 
     async fn get_row(&self, key: &str) -> Option<String> {

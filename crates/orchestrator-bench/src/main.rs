@@ -287,7 +287,7 @@ pub(crate) fn new_event(n: usize) -> NewEvent {
     id[6] = 0x40;
     id[8] = (id[8] & 0x3f) | 0x80;
     NewEvent {
-        event_id: EventId(id),
+        event_id: EventId::from_bytes(id),
         event_type: "Deposited".into(),
         event_version: 1,
         payload: vec![b'x'; PAYLOAD],

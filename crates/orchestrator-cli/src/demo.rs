@@ -9,11 +9,14 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 use async_trait::async_trait;
-use orchestrator_core::ports::{BoxError, EventStore};
-use orchestrator_core::{Event, EventId, ExpectedVersion, NewEvent, StreamId, Tracing};
+use orchestrator_core::ports::{BoxError, EventStore, UnitOfWork, UnitOfWorkStore};
+use orchestrator_core::{Event, ExpectedVersion, NewEvent, StreamId};
 use orchestrator_postgres::{PgStore, PgTx};
 use orchestrator_runtime::{HandlerError, Projection};
+use orchestrator_serde::new_event_id;
 use orchestrator_sqlite::SqliteTx;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
 
 use crate::db::Database;
 
@@ -178,29 +181,14 @@ pub(crate) struct AppendPlan {
     pub(crate) hold_open_ms: u64,
 }
 
-/// SplitMix64, to spread hold times without a dependency.
-fn next_random(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-fn demo_event(seq: u64, kind: usize, salt: u64) -> NewEvent {
-    let mut id = [0u8; 16];
-    id[..8].copy_from_slice(&salt.to_be_bytes());
-    id[8..].copy_from_slice(&seq.to_be_bytes());
-    id[6] = (id[6] & 0x0f) | 0x40;
-    id[8] = (id[8] & 0x3f) | 0x80;
-    NewEvent {
-        event_id: EventId(id),
-        event_type: EVENT_TYPES[kind % EVENT_TYPES.len()].to_owned(),
-        event_version: 1,
-        payload: format!("{{\"seq\":{seq}}}").into_bytes(),
-        metadata: "{\"source\":\"orchestrator demo\"}".to_owned(),
-        tracing: Tracing::default(),
-    }
+fn demo_event(seq: u64, kind: usize) -> NewEvent {
+    let mut event = NewEvent::new(
+        new_event_id(),
+        EVENT_TYPES[kind % EVENT_TYPES.len()],
+        format!("{{\"seq\":{seq}}}"),
+    );
+    event.metadata = "{\"source\":\"orchestrator demo\"}".to_owned();
+    event
 }
 
 /// Appends exactly `plan.events` events, one per append, aggregates taken round-robin by each of
@@ -212,8 +200,6 @@ pub(crate) async fn append(db: &Database, plan: &AppendPlan) -> Result<u64> {
             "--hold-open needs PostgreSQL: an open SQLite write transaction blocks every other writer"
         );
     }
-    let salt =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64;
     let mut tasks = Vec::new();
     for appender in 0..plan.concurrency {
         let share =
@@ -232,15 +218,14 @@ pub(crate) async fn append(db: &Database, plan: &AppendPlan) -> Result<u64> {
         };
         let hold = plan.hold_open_ms;
         tasks.push(tokio::spawn(async move {
-            let mut random = salt ^ appender;
+            let mut random = StdRng::from_rng(&mut rand::rng());
             for i in 0..share {
                 let aggregate = aggregates[(i as usize) % aggregates.len()];
                 let stream = StreamId::new("demo", "Account", format!("account-{aggregate}"));
-                let event = demo_event(appender << 40 | i, i as usize, salt);
+                let event = demo_event(appender << 40 | i, i as usize);
                 match &db {
                     Database::Postgres(store) if hold > 0 => {
-                        append_held(store, &stream, event, next_random(&mut random) % (hold + 1))
-                            .await?
+                        append_held(store, &stream, event, random.random_range(0..=hold)).await?
                     }
                     Database::Postgres(store) => append_one(store, &stream, event).await?,
                     Database::Sqlite(store) => append_one(store, &stream, event).await?,
@@ -273,11 +258,10 @@ async fn append_held(
     hold_ms: u64,
 ) -> Result<()> {
     retrying(|| async {
-        let (tx, _) = store
-            .append_uncommitted(stream, ExpectedVersion::Any, std::slice::from_ref(&event))
-            .await?;
+        let mut unit = store.begin_unit_of_work(std::slice::from_ref(stream)).await?;
+        unit.append(stream, ExpectedVersion::Any, vec![event.clone()]).await?;
         tokio::time::sleep(Duration::from_millis(hold_ms)).await;
-        tx.commit().await.map_err(|e| orchestrator_postgres::classify_error("commit an append", e))
+        unit.commit().await.map(drop)
     })
     .await
 }

@@ -10,11 +10,7 @@ use crate::Harness;
 
 /// A distinct event id for each `n`.
 pub fn event_id(n: u64) -> EventId {
-    let mut bytes = [0u8; 16];
-    bytes[8..].copy_from_slice(&n.to_be_bytes());
-    bytes[6] = 0x40; // version 4 layout, so SQL uuid columns accept it as a plain UUID
-    bytes[8] = (bytes[8] & 0x3f) | 0x80;
-    EventId(bytes)
+    EventId(orchestrator_core::Uuid::from_u64_pair(0, n))
 }
 
 /// `n` events of type `type_` with ids starting at `first_id`.
@@ -35,7 +31,7 @@ pub fn new_events(first_id: u64, n: u64, type_: &str) -> Vec<NewEvent> {
         .collect()
 }
 
-fn order(id: &str) -> StreamId {
+pub(crate) fn order(id: &str) -> StreamId {
     StreamId::new("sales", "Order", id)
 }
 
@@ -43,7 +39,7 @@ fn all_slots_from_start<S: EventStore>(store: &S) -> Vec<(Slot, Position)> {
     store.slot_count().all().map(|slot| (slot, Position::START)).collect()
 }
 
-async fn read_all<H: Harness>(h: &H) -> Vec<Event> {
+pub(crate) async fn read_all<H: Harness>(h: &H) -> Vec<Event> {
     h.settle().await;
     let store = h.store();
     let request =

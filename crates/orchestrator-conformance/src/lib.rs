@@ -9,22 +9,34 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use orchestrator_core::ports::{CheckpointStore, CoordinationStore, EventStore};
+use orchestrator_core::ports::{CheckpointStore, CoordinationStore, EventStore, UnitOfWorkStore};
 
 pub mod checkpoints;
 pub mod coordination;
 pub mod events;
+pub mod streams;
+pub mod units_of_work;
 
 /// The store every case runs against.
 pub trait ConformanceStore:
-    EventStore + CoordinationStore + CheckpointStore + Send + Sync + 'static
+    EventStore + UnitOfWorkStore + CoordinationStore + CheckpointStore + Clone + Send + Sync + 'static
 {
 }
 
 impl<T> ConformanceStore for T where
-    T: EventStore + CoordinationStore + CheckpointStore + Send + Sync + 'static
+    T: EventStore
+        + UnitOfWorkStore
+        + CoordinationStore
+        + CheckpointStore
+        + Clone
+        + Send
+        + Sync
+        + 'static
 {
 }
+
+/// The application's unit of work of a harness's store.
+pub type UnitOf<H> = <<H as Harness>::Store as UnitOfWorkStore>::UnitOfWork;
 
 /// What an adapter provides to run the suite.
 #[async_trait]
@@ -47,6 +59,21 @@ pub trait Harness: Send + Sync + Sized + 'static {
 
     /// Reads a committed read-model row.
     async fn get_row(&self, key: &str) -> Option<String>;
+
+    /// Writes an application row (same table as [`Harness::put_row`]) inside a unit of work.
+    async fn put_row_in_unit(&self, unit: &mut UnitOf<Self>, key: &str, value: &str);
+
+    /// Whether two writing transactions can be open at once (false on SQLite, whose single write
+    /// lock a unit of work holds from its start).
+    const CONCURRENT_WRITERS: bool = true;
+
+    /// Opens, in another session, a transaction that has written to a table other than the events
+    /// table and stays open until the returned guard is dropped; `None` where the store has no
+    /// other sessions (memory). On SQLite it holds a read snapshot instead (a write would lock
+    /// out every append).
+    async fn hold_foreign_transaction(&self) -> Option<Box<dyn std::any::Any + Send>> {
+        None
+    }
 
     /// Waits until every event appended so far is visible to readers. Stores whose readers hold
     /// back behind running transactions (PostgreSQL's horizon) wait for them; others return at once.
@@ -79,6 +106,17 @@ macro_rules! conformance_tests {
             events::read_pages_with_limit_in_position_order,
             events::read_keeps_version_order_per_stream,
             events::backlog_counts_events_after_the_cursors_in_scope,
+            streams::read_stream_returns_one_stream_in_version_order,
+            streams::read_stream_sees_an_append_at_once_whatever_else_is_open,
+            streams::partition_key_is_fixed_at_the_first_append,
+            streams::aggregates_sharing_a_partition_key_share_a_slot_in_append_order,
+            streams::malformed_appends_are_refused_and_write_nothing,
+            units_of_work::unit_of_work_commits_appends_and_rows_together,
+            units_of_work::dropped_unit_of_work_keeps_nothing,
+            units_of_work::undeclared_stream_is_refused,
+            units_of_work::unit_of_work_checks_versions_like_append,
+            units_of_work::racing_units_of_work_keep_one_stream_in_version_order,
+            units_of_work::units_of_work_on_the_same_streams_in_any_order_do_not_deadlock,
             coordination::register_creates_replica_set_and_checks_slot_count,
             coordination::register_again_fences_the_previous_incarnation,
             coordination::heartbeat_of_unknown_incarnation_is_refused,

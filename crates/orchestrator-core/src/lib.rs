@@ -21,7 +21,9 @@ pub mod timing;
 
 pub use duration::{InvalidDuration, parse_duration};
 pub use engine::{Command, Engine, EngineConfig, Input, Notice, Strategy};
-pub use event::{Event, EventId, ExpectedVersion, NewEvent, Position, Scope, StreamId, Tracing};
+pub use event::{
+    Event, EventId, ExpectedVersion, NewEvent, PartitionKey, Position, Scope, StreamId, Tracing,
+};
 pub use ids::{Epoch, Generation, Incarnation, InvalidName, ReplicaSetName, TablePrefix, WorkerId};
 pub use plan::{GenerationPlan, SlotAction, SlotChange};
 pub use quote::{Quoted, quote};
@@ -29,3 +31,4 @@ pub use slot::{Slot, SlotCount, fnv1a_32};
 pub use snapshot::{Lease, Partition, SlotRecord, Snapshot, WorkerRecord};
 pub use time::{Clock, Timestamp};
 pub use timing::{InvalidTiming, Timing};
+pub use uuid::Uuid;

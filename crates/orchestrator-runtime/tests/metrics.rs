@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use orchestrator_core::ports::{BoxError, CheckpointStore, CoordinationStore, EventStore};
+use orchestrator_core::ports::{
+    BoxError, CheckpointStore, CoordinationStore, EventStore, UnitOfWork, UnitOfWorkStore,
+};
 use orchestrator_core::{
     Event, EventId, ExpectedVersion, NewEvent, ReplicaSetName, SlotCount, StreamId, Timing,
     Tracing, WorkerId,
@@ -127,7 +129,7 @@ async fn append(store: &MemoryStore, n: u64) {
         let mut id = [0u8; 16];
         id[8..].copy_from_slice(&(i + 1_000_000 * u64::from(rand_salt())).to_be_bytes());
         let event = NewEvent {
-            event_id: EventId(id),
+            event_id: EventId::from_bytes(id),
             event_type: "Placed".into(),
             event_version: 1,
             payload: Vec::new(),
@@ -469,16 +471,9 @@ async fn the_read_horizon_stall_is_reported_on_postgres() {
         projections,
     ));
     let stream = StreamId::new("sales", "Order", "order-1");
-    let event = NewEvent {
-        event_id: EventId([7; 16]),
-        event_type: "Placed".into(),
-        event_version: 1,
-        payload: Vec::new(),
-        metadata: "{}".into(),
-        tracing: Tracing::default(),
-    };
-    let (open, _) =
-        schema.store.append_uncommitted(&stream, ExpectedVersion::Any, &[event]).await.unwrap();
+    let event = NewEvent::new(EventId::from_bytes([7; 16]), "Placed", Vec::new());
+    let mut open = schema.store.begin_unit_of_work(std::slice::from_ref(&stream)).await.unwrap();
+    open.append(&stream, ExpectedVersion::Any, vec![event]).await.unwrap();
     let running = Running { telemetry_server: server, stop: Some(stop), task };
     let rs = [("replica_set", RS)];
     running

@@ -12,8 +12,8 @@ use orchestrator_core::ports::{
     ReadRequest, StoreError, StoreResult,
 };
 use orchestrator_core::{
-    Epoch, Event, ExpectedVersion, Generation, GenerationPlan, Incarnation, NewEvent, Position,
-    ReplicaSetName, Slot, SlotCount, Snapshot, StreamId, WorkerId,
+    Epoch, Event, ExpectedVersion, Generation, GenerationPlan, Incarnation, NewEvent, PartitionKey,
+    Position, ReplicaSetName, Slot, SlotCount, Snapshot, StreamId, WorkerId,
 };
 use orchestrator_memory::{MemoryStore, MemoryTx};
 use tokio::sync::Notify;
@@ -180,14 +180,19 @@ impl EventStore for Faulty {
     fn slot_count(&self) -> SlotCount {
         self.inner.slot_count()
     }
-    async fn append(
+    async fn append_with_key(
         &self,
         stream: &StreamId,
+        key: Option<&PartitionKey>,
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> StoreResult<Appended> {
         self.gate().await;
-        self.inner.append(stream, expected, events).await
+        self.inner.append_with_key(stream, key, expected, events).await
+    }
+    async fn read_stream(&self, stream: &StreamId, from_version: u64) -> StoreResult<Vec<Event>> {
+        self.call().await?;
+        self.inner.read_stream(stream, from_version).await
     }
     async fn read(&self, request: &ReadRequest) -> StoreResult<Vec<Event>> {
         self.call().await?;

@@ -20,7 +20,7 @@ use std::time::Duration;
 use orchestrator_core::ports::{CoordinationStore, EventStore};
 use orchestrator_core::{
     Clock, EventId, ExpectedVersion, NewEvent, ReplicaSetName, SlotCount, Strategy, StreamId,
-    Timestamp, Timing, Tracing, WorkerId,
+    Timestamp, Timing, Uuid, WorkerId,
 };
 use orchestrator_memory::MemoryStore;
 use orchestrator_runtime::{Orchestrator, RunError, Settings};
@@ -314,16 +314,11 @@ impl Sim {
                     *count += 1;
                     *count
                 };
-                let mut bytes = [0u8; 16];
-                bytes[8..].copy_from_slice(&id.to_be_bytes());
-                let event = NewEvent {
-                    event_id: EventId(bytes),
-                    event_type: "MoneyDeposited".into(),
-                    event_version: 1,
-                    payload: Vec::new(),
-                    metadata: "{}".into(),
-                    tracing: Tracing::default(),
-                };
+                let event = NewEvent::new(
+                    EventId(Uuid::from_u64_pair(0, id)),
+                    "MoneyDeposited",
+                    Vec::new(),
+                );
                 store.append(&stream, ExpectedVersion::Any, vec![event]).await.expect("append");
                 if rng.chance(30) {
                     tokio::time::sleep(Duration::from_millis(rng.below(50))).await;

@@ -32,6 +32,50 @@ pub enum StoreError {
         /// The event id.
         event_id: EventId,
     },
+    /// An event to append is malformed (its metadata is not a JSON object, its type is empty);
+    /// nothing was written.
+    #[error("invalid event {event_id}: {reason}")]
+    InvalidEvent {
+        /// The event.
+        event_id: EventId,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A stream id has an empty part; nothing was written.
+    #[error("invalid stream {stream}: {reason}")]
+    InvalidStream {
+        /// The stream.
+        stream: StreamId,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A partition key is empty or too long.
+    #[error("invalid partition key: it {reason}")]
+    InvalidPartitionKey {
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An append gave a stream another partition key than the one fixed at its first append;
+    /// nothing was written.
+    #[error(
+        "stream {stream} has partition key {stored:?}; an append cannot change it to {given:?}"
+    )]
+    PartitionKeyMismatch {
+        /// The stream.
+        stream: StreamId,
+        /// The key fixed at its first append.
+        stored: String,
+        /// The key this append gave.
+        given: String,
+    },
+    /// A unit of work appended to a stream it did not declare when it began (so did not lock).
+    #[error(
+        "stream {stream} was not declared when the unit of work began; declare every stream it appends to"
+    )]
+    UndeclaredStream {
+        /// The stream.
+        stream: StreamId,
+    },
     /// The worker no longer owns a slot at the epoch it committed under; nothing was written.
     #[error("fenced: worker {worker} no longer owns slot {slot} at the epoch it was granted")]
     Fenced {

@@ -10,4 +10,7 @@ pub use change_feed::{Change, ChangeFeed};
 pub use checkpoint::{CheckpointStore, Fence};
 pub use coordination::{CoordinationStore, HeartbeatAck};
 pub use error::{BoxError, StoreError, StoreResult};
-pub use event_store::{Appended, Backlog, EventStore, ReadRequest, check_append};
+pub use event_store::{
+    Appended, Backlog, EventStore, ReadRequest, StreamHead, UnitOfWork, UnitOfWorkStore,
+    check_append,
+};

@@ -232,7 +232,7 @@ pub fn new_event(n: u64) -> NewEvent {
     id[6] = 0x40;
     id[8] = (id[8] & 0x3f) | 0x80;
     NewEvent {
-        event_id: EventId(id),
+        event_id: EventId::from_bytes(id),
         event_type: "Deposited".into(),
         event_version: 1,
         payload: n.to_string().into_bytes(),

@@ -10,8 +10,8 @@ use orchestrator_core::ports::{
     ReadRequest, StoreResult,
 };
 use orchestrator_core::{
-    Epoch, Event, ExpectedVersion, Generation, GenerationPlan, Incarnation, NewEvent, Position,
-    ReplicaSetName, Slot, SlotCount, Snapshot, StreamId, WorkerId,
+    Epoch, Event, ExpectedVersion, Generation, GenerationPlan, Incarnation, NewEvent, PartitionKey,
+    Position, ReplicaSetName, Slot, SlotCount, Snapshot, StreamId, WorkerId,
 };
 use tokio::sync::watch;
 
@@ -48,13 +48,17 @@ impl<S: EventStore> EventStore for Pausable<S> {
     fn slot_count(&self) -> SlotCount {
         self.inner.slot_count()
     }
-    async fn append(
+    async fn append_with_key(
         &self,
         stream: &StreamId,
+        key: Option<&PartitionKey>,
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> StoreResult<Appended> {
-        self.inner.append(stream, expected, events).await
+        self.inner.append_with_key(stream, key, expected, events).await
+    }
+    async fn read_stream(&self, stream: &StreamId, from_version: u64) -> StoreResult<Vec<Event>> {
+        self.inner.read_stream(stream, from_version).await
     }
     async fn read(&self, request: &ReadRequest) -> StoreResult<Vec<Event>> {
         self.inner.read(request).await

@@ -1,0 +1,3 @@
+-- A stream's partition key, fixed at its first append (by default its aggregate id). Events
+-- appended before this migration have none stored; readers take their aggregate id.
+ALTER TABLE {prefix}events ADD COLUMN partition_key TEXT;
