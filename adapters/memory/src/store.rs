@@ -547,4 +547,9 @@ impl CheckpointStore for MemoryStore {
         tx.apply_to(&mut state);
         Ok(())
     }
+
+    async fn remove(&self, replica_set: &ReplicaSetName, projection: &str) -> StoreResult<()> {
+        self.lock().checkpoints.retain(|(rs, p, _), _| !(rs == replica_set && p == projection));
+        Ok(())
+    }
 }

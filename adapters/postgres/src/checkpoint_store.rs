@@ -181,6 +181,20 @@ impl CheckpointStore for PgStore {
         .map_err(err)?;
         tx.commit().await.map_err(err)
     }
+
+    async fn remove(&self, replica_set: &ReplicaSetName, projection: &str) -> StoreResult<()> {
+        let err = |e| classify("remove a projection", e);
+        let mut tx = self.pool.begin().await.map_err(err)?;
+        for table in [&self.tables.checkpoints, &self.tables.progress] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE replica_set = $1 AND projection = $2"))
+                .bind(replica_set.as_str())
+                .bind(projection)
+                .execute(&mut *tx)
+                .await
+                .map_err(err)?;
+        }
+        tx.commit().await.map_err(err)
+    }
 }
 
 fn position(commit: i64, global: i64) -> Position {

@@ -33,7 +33,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 pub use change_feed::PgChangeFeed;
 pub use error::classify as classify_error;
-pub use migrate::migrate;
+pub use migrate::{migrate, migrate_with};
 pub use unit_of_work::PgUnitOfWork;
 
 use crate::error::classify;

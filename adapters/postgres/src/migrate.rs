@@ -1,7 +1,7 @@
 //! Applies the embedded migrations idempotently; safe when many workers start at once.
 
 use orchestrator_core::ports::{StoreError, StoreResult};
-use orchestrator_core::{SlotCount, TablePrefix};
+use orchestrator_core::{SchemaMigration, SlotCount, TablePrefix};
 use sqlx::{Executor, PgPool};
 
 use crate::error::classify;
@@ -22,6 +22,19 @@ pub async fn migrate(
     pool: &PgPool,
     prefix: &TablePrefix,
     slot_count: SlotCount,
+) -> StoreResult<()> {
+    migrate_with(pool, prefix, slot_count, &[]).await
+}
+
+/// [`migrate`], then the application's own `schema` steps not applied yet (recorded by name in
+/// `{prefix}application_migrations`), in the same transaction and under the same lock: workers
+/// that start together never race on the application's DDL, and a failing step rolls back
+/// everything.
+pub async fn migrate_with(
+    pool: &PgPool,
+    prefix: &TablePrefix,
+    slot_count: SlotCount,
+    schema: &[SchemaMigration],
 ) -> StoreResult<()> {
     let err = |e| classify("migrate", e);
     let mut tx = pool.begin().await.map_err(err)?;
@@ -66,6 +79,25 @@ pub async fn migrate(
     .await
     .map_err(err)?;
     stored_slot_count(&mut tx, prefix.as_str(), Some(slot_count)).await?;
+    let create_app_ledger = format!(
+        "CREATE TABLE IF NOT EXISTS {prefix}application_migrations (
+             name TEXT PRIMARY KEY,
+             applied_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp())"
+    );
+    tx.execute(create_app_ledger.as_str()).await.map_err(err)?;
+    let applied: Vec<String> =
+        sqlx::query_scalar(&format!("SELECT name FROM {prefix}application_migrations"))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(err)?;
+    for step in schema.iter().filter(|step| !applied.iter().any(|name| name == step.name)) {
+        tx.execute(step.sql).await.map_err(|e| classify(&format!("apply {}", step.name), e))?;
+        sqlx::query(&format!("INSERT INTO {prefix}application_migrations (name) VALUES ($1)"))
+            .bind(step.name)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+    }
     tx.commit().await.map_err(err)
 }
 

@@ -159,4 +159,18 @@ impl CheckpointStore for SqliteStore {
         sqlx::query(&fence).bind(replica_set.as_str()).execute(&mut *tx).await.map_err(err)?;
         tx.commit().await.map_err(err)
     }
+
+    async fn remove(&self, replica_set: &ReplicaSetName, projection: &str) -> StoreResult<()> {
+        let delete = format!(
+            "DELETE FROM {} WHERE replica_set = ? AND projection = ?",
+            self.tables.checkpoints
+        );
+        sqlx::query(&delete)
+            .bind(replica_set.as_str())
+            .bind(projection)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| classify("remove a projection", e))?;
+        Ok(())
+    }
 }

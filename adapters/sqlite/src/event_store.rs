@@ -142,7 +142,7 @@ fn scope_sql(request: &ReadRequest) -> String {
 fn read_range_sql(events: &str, request: &ReadRequest, every_slot: bool) -> String {
     let slots = if every_slot { String::new() } else { in_list("slot", request.cursors.len()) };
     format!(
-        "SELECT * FROM {events} WHERE global_position > ?{slots}{scope} ORDER BY global_position LIMIT ?",
+        "SELECT {EVENT_COLUMNS} FROM {events} WHERE global_position > ?{slots}{scope} ORDER BY global_position LIMIT ?",
         scope = scope_sql(request)
     )
 }
@@ -151,14 +151,14 @@ fn read_range_sql(events: &str, request: &ReadRequest, every_slot: bool) -> Stri
 /// for cursors that differ (just after a slot started from its own checkpoint).
 fn read_merge_sql(events: &str, request: &ReadRequest) -> String {
     let scope = scope_sql(request);
-    let mut sql = String::from("SELECT * FROM (");
+    let mut sql = format!("SELECT {EVENT_COLUMNS} FROM (");
     for i in 0..request.cursors.len() {
         if i > 0 {
             sql.push_str(" UNION ALL ");
         }
         let _ = write!(
             sql,
-            "SELECT * FROM (SELECT * FROM {events} WHERE slot = ? AND global_position > ?{scope} \
+            "SELECT * FROM (SELECT {EVENT_COLUMNS} FROM {events} WHERE slot = ? AND global_position > ?{scope} \
              ORDER BY global_position LIMIT ?)"
         );
     }
@@ -175,7 +175,7 @@ pub(crate) async fn read_stream_on(
     from_version: u64,
 ) -> StoreResult<Vec<Event>> {
     let sql = format!(
-        "SELECT * FROM {events} WHERE bounded_context = ? AND aggregate_type = ? \
+        "SELECT {EVENT_COLUMNS} FROM {events} WHERE bounded_context = ? AND aggregate_type = ? \
          AND aggregate_id = ? AND aggregate_version >= ? ORDER BY aggregate_version"
     );
     let rows = sqlx::query(&sql)
@@ -188,6 +188,12 @@ pub(crate) async fn read_stream_on(
         .map_err(|e| classify("read a stream", e))?;
     rows.iter().map(event_from_row).collect()
 }
+
+/// The columns [`event_from_row`] reads, named: a `SELECT *` prepared on a connection that has not
+/// seen a migration add a column yet would be re-prepared with more columns than sqlx expects.
+const EVENT_COLUMNS: &str = "global_position, bounded_context, aggregate_type, aggregate_id, \
+     aggregate_version, slot, partition_key, event_id, event_type, event_version, payload, \
+     metadata, causation_id, correlation_id, trace_id, created_at";
 
 fn event_from_row(row: &SqliteRow) -> StoreResult<Event> {
     let get_err = |e| classify("decode an event", e);

@@ -26,7 +26,7 @@ use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
 pub use error::classify as classify_error;
-pub use migrate::migrate;
+pub use migrate::{migrate, migrate_with};
 pub use unit_of_work::SqliteUnitOfWork;
 
 use crate::error::classify;

@@ -190,3 +190,30 @@ pub async fn reset_rebuilds_one_projection_and_fences_running_owners<H: Harness>
     store.commit(tx, &fence(&w1, &[(0, epoch.0)]), "orders", &at(&[(0, 3)])).await.unwrap();
     assert_eq!(store.load(&rs, "orders", &[Slot(0)]).await.unwrap(), at(&[(0, 3)]));
 }
+
+/// `remove` forgets one projection (checkpoints in rows of their own and shared ones alike) and
+/// leaves the others and the slots' epochs alone.
+pub async fn remove_forgets_one_projection<H: Harness>(h: &H) {
+    let store = h.store();
+    let rs = replica_set();
+    let w1 = worker("w1");
+    first_generation(store, &w1).await;
+    let tx = store.begin().await.unwrap();
+    store
+        .commit(tx, &fence(&w1, &[(0, 1), (1, 1)]), "retired", &at(&[(0, 9), (1, 9)]))
+        .await
+        .unwrap();
+    let tx = store.begin().await.unwrap();
+    store.commit(tx, &fence(&w1, &[(2, 1)]), "retired", &at(&[(2, 4)])).await.unwrap();
+    let tx = store.begin().await.unwrap();
+    store.commit(tx, &fence(&w1, &[(0, 1)]), "kept", &at(&[(0, 6)])).await.unwrap();
+    let epoch = store.snapshot(&rs).await.unwrap().slots[0].epoch;
+
+    store.remove(&rs, "retired").await.unwrap();
+    assert_eq!(store.projections(&rs).await.unwrap(), vec!["kept"]);
+    let all = [Slot(0), Slot(1), Slot(2)];
+    assert_eq!(store.load(&rs, "retired", &all).await.unwrap(), at(&[(0, 0), (1, 0), (2, 0)]));
+    assert_eq!(store.load(&rs, "kept", &[Slot(0)]).await.unwrap(), at(&[(0, 6)]));
+    assert_eq!(store.snapshot(&rs).await.unwrap().slots[0].epoch, epoch, "nobody is fenced");
+    store.remove(&rs, "never-existed").await.unwrap();
+}

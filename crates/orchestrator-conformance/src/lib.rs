@@ -140,6 +140,7 @@ macro_rules! conformance_tests {
             checkpoints::dropped_transaction_keeps_nothing,
             checkpoints::checkpoints_are_per_replica_set_and_projection,
             checkpoints::reset_rebuilds_one_projection_and_fences_running_owners,
+            checkpoints::remove_forgets_one_projection,
         );
     };
     (@cases $harness:ty; $($module:ident :: $case:ident),* $(,)?) => {

@@ -14,6 +14,7 @@ pub mod ids;
 pub mod plan;
 pub mod ports;
 pub mod quote;
+pub mod schema;
 pub mod slot;
 pub mod snapshot;
 pub mod time;
@@ -27,6 +28,7 @@ pub use event::{
 pub use ids::{Epoch, Generation, Incarnation, InvalidName, ReplicaSetName, TablePrefix, WorkerId};
 pub use plan::{GenerationPlan, SlotAction, SlotChange};
 pub use quote::{Quoted, quote};
+pub use schema::SchemaMigration;
 pub use slot::{Slot, SlotCount, fnv1a_32};
 pub use snapshot::{Lease, Partition, SlotRecord, Snapshot, WorkerRecord};
 pub use time::{Clock, Timestamp};

@@ -21,10 +21,12 @@
 mod clock;
 mod error;
 mod health;
+mod lifecycle;
 mod metrics;
 mod processor;
 mod projection;
 mod settings;
+mod signal;
 mod telemetry;
 mod worker;
 
@@ -32,8 +34,10 @@ use orchestrator_core::ports::{CheckpointStore, CoordinationStore, EventStore};
 
 pub use clock::SystemClock;
 pub use error::RunError;
+pub use lifecycle::{ResetError, WaitError, reset_projection, wait_for_projection};
 pub use projection::{HandlerError, Projection};
 pub use settings::{InvalidSetting, RetryPolicy, Settings, parse_duration, parse_strategy};
+pub use signal::shutdown_signal;
 pub use telemetry::{Server, Telemetry, TelemetryError};
 pub use worker::Orchestrator;
 

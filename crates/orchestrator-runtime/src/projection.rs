@@ -47,6 +47,14 @@ pub trait Projection<Tx: Send>: Send + Sync {
     /// Handles one event.
     async fn handle(&self, tx: &mut Tx, event: &Event) -> Result<(), BoxError>;
 
+    /// Clears the read model, in the transaction that resets the projection's checkpoints
+    /// ([`reset_projection`](crate::reset_projection), `orchestrator projection reset`), so a
+    /// rebuild starts from an empty read model. The default clears nothing.
+    async fn reset(&self, tx: &mut Tx) -> Result<(), BoxError> {
+        let _ = tx;
+        Ok(())
+    }
+
     /// Handles a batch; override to write many rows in one statement. The default calls
     /// [`Projection::handle`] for each event in order.
     async fn handle_batch(&self, tx: &mut Tx, events: &[Event]) -> Result<(), HandlerError> {

@@ -16,35 +16,33 @@ use orchestrator_core::{
     Position, ReplicaSetName, Slot, SlotCount, Snapshot, StreamId, WorkerId,
 };
 use orchestrator_memory::{MemoryStore, MemoryTx};
+use rand::rngs::SmallRng;
+use rand::{RngExt, SeedableRng};
 use tokio::sync::Notify;
 
-/// A small, fast, seedable generator (SplitMix64): the same seed gives the same faults.
+/// The simulation's seeded generator (rand's `SmallRng`): the same seed gives the same faults.
 #[derive(Debug, Clone)]
-pub struct Rng(u64);
+pub struct Rng(SmallRng);
 
 impl Rng {
     /// A generator starting from `seed`.
     pub fn new(seed: u64) -> Self {
-        Self(seed)
+        Self(SmallRng::seed_from_u64(seed))
     }
 
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.random()
     }
 
     /// A number in `0..n` (`n > 0`).
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
+        self.0.random_range(0..n)
     }
 
     /// True with probability `percent` / 100.
     pub fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
+        self.0.random_bool(percent.min(100) as f64 / 100.0)
     }
 
     /// A duration in `0..max`.
@@ -310,5 +308,8 @@ impl CheckpointStore for Faulty {
     }
     async fn reset(&self, tx: MemoryTx, rs: &ReplicaSetName, projection: &str) -> StoreResult<()> {
         self.inner.reset(tx, rs, projection).await
+    }
+    async fn remove(&self, rs: &ReplicaSetName, projection: &str) -> StoreResult<()> {
+        self.inner.remove(rs, projection).await
     }
 }

@@ -38,6 +38,8 @@ pub struct Fence {
 ///   replica set a new epoch, in the given transaction (where the caller has cleared the read
 ///   model), and commits it. A worker still running the projection is then fenced at its next
 ///   commit, reloads its checkpoints and starts over from the first event.
+/// - `remove` forgets a retired projection: its checkpoints are deleted and `projections` no
+///   longer lists it. Slots are not fenced (a worker still running it would record it again).
 #[async_trait]
 pub trait CheckpointStore: Send + Sync {
     /// An open transaction; read-model writes go through it.
@@ -65,6 +67,9 @@ pub trait CheckpointStore: Send + Sync {
 
     /// The projections with checkpoints in a replica set, by name.
     async fn projections(&self, replica_set: &ReplicaSetName) -> StoreResult<Vec<String>>;
+
+    /// Forgets a retired projection: deletes its checkpoints.
+    async fn remove(&self, replica_set: &ReplicaSetName, projection: &str) -> StoreResult<()>;
 
     /// Rebuilds a projection from the start: deletes its checkpoints, fences every slot, commits
     /// `tx`.

@@ -167,4 +167,7 @@ impl<S: CheckpointStore> CheckpointStore for Pausable<S> {
     async fn reset(&self, tx: S::Tx, rs: &ReplicaSetName, projection: &str) -> StoreResult<()> {
         self.inner.reset(tx, rs, projection).await
     }
+    async fn remove(&self, rs: &ReplicaSetName, projection: &str) -> StoreResult<()> {
+        self.inner.remove(rs, projection).await
+    }
 }
