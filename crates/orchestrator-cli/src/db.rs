@@ -29,13 +29,14 @@ pub(crate) fn kind_of(url: &str) -> Result<&'static str> {
     }
 }
 
-/// Connects, creates or upgrades the schema (idempotent), and opens the store.
+/// Connects, creates or upgrades the schema (idempotent; the demo's audit table with it, under the
+/// same lock), and opens the store.
 pub(crate) async fn open(url: &str, prefix: &TablePrefix, slots: SlotCount) -> Result<Database> {
     match kind_of(url)? {
         "postgres" => {
             let pool =
                 PgStore::connect_pool(url, 10).await.context("cannot connect to PostgreSQL")?;
-            orchestrator_postgres::migrate(&pool, prefix, slots)
+            orchestrator_postgres::migrate_with(&pool, prefix, slots, crate::demo::PG_SCHEMA)
                 .await
                 .context("migration failed")?;
             Ok(Database::Postgres(PgStore::open(pool, prefix.clone()).await?))
@@ -44,7 +45,9 @@ pub(crate) async fn open(url: &str, prefix: &TablePrefix, slots: SlotCount) -> R
             let pool = SqliteStore::connect_pool(url, 4)
                 .await
                 .context("cannot open the SQLite database")?;
-            orchestrator_sqlite::migrate(&pool, prefix, slots).await.context("migration failed")?;
+            orchestrator_sqlite::migrate_with(&pool, prefix, slots, crate::demo::SQLITE_SCHEMA)
+                .await
+                .context("migration failed")?;
             Ok(Database::Sqlite(SqliteStore::open(pool, prefix.clone()).await?))
         }
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use async_trait::async_trait;
 use orchestrator_core::ports::{BoxError, EventStore, UnitOfWork, UnitOfWorkStore};
-use orchestrator_core::{Event, ExpectedVersion, NewEvent, StreamId};
+use orchestrator_core::{Event, ExpectedVersion, NewEvent, SchemaMigration, StreamId};
 use orchestrator_postgres::{PgStore, PgTx};
 use orchestrator_runtime::{HandlerError, Projection};
 use orchestrator_serde::new_event_id;
@@ -25,37 +25,28 @@ pub(crate) const PROJECTIONS: [&str; 2] = ["demo_audit", "demo_audit_batch"];
 
 const EVENT_TYPES: [&str; 3] = ["AccountOpened", "MoneyDeposited", "MoneyWithdrawn"];
 
-/// Creates the audit table if missing.
-pub(crate) async fn create_audit_table(db: &Database) -> Result<()> {
-    match db {
-        Database::Postgres(store) => {
-            sqlx::raw_sql(
-                "CREATE SEQUENCE IF NOT EXISTS demo_audit_seq; \
-                 CREATE TABLE IF NOT EXISTS demo_audit ( \
-                     projection TEXT NOT NULL, global_position BIGINT NOT NULL, aggregate_id TEXT NOT NULL, \
-                     aggregate_version BIGINT NOT NULL, slot INTEGER NOT NULL, times INTEGER NOT NULL, \
-                     handled_seq BIGINT NOT NULL, worker_id TEXT NOT NULL, created_at TIMESTAMPTZ NOT NULL, \
-                     handled_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(), \
-                     PRIMARY KEY (projection, global_position))",
-            )
-            .execute(store.pool())
-            .await?;
-        }
-        Database::Sqlite(store) => {
-            sqlx::raw_sql(
-                "CREATE TABLE IF NOT EXISTS demo_audit ( \
-                     projection TEXT NOT NULL, global_position INTEGER NOT NULL, aggregate_id TEXT NOT NULL, \
-                     aggregate_version INTEGER NOT NULL, slot INTEGER NOT NULL, times INTEGER NOT NULL, \
-                     handled_seq INTEGER NOT NULL, worker_id TEXT NOT NULL, created_at TEXT NOT NULL, \
-                     handled_at TEXT NOT NULL, PRIMARY KEY (projection, global_position)); \
-                 CREATE INDEX IF NOT EXISTS demo_audit_handled_seq ON demo_audit (handled_seq)",
-            )
-            .execute(store.pool())
-            .await?;
-        }
-    }
-    Ok(())
-}
+/// The demo's schema on PostgreSQL, applied by `migrate_with` under the migration lock.
+pub(crate) const PG_SCHEMA: &[SchemaMigration] = &[SchemaMigration {
+    name: "demo_0001_audit",
+    sql: "CREATE SEQUENCE IF NOT EXISTS demo_audit_seq; \
+          CREATE TABLE IF NOT EXISTS demo_audit ( \
+              projection TEXT NOT NULL, global_position BIGINT NOT NULL, aggregate_id TEXT NOT NULL, \
+              aggregate_version BIGINT NOT NULL, slot INTEGER NOT NULL, times INTEGER NOT NULL, \
+              handled_seq BIGINT NOT NULL, worker_id TEXT NOT NULL, created_at TIMESTAMPTZ NOT NULL, \
+              handled_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(), \
+              PRIMARY KEY (projection, global_position))",
+}];
+
+/// The demo's schema on SQLite.
+pub(crate) const SQLITE_SCHEMA: &[SchemaMigration] = &[SchemaMigration {
+    name: "demo_0001_audit",
+    sql: "CREATE TABLE IF NOT EXISTS demo_audit ( \
+              projection TEXT NOT NULL, global_position INTEGER NOT NULL, aggregate_id TEXT NOT NULL, \
+              aggregate_version INTEGER NOT NULL, slot INTEGER NOT NULL, times INTEGER NOT NULL, \
+              handled_seq INTEGER NOT NULL, worker_id TEXT NOT NULL, created_at TEXT NOT NULL, \
+              handled_at TEXT NOT NULL, PRIMARY KEY (projection, global_position)); \
+          CREATE INDEX IF NOT EXISTS demo_audit_handled_seq ON demo_audit (handled_seq)",
+}];
 
 /// The demo_audit projection on PostgreSQL.
 pub(crate) struct PgAudit {
@@ -100,6 +91,14 @@ impl Projection<PgTx> for PgAudit {
         Ok(pg_record(tx, self.name, &self.worker, std::slice::from_ref(event)).await?)
     }
 
+    async fn reset(&self, tx: &mut PgTx) -> Result<(), BoxError> {
+        sqlx::query("DELETE FROM demo_audit WHERE projection = $1")
+            .bind(self.name)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
     async fn handle_batch(&self, tx: &mut PgTx, events: &[Event]) -> Result<(), HandlerError> {
         if self.name == PROJECTIONS[0] {
             // demo_audit goes event by event, like a simple projection would.
@@ -124,6 +123,14 @@ pub(crate) struct SqliteAudit {
 impl Projection<SqliteTx> for SqliteAudit {
     fn name(&self) -> &str {
         self.name
+    }
+
+    async fn reset(&self, tx: &mut SqliteTx) -> Result<(), BoxError> {
+        sqlx::query("DELETE FROM demo_audit WHERE projection = ?")
+            .bind(self.name)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
     }
 
     async fn handle(&self, tx: &mut SqliteTx, event: &Event) -> Result<(), BoxError> {

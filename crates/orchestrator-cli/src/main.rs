@@ -18,7 +18,9 @@ use anyhow::{Context, Result};
 use clap::error::{ContextKind, ContextValue};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use orchestrator_core::{ReplicaSetName, SlotCount, TablePrefix, WorkerId, quote};
-use orchestrator_runtime::{Orchestrator, Settings, Telemetry, parse_duration, parse_strategy};
+use orchestrator_runtime::{
+    Orchestrator, Settings, Telemetry, parse_duration, parse_strategy, shutdown_signal,
+};
 
 use crate::db::{DEFAULT_URL, Database};
 use crate::demo::DemoProjections;
@@ -79,8 +81,12 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum ProjectionCommand {
     /// Rebuild a projection from the first event: deletes its checkpoints (and, for the demo
-    /// projections, their demo_audit rows). Refuses while workers of the replica set run.
+    /// projections, their demo_audit rows, through their reset hook, in the same transaction).
+    /// Refuses while workers of the replica set run.
     Reset(ResetArgs),
+    /// Forget a retired projection: delete its checkpoints, so status no longer lists it.
+    /// Refuses while workers of the replica set run.
+    Remove(ResetArgs),
 }
 
 #[derive(Debug, Args)]
@@ -265,8 +271,7 @@ async fn run(cli: Cli) -> Result<()> {
     let slots = SlotCount::new(cli.slots).map_err(|e| anyhow::anyhow!("invalid --slots: {e}"))?;
     match cli.command {
         Command::Migrate => {
-            let db = db::open(&url, &prefix, slots).await?;
-            demo::create_audit_table(&db).await?;
+            db::open(&url, &prefix, slots).await?;
             println!("schema ready (table prefix \"{prefix}\", {slots} slots)");
             Ok(())
         }
@@ -304,7 +309,6 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Demo(DemoCommand::Verify(args)) => {
             let db = db::open(&url, &prefix, slots).await?;
-            demo::create_audit_table(&db).await?;
             let report = verify::verify(&db, &prefix).await?;
             if args.json {
                 println!("{}", report.to_json()?);
@@ -316,21 +320,27 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Projection(ProjectionCommand::Reset(args)) => {
+        Command::Projection(command) => {
+            let (ProjectionCommand::Reset(args) | ProjectionCommand::Remove(args)) = &command;
             let replica_set = ReplicaSetName::new(args.replica_set.clone())
                 .map_err(|e| anyhow::anyhow!("invalid --replica-set: {e}"))?;
             if args.name.trim().is_empty() {
                 anyhow::bail!("the projection name is empty");
             }
             let db = db::open(&url, &prefix, slots).await?;
-            demo::create_audit_table(&db).await?;
-            reset::reset(&db, &replica_set, &args.name, args.force).await
+            match command {
+                ProjectionCommand::Reset(_) => {
+                    reset::reset(&db, &replica_set, &args.name, args.force).await
+                }
+                ProjectionCommand::Remove(_) => {
+                    reset::remove(&db, &replica_set, &args.name, args.force).await
+                }
+            }
         }
         Command::Demo(DemoCommand::Worker(args)) => {
             let settings = worker_settings(&args, prefix.clone(), slots)?;
             let metrics_addr = args.metrics_addr.as_deref().map(parse_listen_addr).transpose()?;
             let db = db::open(&url, &prefix, slots).await?;
-            demo::create_audit_table(&db).await?;
             let telemetry = Telemetry::new()?;
             let _server = match metrics_addr {
                 Some(addr) => Some(
@@ -401,22 +411,6 @@ fn parse_listen_addr(addr: &str) -> Result<SocketAddr> {
             quote(addr)
         )
     })
-}
-
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let mut terminate =
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(signal) => signal,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
-        };
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }
 
 async fn run_worker(db: Database, settings: Settings, telemetry: &Telemetry) -> Result<()> {

@@ -1,23 +1,26 @@
-//! `orchestrator projection reset`: rebuild a projection from the first event.
+//! `orchestrator projection reset | remove`: rebuild a projection from the first event, or forget
+//! a retired one.
 
 use std::time::Duration;
 
 use anyhow::{Result, bail};
 use orchestrator_core::ReplicaSetName;
 use orchestrator_core::ports::{CheckpointStore, CoordinationStore, StoreError};
+use orchestrator_runtime::reset_projection;
 
 use crate::db::Database;
-use crate::demo::PROJECTIONS;
+use crate::demo::{self, DemoProjections};
 
 /// Workers whose heartbeat is younger than this count as running (the default stale timeout).
 const RUNNING: Duration = Duration::from_secs(30);
 
-pub(crate) async fn reset(
+/// The workers of `replica_set` that heartbeated recently; refuses (naming them) unless `force`.
+async fn refuse_while_running(
     db: &Database,
     replica_set: &ReplicaSetName,
-    projection: &str,
+    what: &str,
     force: bool,
-) -> Result<()> {
+) -> Result<Vec<String>> {
     let snapshot = match db {
         Database::Postgres(store) => store.snapshot(replica_set).await,
         Database::Sqlite(store) => store.snapshot(replica_set).await,
@@ -34,44 +37,54 @@ pub(crate) async fn reset(
     };
     if !running.is_empty() && !force {
         bail!(
-            "replica set {replica_set} has {} running worker(s) ({}); stop them first, or pass --force to have them start {projection} over",
+            "replica set {replica_set} has {} running worker(s) ({}); stop them first, or pass --force to {what}",
             running.len(),
             running.join(", ")
         );
     }
-    // The demo read model is cleared in the same transaction; other projections' read models
-    // belong to their applications.
-    let demo = PROJECTIONS.contains(&projection);
-    match db {
-        Database::Postgres(store) => {
-            let mut tx = store.begin().await?;
-            if demo {
-                sqlx::query("DELETE FROM demo_audit WHERE projection = $1")
-                    .bind(projection)
-                    .execute(&mut *tx)
-                    .await?;
+    Ok(running)
+}
+
+pub(crate) async fn reset(
+    db: &Database,
+    replica_set: &ReplicaSetName,
+    projection: &str,
+    force: bool,
+) -> Result<()> {
+    let running =
+        refuse_while_running(db, replica_set, &format!("have them start {projection} over"), force)
+            .await?;
+    // A demo projection's reset hook clears its demo_audit rows in the reset's transaction;
+    // other projections' read models belong to their applications.
+    let hooked = match (db, demo::projections(db, "cli")) {
+        (Database::Postgres(store), DemoProjections::Postgres(projections)) => {
+            match projections.iter().find(|p| p.name() == projection) {
+                Some(p) => reset_projection(store, replica_set, p.as_ref()).await.map(|()| true)?,
+                None => store
+                    .reset(store.begin().await?, replica_set, projection)
+                    .await
+                    .map(|()| false)?,
             }
-            store.reset(tx, replica_set, projection).await?;
         }
-        Database::Sqlite(store) => {
-            let mut tx = store.begin().await?;
-            if demo {
-                sqlx::query("DELETE FROM demo_audit WHERE projection = ?")
-                    .bind(projection)
-                    .execute(&mut *tx)
-                    .await?;
+        (Database::Sqlite(store), DemoProjections::Sqlite(projections)) => {
+            match projections.iter().find(|p| p.name() == projection) {
+                Some(p) => reset_projection(store, replica_set, p.as_ref()).await.map(|()| true)?,
+                None => store
+                    .reset(store.begin().await?, replica_set, projection)
+                    .await
+                    .map(|()| false)?,
             }
-            store.reset(tx, replica_set, projection).await?;
         }
-    }
+        _ => unreachable!("projections are built for the store they run on"),
+    };
     println!(
         "projection {projection} of replica set {replica_set} reset: every slot starts again from the first event"
     );
-    if demo {
-        println!("its demo_audit rows were deleted in the same transaction");
+    if hooked {
+        println!("its reset hook ran in the same transaction (its demo_audit rows were deleted)");
     } else {
         println!(
-            "only its checkpoints were reset: clear its read model yourself before workers rebuild it"
+            "only its checkpoints were reset: clear its read model yourself (or give it a reset hook) before workers rebuild it"
         );
     }
     if !running.is_empty() {
@@ -80,5 +93,38 @@ pub(crate) async fn reset(
             running.join(", ")
         );
     }
+    Ok(())
+}
+
+pub(crate) async fn remove(
+    db: &Database,
+    replica_set: &ReplicaSetName,
+    projection: &str,
+    force: bool,
+) -> Result<()> {
+    let known = match db {
+        Database::Postgres(store) => store.projections(replica_set).await?,
+        Database::Sqlite(store) => store.projections(replica_set).await?,
+    };
+    if !known.iter().any(|p| p == projection) {
+        bail!(
+            "replica set {replica_set} has no projection {projection:?}; it has: {}",
+            if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+        );
+    }
+    refuse_while_running(
+        db,
+        replica_set,
+        "remove it anyway (a worker still running it records it again)",
+        force,
+    )
+    .await?;
+    match db {
+        Database::Postgres(store) => store.remove(replica_set, projection).await?,
+        Database::Sqlite(store) => store.remove(replica_set, projection).await?,
+    }
+    println!(
+        "projection {projection} of replica set {replica_set} removed: its checkpoints are deleted and status no longer lists it"
+    );
     Ok(())
 }

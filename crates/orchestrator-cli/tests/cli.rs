@@ -186,6 +186,24 @@ fn projection_reset_refuses_while_workers_run_and_resets_when_stopped() {
     let out = String::from_utf8_lossy(&status.stdout);
     assert!(out.contains("\"name\":\"demo_audit_batch\",\"lag_events\":0"), "{out}");
     assert!(!out.contains("\"name\":\"demo_audit\","), "demo_audit has no checkpoints left: {out}");
+    let verify = orchestrator(&dir, &["demo", "verify", "--json"]);
+    let report = String::from_utf8_lossy(&verify.stdout);
+    assert!(
+        report.contains("\"name\":\"demo_audit\",\"applied\":0"),
+        "the hook cleared it: {report}"
+    );
+
+    // Remove: unknown names are refused, known ones disappear from status.
+    refuses(
+        &orchestrator(&dir, &["projection", "remove", "nope"]),
+        1,
+        "has no projection \"nope\"",
+    );
+    let removed = orchestrator(&dir, &["projection", "remove", "demo_audit_batch"]);
+    assert!(removed.status.success(), "{removed:?}");
+    let status = orchestrator(&dir, &["status", "--json"]);
+    let out = String::from_utf8_lossy(&status.stdout);
+    assert!(!out.contains("demo_audit_batch"), "removed: {out}");
 }
 
 /// SIGTERM, then waits: the worker must leave gracefully.
