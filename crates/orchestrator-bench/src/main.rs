@@ -8,6 +8,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use clap::Parser;
 use orchestrator_core::ports::{EventStore, ReadRequest};
 use orchestrator_core::{
     EventId, ExpectedVersion, NewEvent, Position, Scope, SlotCount, StreamId, Tracing,
@@ -24,38 +25,32 @@ mod runtime;
 mod scaling;
 mod upsert;
 
+/// Each measurement next to a plain sqlx reference from the same run.
+#[derive(Debug, Parser)]
+#[command(name = "orchestrator-bench")]
 struct Args {
+    /// Which suite to run.
+    #[arg(default_value = "all", value_parser = SUITES)]
     suite: String,
+    /// Events per measurement (at least one batch of 1000).
+    #[arg(long, default_value_t = 1_000_000, value_parser = at_least_a_batch)]
     events: usize,
-    runs: usize,
+    /// Runs per measurement; the median is reported.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+    runs: u16,
 }
 
-fn parse_args() -> Result<Args> {
-    let mut args = Args { suite: "all".into(), events: 1_000_000, runs: 3 };
-    let mut it = std::env::args().skip(1).peekable();
-    if let Some(suite) = it.next_if(|a| !a.starts_with("--")) {
-        if !SUITES.contains(&suite.as_str()) {
-            bail!("unknown suite {suite}; expected one of {}", SUITES.join(", "));
-        }
-        args.suite = suite;
+fn at_least_a_batch(text: &str) -> Result<usize, String> {
+    match text.parse() {
+        Ok(events) if events >= BATCH => Ok(events),
+        Ok(_) => Err(format!("must be at least {BATCH}")),
+        Err(err) => Err(format!("{err}")),
     }
-    while let Some(flag) = it.next() {
-        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--events" => args.events = value.parse().context("--events takes a number")?,
-            "--runs" => args.runs = value.parse().context("--runs takes a number")?,
-            other => bail!("unknown flag {other}; expected --events N or --runs R"),
-        }
-    }
-    if args.events < BATCH || args.runs == 0 {
-        bail!("--events must be at least {BATCH} and --runs at least 1");
-    }
-    Ok(args)
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let args = parse_args()?;
+    let args = Args::parse();
     println!(
         "machine: {} cores; events: {}; runs: {} (median)",
         std::thread::available_parallelism()?,

@@ -11,27 +11,47 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::{ArgGroup, Args, Parser, Subcommand};
 use orchestrator_core::{Generation, SlotCount, Strategy, Timing};
 use orchestrator_tests::runtime_sim::{self, SimConfig, SimReport};
 use orchestrator_tests::sim::Cluster;
 
-const USAGE: &str = "usage: orchestrator-sim run (--seed N | --seeds K [--first S]) [--steps N] | orchestrator-sim demo";
+#[derive(Debug, Parser)]
+#[command(name = "orchestrator-sim", about = "The simulated cluster")]
+struct Cli {
+    #[command(subcommand)]
+    command: SimCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum SimCommand {
+    /// The seeded fault-injecting simulation of real workers.
+    Run(RunArgs),
+    /// 1 -> 3 -> 2 workers over the in-memory store with the default timing.
+    Demo,
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("which").required(true).args(["seed", "seeds"])))]
+struct RunArgs {
+    /// Replay one seed, printing its trace.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Run K seeds, one line each (a failing seed's trace is printed).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    seeds: Option<u64>,
+    /// The first of the K seeds (with --seeds).
+    #[arg(long, default_value_t = 1)]
+    first: u64,
+    /// Steps per seed (default: the standard configuration's).
+    #[arg(long)]
+    steps: Option<usize>,
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("demo") => demo(),
-        Some("run") => match parse_run(&args[1..]) {
-            Ok(run) => simulate(run),
-            Err(err) => {
-                eprintln!("orchestrator-sim: {err}; {USAGE}");
-                ExitCode::from(2)
-            }
-        },
-        _ => {
-            eprintln!("{USAGE}");
-            ExitCode::from(2)
-        }
+    match Cli::parse().command {
+        SimCommand::Demo => demo(),
+        SimCommand::Run(args) => simulate(Run::from(args)),
     }
 }
 
@@ -42,27 +62,15 @@ struct Run {
     steps: Option<usize>,
 }
 
-fn parse_run(args: &[String]) -> Result<Run, String> {
-    let (mut seed, mut count, mut first, mut steps) = (None, None, 1, None);
-    let mut rest = args.iter();
-    while let Some(flag) = rest.next() {
-        let value = rest.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        let number =
-            value.parse::<u64>().map_err(|_| format!("{flag} takes a number, not {value:?}"))?;
-        match flag.as_str() {
-            "--seed" => seed = Some(number),
-            "--seeds" => count = Some(number),
-            "--first" => first = number,
-            "--steps" => steps = Some(number as usize),
-            other => return Err(format!("unknown flag {other}")),
+impl From<RunArgs> for Run {
+    fn from(args: RunArgs) -> Self {
+        match (args.seed, args.seeds) {
+            (Some(seed), _) => Run { seeds: seed..seed + 1, single: true, steps: args.steps },
+            (None, count) => {
+                let count = count.unwrap_or(1);
+                Run { seeds: args.first..args.first + count, single: false, steps: args.steps }
+            }
         }
-    }
-    match (seed, count) {
-        (Some(seed), None) => Ok(Run { seeds: seed..seed + 1, single: true, steps }),
-        (None, Some(count)) if count > 0 => {
-            Ok(Run { seeds: first..first + count, single: false, steps })
-        }
-        _ => Err("give either --seed N or --seeds K (K > 0)".to_owned()),
     }
 }
 
