@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use orchestrator_core::ReplicaSetName;
+use orchestrator_core::{ReplicaSetName, quote};
 use orchestrator_core::ports::{CheckpointStore, CoordinationStore, StoreError};
 use orchestrator_runtime::reset_projection;
 
@@ -108,7 +108,8 @@ pub(crate) async fn remove(
     };
     if !known.iter().any(|p| p == projection) {
         bail!(
-            "replica set {replica_set} has no projection {projection:?}; it has: {}",
+            "replica set {replica_set} has no projection {}; it has: {}",
+            quote(projection),
             if known.is_empty() { "none".to_owned() } else { known.join(", ") }
         );
     }

@@ -285,6 +285,7 @@ fn long_bad_values_are_quoted_briefly() {
         vec!["--database-url", &long, "migrate"],
         vec!["--log-format", &long, "migrate"],
         vec!["demo", "append", "--events", &long],
+        vec!["projection", "remove", &long],
     ] {
         let output = orchestrator(&dir, &args);
         let stderr = String::from_utf8_lossy(&output.stderr);
