@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use orchestrator_core::{ReplicaSetName, quote};
 use orchestrator_core::ports::{CheckpointStore, CoordinationStore, StoreError};
+use orchestrator_core::{ReplicaSetName, quote};
 use orchestrator_runtime::reset_projection;
 
 use crate::db::Database;
