@@ -25,6 +25,7 @@ use clap::{Args, Parser, Subcommand};
 mod chaos;
 mod cluster;
 mod demo;
+mod example;
 mod procs;
 
 #[derive(Debug, Parser)]
@@ -54,6 +55,9 @@ enum Task {
     Bench(PassThrough),
     /// Worker processes under seeded faults, then the exactly-once check.
     Chaos(chaos::ChaosArgs),
+    /// The example application (examples/bank-ledger): two workers, commands, one worker
+    /// stopped midway, then the balances checked against the events.
+    Example(example::ExampleArgs),
 }
 
 /// Arguments handed on to the program the command runs (which checks them).
@@ -104,6 +108,7 @@ fn run() -> Result<()> {
         Task::Sim(args) => sim(&args.args),
         Task::Bench(args) => bench(&args.args),
         Task::Chaos(args) => chaos::chaos(args),
+        Task::Example(args) => example::example(args),
     }
 }
 

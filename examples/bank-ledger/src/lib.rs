@@ -1,0 +1,14 @@
+//! A small bank ledger on the orchestrator: the pieces an application writes.
+//!
+//! - [`account`]: the domain (events, state, decisions), pure;
+//! - [`commands`]: the command side (rehydrate from the stream, decide, append with a retry on
+//!   version conflicts);
+//! - [`balances`]: the `account_balances` read model, one transactional projection for
+//!   PostgreSQL and SQLite alike, and its schema.
+//!
+//! The binary (`src/main.rs`) wires them to a store, a worker and a simulation.
+#![deny(missing_docs)]
+
+pub mod account;
+pub mod balances;
+pub mod commands;
