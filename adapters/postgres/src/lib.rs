@@ -19,6 +19,7 @@ mod checkpoint_store;
 mod coordination_store;
 mod error;
 mod event_store;
+mod fencing;
 mod horizon;
 mod migrate;
 pub mod testing;
@@ -33,6 +34,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 pub use change_feed::PgChangeFeed;
 pub use error::classify as classify_error;
+pub use fencing::{Claim, Fencing, FencingTx};
 pub use migrate::{migrate, migrate_with};
 pub use unit_of_work::PgUnitOfWork;
 
