@@ -12,8 +12,8 @@ use orchestrator_core::ports::{
 };
 use orchestrator_core::{
     Clock, Epoch, Event, EventId, ExpectedVersion, Generation, GenerationPlan, Incarnation, Lease,
-    NewEvent, PartitionKey, Position, ReplicaSetName, Slot, SlotAction, SlotCount, SlotRecord,
-    Snapshot, StreamId, Timestamp, WorkerId, WorkerRecord,
+    NewEvent, PROTOCOL_VERSION, PartitionKey, Position, ReplicaSetName, Slot, SlotAction,
+    SlotCount, SlotRecord, Snapshot, StreamId, Timestamp, WorkerId, WorkerRecord,
 };
 
 /// Every port of the orchestrator, in memory. Cloning shares the same state.
@@ -300,6 +300,7 @@ impl CoordinationStore for MemoryStore {
                     heartbeat_age: now.saturating_since(w.last_heartbeat),
                     registered_age: now.saturating_since(w.registered_at),
                     acked_generation: w.acked_generation,
+                    protocol: PROTOCOL_VERSION,
                 })
                 .collect(),
             slots: set.slots.clone(),

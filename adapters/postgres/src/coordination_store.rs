@@ -11,8 +11,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use orchestrator_core::ports::{CoordinationStore, HeartbeatAck, StoreError, StoreResult};
 use orchestrator_core::{
-    Epoch, Generation, GenerationPlan, Incarnation, Lease, ReplicaSetName, Slot, SlotAction,
-    SlotCount, SlotRecord, Snapshot, WorkerId, WorkerRecord,
+    Epoch, Generation, GenerationPlan, Incarnation, Lease, PROTOCOL_VERSION, ReplicaSetName, Slot,
+    SlotAction, SlotCount, SlotRecord, Snapshot, WorkerId, WorkerRecord,
 };
 use sqlx::Row;
 
@@ -107,16 +107,17 @@ impl CoordinationStore for PgStore {
         }
         let incarnation: i64 = row.get(1);
         sqlx::query(&format!(
-            "INSERT INTO {} (replica_set, worker_id, incarnation, registered_at, last_heartbeat) \
-             VALUES ($1, $2, $3, clock_timestamp(), clock_timestamp()) \
+            "INSERT INTO {} (replica_set, worker_id, incarnation, registered_at, last_heartbeat, protocol) \
+             VALUES ($1, $2, $3, clock_timestamp(), clock_timestamp(), $4) \
              ON CONFLICT (replica_set, worker_id) DO UPDATE SET incarnation = excluded.incarnation, \
                  registered_at = excluded.registered_at, last_heartbeat = excluded.last_heartbeat, \
-                 acked_generation = 0",
+                 acked_generation = 0, protocol = excluded.protocol",
             t.workers
         ))
         .bind(replica_set.as_str())
         .bind(worker.as_str())
         .bind(incarnation)
+        .bind(PROTOCOL_VERSION as i32)
         .execute(&mut *tx)
         .await
         .map_err(err)?;
@@ -219,7 +220,7 @@ impl CoordinationStore for PgStore {
             "SELECT worker_id, incarnation, \
                  (EXTRACT(EPOCH FROM clock_timestamp() - last_heartbeat) * 1000)::bigint, \
                  (EXTRACT(EPOCH FROM clock_timestamp() - registered_at) * 1000)::bigint, \
-                 acked_generation \
+                 acked_generation, protocol \
              FROM {} WHERE replica_set = $1 ORDER BY worker_id",
             t.workers
         ))
@@ -235,6 +236,7 @@ impl CoordinationStore for PgStore {
                 heartbeat_age: from_millis(row.get(2)),
                 registered_age: from_millis(row.get(3)),
                 acked_generation: Generation(row.get::<i64, _>(4) as u64),
+                protocol: row.get::<i32, _>(5) as u32,
             })
         })
         .collect::<StoreResult<Vec<_>>>()?;
@@ -508,5 +510,38 @@ impl CoordinationStore for PgStore {
         .map_err(err)?;
         notify(&mut tx, &t.coordination_channel, replica_set).await.map_err(err)?;
         tx.commit().await.map_err(err)
+    }
+
+    async fn recent_generations(
+        &self,
+        replica_set: &ReplicaSetName,
+        limit: usize,
+    ) -> StoreResult<Vec<orchestrator_core::ports::GenerationRecord>> {
+        let err = |e| classify("read the generations", e);
+        sqlx::query(&format!(
+            "SELECT generation, members, leader, \
+                 (GREATEST(EXTRACT(EPOCH FROM clock_timestamp() - created_at), 0) * 1000)::bigint \
+             FROM {} WHERE replica_set = $1 ORDER BY generation DESC LIMIT $2",
+            self.tables.generations
+        ))
+        .bind(replica_set.as_str())
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(err)?
+        .into_iter()
+        .map(|row| {
+            Ok(orchestrator_core::ports::GenerationRecord {
+                generation: Generation(row.get::<i64, _>(0) as u64),
+                members: row
+                    .get::<Vec<String>, _>(1)
+                    .into_iter()
+                    .map(worker_id)
+                    .collect::<StoreResult<_>>()?,
+                leader: worker_id(row.get(2))?,
+                age: from_millis(row.get(3)),
+            })
+        })
+        .collect()
     }
 }

@@ -6,8 +6,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use orchestrator_core::ports::{CoordinationStore, HeartbeatAck, StoreError, StoreResult};
 use orchestrator_core::{
-    Epoch, Generation, GenerationPlan, Incarnation, Lease, ReplicaSetName, Slot, SlotAction,
-    SlotCount, SlotRecord, Snapshot, WorkerId, WorkerRecord,
+    Epoch, Generation, GenerationPlan, Incarnation, Lease, PROTOCOL_VERSION, ReplicaSetName, Slot,
+    SlotAction, SlotCount, SlotRecord, Snapshot, WorkerId, WorkerRecord,
 };
 use sqlx::Row;
 
@@ -81,11 +81,11 @@ impl CoordinationStore for SqliteStore {
         }
         let incarnation: i64 = row.get(1);
         let upsert = format!(
-            "INSERT INTO {} (replica_set, worker_id, incarnation, registered_at, last_heartbeat) \
-             VALUES (?, ?, ?, {NOW_MS}, {NOW_MS}) \
+            "INSERT INTO {} (replica_set, worker_id, incarnation, registered_at, last_heartbeat, protocol) \
+             VALUES (?, ?, ?, {NOW_MS}, {NOW_MS}, {PROTOCOL_VERSION}) \
              ON CONFLICT (replica_set, worker_id) DO UPDATE SET incarnation = excluded.incarnation, \
                  registered_at = excluded.registered_at, last_heartbeat = excluded.last_heartbeat, \
-                 acked_generation = 0",
+                 acked_generation = 0, protocol = excluded.protocol",
             t.workers
         );
         sqlx::query(&upsert)
@@ -183,7 +183,7 @@ impl CoordinationStore for SqliteStore {
             None => None,
         };
         let workers_sql = format!(
-            "SELECT worker_id, incarnation, {NOW_MS} - last_heartbeat, {NOW_MS} - registered_at, acked_generation \
+            "SELECT worker_id, incarnation, {NOW_MS} - last_heartbeat, {NOW_MS} - registered_at, acked_generation, protocol \
              FROM {} WHERE replica_set = ? ORDER BY worker_id",
             t.workers
         );
@@ -200,6 +200,7 @@ impl CoordinationStore for SqliteStore {
                     heartbeat_age: from_millis(row.get(2)),
                     registered_age: from_millis(row.get(3)),
                     acked_generation: Generation(row.get::<i64, _>(4) as u64),
+                    protocol: row.get::<i64, _>(5) as u32,
                 })
             })
             .collect::<StoreResult<Vec<_>>>()?;
@@ -443,5 +444,34 @@ impl CoordinationStore for SqliteStore {
             .await
             .map_err(err)?;
         tx.commit().await.map_err(err)
+    }
+
+    async fn recent_generations(
+        &self,
+        replica_set: &ReplicaSetName,
+        limit: usize,
+    ) -> StoreResult<Vec<orchestrator_core::ports::GenerationRecord>> {
+        let err = |e| classify("read the generations", e);
+        let sql = format!(
+            "SELECT generation, members, leader, MAX({NOW_MS} - created_at, 0) \
+             FROM {} WHERE replica_set = ? ORDER BY generation DESC LIMIT ?",
+            self.tables.generations
+        );
+        sqlx::query(&sql)
+            .bind(replica_set.as_str())
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(err)?
+            .into_iter()
+            .map(|row| {
+                Ok(orchestrator_core::ports::GenerationRecord {
+                    generation: Generation(row.get::<i64, _>(0) as u64),
+                    members: members_from(row.get::<&str, _>(1))?,
+                    leader: worker_id(row.get(2))?,
+                    age: from_millis(row.get(3)),
+                })
+            })
+            .collect()
     }
 }

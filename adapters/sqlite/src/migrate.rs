@@ -11,6 +11,7 @@ use crate::error::classify;
 const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "init", include_str!("../../../migrations/sqlite/0001_init.sql")),
     (2, "partition_keys", include_str!("../../../migrations/sqlite/0002_partition_keys.sql")),
+    (3, "worker_protocol", include_str!("../../../migrations/sqlite/0003_worker_protocol.sql")),
 ];
 
 /// Creates or upgrades every table under `prefix`, and records the event store's slot count

@@ -19,7 +19,7 @@ use std::time::Duration;
 use crate::ids::{Epoch, Generation, Incarnation, ReplicaSetName, WorkerId};
 use crate::plan::{Deferral, GenerationPlan, plan_generation};
 use crate::slot::{Slot, SlotCount};
-use crate::snapshot::{Partition, Snapshot};
+use crate::snapshot::{PROTOCOL_VERSION, Partition, Snapshot};
 use crate::time::Timestamp;
 use crate::timing::Timing;
 
@@ -176,6 +176,12 @@ pub enum Notice {
     ContactLost,
     /// The worker id is registered by a newer process; this one stops.
     Superseded,
+    /// Live members speak another coordination protocol (another release): this worker leaves
+    /// instead of taking part.
+    IncompatibleWorkers {
+        /// The workers, each with the protocol it speaks.
+        workers: Vec<(WorkerId, u32)>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -403,6 +409,18 @@ impl Engine {
             }
             Some(record) if record.incarnation < incarnation => return,
             Some(_) => {}
+        }
+        let stale_after = self.config.timing.stale_worker_timeout;
+        let incompatible: Vec<(WorkerId, u32)> = snapshot
+            .workers
+            .iter()
+            .filter(|w| w.id != me && w.protocol != PROTOCOL_VERSION)
+            .filter(|w| w.heartbeat_age <= stale_after)
+            .map(|w| (w.id.clone(), w.protocol))
+            .collect();
+        if !incompatible.is_empty() {
+            self.notices.push(Notice::IncompatibleWorkers { workers: incompatible });
+            return self.on_shutdown();
         }
 
         self.lead(now, snapshot, incarnation);

@@ -30,7 +30,7 @@ pub use plan::{GenerationPlan, SlotAction, SlotChange};
 pub use quote::{Quoted, quote};
 pub use schema::SchemaMigration;
 pub use slot::{Slot, SlotCount, fnv1a_32};
-pub use snapshot::{Lease, Partition, SlotRecord, Snapshot, WorkerRecord};
+pub use snapshot::{Lease, PROTOCOL_VERSION, Partition, SlotRecord, Snapshot, WorkerRecord};
 pub use time::{Clock, Timestamp};
 pub use timing::{InvalidTiming, Timing};
 pub use uuid::Uuid;

@@ -20,7 +20,16 @@ pub struct WorkerRecord {
     pub registered_age: Duration,
     /// The newest generation it has finished adopting (stopped, released what moved).
     pub acked_generation: Generation,
+    /// The coordination protocol it speaks ([`PROTOCOL_VERSION`] for this release; 1 for workers
+    /// registered by releases that did not record one).
+    pub protocol: u32,
 }
+
+/// The coordination protocol of this release. Workers of different protocols must not run in one
+/// replica set at once (this release's readers rely on appenders registering with the read
+/// horizon, which earlier releases did not do): a worker that meets a live member of another
+/// protocol leaves with an error instead of taking part.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Ownership of one slot.
 ///

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use orchestrator_core::{
     Command, Engine, EngineConfig, Epoch, Generation, Incarnation, Input, Lease, Notice,
-    ReplicaSetName, Slot, SlotAction, SlotCount, SlotRecord, Snapshot, Strategy, Timestamp, Timing,
-    WorkerId, WorkerRecord,
+    PROTOCOL_VERSION, ReplicaSetName, Slot, SlotAction, SlotCount, SlotRecord, Snapshot, Strategy,
+    Timestamp, Timing, WorkerId, WorkerRecord,
 };
 
 const T0: Timestamp = Timestamp(1_000_000);
@@ -31,6 +31,7 @@ fn worker(name: &str, incarnation: u64, registered_secs: u64, acked: u64) -> Wor
         heartbeat_age: Duration::from_millis(100),
         registered_age: Duration::from_secs(registered_secs),
         acked_generation: Generation(acked),
+        protocol: PROTOCOL_VERSION,
     }
 }
 
@@ -247,4 +248,38 @@ fn an_evicted_worker_registers_again_and_a_superseded_one_leaves() {
     assert_eq!(b.take_commands().len(), 4);
     assert!(b.has_left());
     assert!(b.take_notices().contains(&Notice::Superseded));
+}
+
+#[test]
+fn a_live_worker_of_another_protocol_makes_this_one_leave_and_a_stale_one_does_not() {
+    let mut a = running_alone(Strategy::Incremental);
+    let mut old = worker("old", 7, 60, 0);
+    old.protocol = PROTOCOL_VERSION - 1;
+    old.heartbeat_age = Timing::default().stale_worker_timeout + Duration::from_secs(1);
+    let with_stale_old =
+        snapshot(1, &["a"], "a", vec![worker("a", 1, 2, 0), old.clone()], vec![owned("a", 1); 4]);
+    a.handle(T0, Input::Observed(with_stale_old));
+    assert!(!a.take_notices().iter().any(|n| matches!(n, Notice::IncompatibleWorkers { .. })));
+    assert!(!a.take_commands().iter().any(|c| matches!(c, Command::StopSlot { .. })));
+
+    old.heartbeat_age = Duration::from_millis(100);
+    let with_live_old =
+        snapshot(1, &["a"], "a", vec![worker("a", 1, 2, 0), old], vec![owned("a", 1); 4]);
+    a.handle(T0, Input::Observed(with_live_old));
+    let notices = a.take_notices();
+    assert!(
+        notices.contains(&Notice::IncompatibleWorkers {
+            workers: vec![(id("old"), PROTOCOL_VERSION - 1)]
+        }),
+        "{notices:?}"
+    );
+    // It leaves the way a graceful shutdown does: stop everything, then deregister.
+    assert_eq!(
+        a.take_commands(),
+        (0..4).map(|s| Command::StopSlot { slot: Slot(s) }).collect::<Vec<_>>()
+    );
+    for s in 0..4 {
+        a.handle(T0, Input::SlotStopped(Slot(s)));
+    }
+    assert_eq!(a.take_commands(), vec![Command::Deregister { incarnation: Incarnation(1) }]);
 }

@@ -10,7 +10,7 @@ use orchestrator_core::{
     Clock, Command, Engine, EngineConfig, Generation, Input, Notice, Partition, Snapshot, Timestamp,
 };
 use tokio::sync::{Notify, mpsc};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::Store;
 use crate::clock::SystemClock;
@@ -482,6 +482,18 @@ impl<S: Store> Driver<S> {
             Notice::Superseded => {
                 warn!(worker_id = %me, "Worker id registered again by another process: stopping");
                 self.outcome = Err(RunError::Superseded(me.clone()));
+            }
+            Notice::IncompatibleWorkers { workers } => {
+                let listed: Vec<String> = workers
+                    .iter()
+                    .map(|(id, protocol)| format!("{id} (protocol {protocol})"))
+                    .collect();
+                error!(
+                    worker_id = %me,
+                    workers = %listed.join(", "),
+                    "Workers of another release are running: leaving"
+                );
+                self.outcome = Err(RunError::IncompatibleWorkers { workers: listed });
             }
         }
     }

@@ -136,9 +136,12 @@ fn previous_release_data(postgres: bool) -> Vec<String> {
         "INSERT INTO orch_checkpoints (replica_set, projection, slot, commit_position, \
          global_position, updated_at) VALUES ('upgrade', 'counting', {slot}, 0, 0, {now})"
     ));
+    // A worker of the previous release that has since stopped (its heartbeat is old): it does not
+    // keep this release's workers out (a live one would, see the last test).
+    let long_ago = if postgres { "clock_timestamp() - interval '1 hour'" } else { "0" };
     rows.push(format!(
         "INSERT INTO orch_workers (replica_set, worker_id, incarnation, registered_at, last_heartbeat) \
-         VALUES ('upgrade', 'old-worker', 1, {now}, {now})"
+         VALUES ('upgrade', 'old-worker', 1, {long_ago}, {long_ago})"
     ));
     rows
 }
@@ -327,4 +330,49 @@ async fn application_schema_steps_run_once_when_many_workers_migrate_together() 
 #[allow(dead_code)]
 fn _bounds(p: Counting) -> (Box<dyn Projection<PgTx>>, Box<dyn Projection<SqliteTx>>) {
     (Box::new(Counting::default()), Box::new(p))
+}
+
+/// A worker of this release meeting a live worker of another coordination protocol (a previous
+/// release still running) leaves with a one-line error instead of taking part; a stale one does
+/// not stop it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_refuses_to_join_live_workers_of_another_release() {
+    use orchestrator_core::ports::CoordinationStore;
+    let dir = std::env::temp_dir().join(format!("orch-protocol-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("sqlite:{}", dir.join("mixed.db").display());
+    let pool = SqliteStore::connect_pool(&url, 4).await.unwrap();
+    orchestrator_sqlite::migrate(&pool, &TablePrefix::default(), SlotCount::new(SLOTS).unwrap())
+        .await
+        .unwrap();
+    let store = SqliteStore::open(pool.clone(), TablePrefix::default()).await.unwrap();
+    let rs = ReplicaSetName::new("upgrade").unwrap();
+    let old = WorkerId::new("old-release").unwrap();
+    store.register(&rs, SlotCount::new(SLOTS).unwrap(), &old).await.unwrap();
+    // What a worker of the previous release looks like after `migrate`: protocol 1.
+    sqlx::query("UPDATE orch_workers SET protocol = 1 WHERE worker_id = 'old-release'")
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let worker = Orchestrator::new(store.clone(), settings()).unwrap();
+    let projections: Vec<Arc<dyn Projection<SqliteTx>>> = vec![Arc::new(Counting::default())];
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(20),
+        worker.run(std::future::pending::<()>(), projections),
+    )
+    .await
+    .expect("the worker leaves by itself");
+    let message = outcome.unwrap_err().to_string();
+    assert!(message.contains("old-release (protocol 1)"), "{message}");
+    assert!(message.contains("scale the replica set to zero"), "{message}");
+    assert!(!message.contains('\n'), "one line: {message}");
+    let snapshot = store.snapshot(&rs).await.unwrap();
+    assert_eq!(
+        snapshot.workers.iter().map(|w| w.id.as_str()).collect::<Vec<_>>(),
+        vec!["old-release"],
+        "the new worker deregistered; the old one is untouched"
+    );
+    pool.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
