@@ -17,6 +17,20 @@ pub struct HeartbeatAck {
     pub leader: bool,
 }
 
+/// One generation of a replica set's history, for display (`orchestrator status`, the status
+/// page): who its members were and how long ago it was created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GenerationRecord {
+    /// Its number.
+    pub generation: Generation,
+    /// Its members, sorted by id.
+    pub members: Vec<WorkerId>,
+    /// The leader that created it.
+    pub leader: WorkerId,
+    /// Time since it was created, by the store's clock.
+    pub age: Duration,
+}
+
 /// Durable coordination state of replica sets.
 ///
 /// All times (heartbeat ages, lease expiry) are measured by the store's own clock: the database's
@@ -99,4 +113,16 @@ pub trait CoordinationStore: Send + Sync {
         worker: &WorkerId,
         incarnation: Incarnation,
     ) -> StoreResult<()>;
+
+    /// The newest generations of the replica set, newest first, at most `limit`: what the store
+    /// kept of its history (the SQL stores keep the last 100). For display only; workers never
+    /// read it. The default keeps no history and returns none.
+    async fn recent_generations(
+        &self,
+        replica_set: &ReplicaSetName,
+        limit: usize,
+    ) -> StoreResult<Vec<GenerationRecord>> {
+        let _ = (replica_set, limit);
+        Ok(Vec::new())
+    }
 }

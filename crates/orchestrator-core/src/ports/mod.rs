@@ -8,7 +8,7 @@ pub mod event_store;
 
 pub use change_feed::{Change, ChangeFeed};
 pub use checkpoint::{CheckpointStore, Fence};
-pub use coordination::{CoordinationStore, HeartbeatAck};
+pub use coordination::{CoordinationStore, GenerationRecord, HeartbeatAck};
 pub use error::{BoxError, StoreError, StoreResult};
 pub use event_store::{
     Appended, Backlog, EventStore, ReadRequest, StreamHead, UnitOfWork, UnitOfWorkStore,
