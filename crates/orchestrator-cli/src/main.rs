@@ -107,8 +107,12 @@ struct StatusArgs {
     #[arg(long, env = "REPLICA_SET", default_value = "main-projections")]
     replica_set: String,
     /// Print JSON instead of a table.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "serve")]
     json: bool,
+    /// Serve the live status page on this address (like 127.0.0.1:8080) until SIGTERM or Ctrl-C:
+    /// `/` (the page, refreshing itself) and `/status.json`.
+    #[arg(long, value_name = "ADDR")]
+    serve: Option<String>,
     /// The strategy the JSON form reports (the store does not record the workers' setting).
     #[arg(long, env = "STRATEGY", default_value = "incremental")]
     strategy: String,
@@ -297,15 +301,19 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Status(args) => {
             let replica_set = ReplicaSetName::new(args.replica_set.clone())
                 .map_err(|e| anyhow::anyhow!("invalid --replica-set: {e}"))?;
-            let db = db::open(&url, &prefix, slots).await?;
-            let format = if args.json {
-                let strategy = parse_strategy(&args.strategy)
-                    .map_err(|rule| anyhow::anyhow!("invalid --strategy: {rule}"))?;
-                status::Format::Json(strategy)
-            } else {
-                status::Format::Table
+            let strategy = || {
+                parse_strategy(&args.strategy)
+                    .map_err(|rule| anyhow::anyhow!("invalid --strategy: {rule}"))
             };
-            status::print(&db, &replica_set, format).await
+            let format = match (&args.serve, args.json) {
+                (Some(addr), _) => {
+                    status::Format::Serve(parse_listen_addr(addr, "serve")?, strategy()?)
+                }
+                (None, true) => status::Format::Json(strategy()?),
+                (None, false) => status::Format::Table,
+            };
+            let db = db::open(&url, &prefix, slots).await?;
+            status::print(db, &replica_set, format).await
         }
         Command::Demo(DemoCommand::Verify(args)) => {
             let db = db::open(&url, &prefix, slots).await?;
@@ -339,7 +347,11 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Demo(DemoCommand::Worker(args)) => {
             let settings = worker_settings(&args, prefix.clone(), slots)?;
-            let metrics_addr = args.metrics_addr.as_deref().map(parse_listen_addr).transpose()?;
+            let metrics_addr = args
+                .metrics_addr
+                .as_deref()
+                .map(|addr| parse_listen_addr(addr, "metrics-addr"))
+                .transpose()?;
             let db = db::open(&url, &prefix, slots).await?;
             let telemetry = Telemetry::new()?;
             let _server = match metrics_addr {
@@ -402,12 +414,12 @@ fn worker_settings(args: &WorkerArgs, prefix: TablePrefix, slots: SlotCount) -> 
 }
 
 /// A listening address: `host:port`, or `:port` for every interface.
-fn parse_listen_addr(addr: &str) -> Result<SocketAddr> {
+fn parse_listen_addr(addr: &str, flag: &str) -> Result<SocketAddr> {
     use std::net::ToSocketAddrs as _;
     let full = if addr.starts_with(':') { format!("0.0.0.0{addr}") } else { addr.to_owned() };
     full.to_socket_addrs().ok().and_then(|mut addrs| addrs.next()).ok_or_else(|| {
         anyhow::anyhow!(
-            "invalid --metrics-addr {}: expected host:port, like 0.0.0.0:9090",
+            "invalid --{flag} {}: expected host:port, like 0.0.0.0:9090",
             quote(addr)
         )
     })

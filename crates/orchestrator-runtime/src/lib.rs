@@ -27,6 +27,7 @@ mod processor;
 mod projection;
 mod settings;
 mod signal;
+pub mod status;
 mod telemetry;
 mod worker;
 

@@ -70,10 +70,13 @@ impl<S: Store> Orchestrator<S> {
     }
 
     /// Records this worker's metrics and health in `telemetry` (serve it with
-    /// [`Telemetry::serve`]); several workers of one process may share one. Without it, metrics go
+    /// [`Telemetry::serve`]) and shows its replica set on the status page served there (`/`);
+    /// several workers of one process may share one. Without it, metrics go
     /// to the global opentelemetry meter provider (a no-op unless the application installed one).
     #[must_use]
     pub fn with_telemetry(mut self, telemetry: &Telemetry) -> Self {
+        let (replica_set, strategy) = (self.settings.replica_set.clone(), self.settings.strategy);
+        telemetry.status_page().show(self.store.clone(), replica_set, strategy);
         self.telemetry = Some(telemetry.clone());
         self
     }
