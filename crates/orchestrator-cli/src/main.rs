@@ -418,10 +418,7 @@ fn parse_listen_addr(addr: &str, flag: &str) -> Result<SocketAddr> {
     use std::net::ToSocketAddrs as _;
     let full = if addr.starts_with(':') { format!("0.0.0.0{addr}") } else { addr.to_owned() };
     full.to_socket_addrs().ok().and_then(|mut addrs| addrs.next()).ok_or_else(|| {
-        anyhow::anyhow!(
-            "invalid --{flag} {}: expected host:port, like 0.0.0.0:9090",
-            quote(addr)
-        )
+        anyhow::anyhow!("invalid --{flag} {}: expected host:port, like 0.0.0.0:9090", quote(addr))
     })
 }
 

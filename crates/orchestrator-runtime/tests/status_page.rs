@@ -163,7 +163,9 @@ async fn the_page_shows_the_replica_set<S: Store>(store: S) {
     assert!(!generations.is_empty(), "{picture}");
     assert_eq!(generations[0]["generation"], picture["generation"]);
     assert_eq!(generations[0]["members"], serde_json::json!(["worker-a", "worker-b"]));
-    assert!(generations.windows(2).all(|w| w[0]["generation"].as_u64() > w[1]["generation"].as_u64()));
+    assert!(
+        generations.windows(2).all(|w| w[0]["generation"].as_u64() > w[1]["generation"].as_u64())
+    );
     let projection = &picture["projections"][0];
     assert_eq!(projection["name"], "ignore");
     assert_eq!(projection["state"], "running");
