@@ -1,7 +1,7 @@
 //! `cargo xtask bench`: each measurement next to a reference done with plain sqlx in the same run,
 //! on the same server, so the ratio is meaningful whatever the machine.
 //!
-//! Usage: `orchestrator-bench [store|runtime|embedded|upsert|scaling|all] [--events N] [--runs R]`
+//! Usage: `orchestrator-bench [store|runtime|embedded|upsert|scaling|diesel|all] [--events N] [--runs R]`
 //! (defaults: 1,000,000 events, 3 runs, median reported). PostgreSQL from `ORCH_TEST_POSTGRES_URL`
 //! or the local default.
 
@@ -20,6 +20,7 @@ use sqlx::{PgPool, Row};
 const BATCH: usize = 1000;
 const PAYLOAD: usize = 200;
 
+mod diesel_upsert;
 mod embedded;
 mod runtime;
 mod scaling;
@@ -73,10 +74,13 @@ async fn main() -> Result<()> {
     if run("scaling") {
         scaling_suite(&args).await?;
     }
+    if run("diesel") {
+        diesel_upsert::suite(&args).await?;
+    }
     Ok(())
 }
 
-const SUITES: [&str; 6] = ["store", "runtime", "embedded", "upsert", "scaling", "all"];
+const SUITES: [&str; 7] = ["store", "runtime", "embedded", "upsert", "scaling", "diesel", "all"];
 
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
