@@ -1,6 +1,8 @@
-//! `cargo xtask example --store sqlite|postgres`: the example application run as a user would,
-//! with two worker processes, concurrent commands, one worker stopped by SIGTERM midway, and the
-//! check that every balance equals the sum of its account's events.
+//! `cargo xtask example --store sqlite|postgres [--diesel]`: the example application run as a user
+//! would, with two worker processes, concurrent commands, one worker stopped by SIGTERM midway, and
+//! the check that every balance equals the sum of its account's events. With `--diesel` the second
+//! worker runs the read model written with diesel-async (built with the example's `diesel`
+//! feature), sharing the projection with the first (sqlx) and taking over its slots.
 
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -29,11 +31,20 @@ pub(crate) struct ExampleArgs {
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
     postgres_url: String,
+    /// Worker-b runs the read model written with diesel-async (needs `--store postgres`).
+    #[arg(long)]
+    diesel: bool,
 }
 
 pub(crate) fn example(args: ExampleArgs) -> Result<()> {
     let mut build = cargo();
     build.args(["build", "--quiet", "-p", "bank-ledger"]);
+    if args.diesel {
+        if args.store != Store::Postgres {
+            bail!("--diesel needs --store postgres");
+        }
+        build.args(["--features", "diesel"]);
+    }
     run_step("build the example", build)?;
     let dir = project_root().join("target/example");
     let _ = std::fs::remove_dir_all(&dir);
@@ -83,10 +94,12 @@ pub(crate) fn example(args: ExampleArgs) -> Result<()> {
     );
     run(&["migrate"])?;
     let mut a = spawn(&["worker", "--worker-id", "worker-a"], "worker-a.log")?;
-    let mut b = spawn(
-        &["worker", "--worker-id", "worker-b", "--metrics-addr", "127.0.0.1:0"],
-        "worker-b.log",
-    )?;
+    let mut b_args = vec!["worker", "--worker-id", "worker-b", "--metrics-addr", "127.0.0.1:0"];
+    if args.diesel {
+        b_args.push("--diesel");
+        println!("worker-b runs the read model written with diesel-async; worker-a the sqlx one");
+    }
+    let mut b = spawn(&b_args, "worker-b.log")?;
     let mut simulate = spawn(
         &["simulate", "--accounts", "40", "--operations", "1500", "--concurrency", "4"],
         "simulate.log",
@@ -115,6 +128,14 @@ pub(crate) fn example(args: ExampleArgs) -> Result<()> {
     println!("{}", checked?);
     if !b_left {
         bail!("worker-b exited with an error: see {}", dir.join("worker-b.log").display());
+    }
+    if args.diesel
+        && !std::fs::read_to_string(dir.join("worker-b.log"))?.contains("runs on diesel-async")
+    {
+        bail!(
+            "worker-b did not run the diesel read model: see {}",
+            dir.join("worker-b.log").display()
+        );
     }
     Ok(())
 }

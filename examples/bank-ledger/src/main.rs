@@ -3,6 +3,8 @@
 //! - `migrate`: the orchestrator's tables and the application's `account_balances`, under one lock;
 //! - `worker`: one worker of the `bank` replica set, running the balances projection until
 //!   SIGTERM or Ctrl-C (start two and the slots split; stop one and the other takes over);
+//!   `worker --diesel` (built with `--features diesel`, PostgreSQL) runs the same projection
+//!   written with diesel-async, sharing its checkpoints with the sqlx workers;
 //! - `simulate`: concurrent commands (open, deposit, withdraw with no overdraft) that rehydrate
 //!   each account from its stream, decide, and append with a retry on version conflicts;
 //! - `check`: every balance in the read model equals the sum of its account's events.
@@ -23,6 +25,9 @@ use rand::RngExt;
 use bank_ledger::account::Command as AccountCommand;
 use bank_ledger::balances::{Balances, SCHEMA};
 use bank_ledger::commands::{Outcome, handle, load};
+
+#[cfg(feature = "diesel")]
+mod diesel_worker;
 
 #[derive(Debug, Parser)]
 #[command(name = "bank-ledger", about = "A bank ledger on the projection orchestrator")]
@@ -46,6 +51,10 @@ enum Command {
         /// Serve /metrics, /healthz and /readyz here.
         #[arg(long, env = "METRICS_ADDR")]
         metrics_addr: Option<SocketAddr>,
+        /// Run the balances projection written with diesel-async (PostgreSQL only).
+        #[cfg(feature = "diesel")]
+        #[arg(long)]
+        diesel: bool,
     },
     /// Open accounts, then deposit and withdraw at random from several tasks at once.
     Simulate {
@@ -112,7 +121,13 @@ async fn main() -> Result<()> {
             println!("schema ready");
             Ok(())
         }
-        Command::Worker { worker_id, metrics_addr } => worker(store, worker_id, metrics_addr).await,
+        #[cfg(feature = "diesel")]
+        Command::Worker { worker_id, metrics_addr, diesel: true } => {
+            diesel_worker::worker(store, &cli.database_url, worker_id, metrics_addr).await
+        }
+        Command::Worker { worker_id, metrics_addr, .. } => {
+            worker(store, worker_id, metrics_addr).await
+        }
         Command::Simulate { accounts, operations, concurrency } => {
             simulate(store, accounts, operations, concurrency).await
         }
