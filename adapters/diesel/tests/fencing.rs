@@ -237,7 +237,10 @@ async fn diesel_transactions_inside_a_handler_are_savepoints() {
     s.store().commit(tx, &s.fence(&s.w1, 1, &[0, 1]), "p", &at(&[0, 1], 3)).await.unwrap();
     assert_eq!(s.row("outer").await.as_deref(), Some("kept"));
     assert_eq!(s.row("inner").await, None);
-    assert_eq!(CheckpointStore::load(s.store(), &s.rs, "p", &[Slot(0)]).await.unwrap(), at(&[0], 3));
+    assert_eq!(
+        CheckpointStore::load(s.store(), &s.rs, "p", &[Slot(0)]).await.unwrap(),
+        at(&[0], 3)
+    );
     s.schema.drop_schema().await;
 }
 
@@ -250,7 +253,10 @@ async fn sqlx_and_diesel_commits_share_the_checkpoints() {
     let fence = s.fence(&s.w1, 1, &[0, 1, 2]);
     let tx = pg.begin().await.unwrap();
     pg.commit(tx, &fence, "p", &at(&[0, 1, 2], 10)).await.unwrap();
-    assert_eq!(CheckpointStore::load(s.store(), &s.rs, "p", &[Slot(1)]).await.unwrap(), at(&[1], 10));
+    assert_eq!(
+        CheckpointStore::load(s.store(), &s.rs, "p", &[Slot(1)]).await.unwrap(),
+        at(&[1], 10)
+    );
     let tx = s.store().begin().await.unwrap();
     s.store().commit(tx, &fence, "p", &at(&[0, 1, 2], 20)).await.unwrap();
     let tx = pg.begin().await.unwrap();
@@ -265,11 +271,14 @@ async fn sqlx_and_diesel_commits_share_the_checkpoints() {
     let tx = s.store().begin().await.unwrap();
     let mixed = [(Slot(0), Position::global(30)), (Slot(1), Position::global(25))].into();
     s.store().commit(tx, &fence, "p", &mixed).await.unwrap();
-    assert_eq!(CheckpointStore::load(&pg, &s.rs, "p", &[Slot(0), Slot(1), Slot(2)]).await.unwrap(), {
-        let mut expected = at(&[2], 20);
-        expected.extend(mixed);
-        expected
-    });
+    assert_eq!(
+        CheckpointStore::load(&pg, &s.rs, "p", &[Slot(0), Slot(1), Slot(2)]).await.unwrap(),
+        {
+            let mut expected = at(&[2], 20);
+            expected.extend(mixed);
+            expected
+        }
+    );
     s.schema.drop_schema().await;
 }
 
