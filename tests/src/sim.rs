@@ -309,7 +309,7 @@ impl Cluster {
                     ready(store.register(&rs, self.slot_count, &id)).expect("register");
                 Some(Input::Registered(incarnation))
             }
-            Command::Heartbeat { incarnation } => {
+            Command::Heartbeat { incarnation, .. } => {
                 match ready(store.heartbeat(
                     &rs,
                     &id,

@@ -24,10 +24,10 @@ impl EventStore for SqliteStore {
         self.slot_count
     }
 
-    async fn append_with_key(
+    async fn append_with_key<'k>(
         &self,
         stream: &StreamId,
-        key: Option<&PartitionKey>,
+        key: Option<&'k PartitionKey>,
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> StoreResult<Appended> {

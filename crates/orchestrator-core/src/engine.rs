@@ -5,6 +5,11 @@
 //! The engine is level-triggered: each [`Input::Observed`] snapshot is compared with what the worker
 //! is doing, and commands are emitted to close the gap, so a lost or repeated command heals itself.
 //!
+//! Every store call the engine asks for is answered with an input, failures included
+//! ([`Input::CallFailed`]); the engine decides what follows: a retry at a deadline with backoff
+//! (registration, deregistration), the next interval (heartbeats, observations), or the end of
+//! the worker ([`Engine::exit`]).
+//!
 //! A join, from input to commands (see docs/ARCHITECTURE.md for the whole walk-through):
 //! 1. `Start` → `Register`. `Registered(incarnation)` → `Heartbeat` (takes the lease if vacant) + `Observe`.
 //! 2. The leader's `Observed` shows a live worker that is not a member. Once no join arrived for
@@ -71,6 +76,52 @@ pub enum Input {
     Shutdown,
     /// `Deregister` succeeded.
     Deregistered,
+    /// The runtime dropped a slot on its own (a commit was fenced, or found a checkpoint ahead):
+    /// it is stopped, and the engine looks at the store again to see whether it is still owned.
+    SlotLost(Slot),
+    /// A store call the engine asked for failed. `transient` is the error's own classification
+    /// (connection lost, server restarting, serialization failure); others are definite answers.
+    CallFailed {
+        /// Which call.
+        call: Call,
+        /// Whether retrying the same call later may succeed.
+        transient: bool,
+    },
+}
+
+/// The store calls of [`Command`]s, as [`Input::CallFailed`] names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Call {
+    /// [`Command::Register`].
+    Register,
+    /// [`Command::Heartbeat`].
+    Heartbeat,
+    /// [`Command::Observe`].
+    Observe,
+    /// [`Command::CreateGeneration`]; a definite failure is a conflict (the plan was superseded).
+    CreateGeneration,
+    /// [`Command::ReleaseSlot`].
+    ReleaseSlot,
+    /// [`Command::AckGeneration`].
+    AckGeneration,
+    /// [`Command::Deregister`].
+    Deregister,
+}
+
+/// Why a worker's engine ended ([`Engine::exit`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// It left as asked: deregistered, or shut down before it had registered.
+    Left,
+    /// The store refused registration for good (schema missing, slot count mismatch).
+    Refused,
+    /// Its id was registered again by a newer process.
+    Superseded,
+    /// Live members speak another coordination protocol.
+    IncompatibleWorkers(Vec<(WorkerId, u32)>),
+    /// Leaving took longer than `coordination_timeout`; it ended without deregistering (the others
+    /// take its slots once it is stale).
+    LeaveTimedOut,
 }
 
 /// Something the runtime must do, taken from [`Engine::take_commands`].
@@ -82,6 +133,9 @@ pub enum Command {
     Heartbeat {
         /// Incarnation the heartbeat is for.
         incarnation: Incarnation,
+        /// How long the lease lasts if this worker holds it: `stale_worker_timeout`, so a dead
+        /// leader is replaced within the stale timeout.
+        lease: Duration,
     },
     /// Read a snapshot and answer with `Observed`.
     Observe,
@@ -176,6 +230,25 @@ pub enum Notice {
     ContactLost,
     /// The worker id is registered by a newer process; this one stops.
     Superseded,
+    /// A store call failed transiently; the engine tries it again after `after`.
+    RetryScheduled {
+        /// Which call.
+        call: Call,
+        /// Failures in a row so far.
+        attempt: u32,
+        /// When the next attempt is.
+        after: Duration,
+    },
+    /// A store call failed; it is tried again at the next interval (heartbeats, observations,
+    /// acks, releases), or the worker gives up on it (a definite refusal).
+    CallFailed {
+        /// Which call.
+        call: Call,
+        /// Whether it was transient.
+        transient: bool,
+    },
+    /// Leaving took longer than `coordination_timeout`: the worker ends without deregistering.
+    LeaveTimedOut,
     /// Live members speak another coordination protocol (another release): this worker leaves
     /// instead of taking part.
     IncompatibleWorkers {
@@ -213,6 +286,12 @@ pub struct Engine {
     adoption: Option<Adoption>,
     running: BTreeMap<Slot, Epoch>,
     stopping: BTreeSet<Slot>,
+    /// Failed attempts in a row of the call being retried (registration or deregistration), and
+    /// when the next attempt is due (`None` while an attempt is in flight).
+    retry: Option<(u32, Option<Timestamp>)>,
+    /// When a graceful leave gives up on deregistering.
+    leave_by: Option<Timestamp>,
+    exit: Option<Exit>,
     commands: Vec<Command>,
     notices: Vec<Notice>,
 }
@@ -230,6 +309,9 @@ impl Engine {
             adoption: None,
             running: BTreeMap::new(),
             stopping: BTreeSet::new(),
+            retry: None,
+            leave_by: None,
+            exit: None,
             commands: Vec::new(),
             notices: Vec::new(),
         }
@@ -250,6 +332,11 @@ impl Engine {
         self.phase == Phase::Left
     }
 
+    /// Why the worker ended, once it has.
+    pub fn exit(&self) -> Option<&Exit> {
+        self.exit.as_ref()
+    }
+
     /// The current incarnation, if registered.
     pub fn incarnation(&self) -> Option<Incarnation> {
         match self.phase {
@@ -260,12 +347,14 @@ impl Engine {
 
     /// When the engine next wants a [`Input::Tick`], if ever.
     pub fn next_deadline(&self) -> Option<Timestamp> {
-        match self.phase {
+        let retry = self.retry.and_then(|(_, due)| due);
+        let intervals = match self.phase {
             Phase::Member(_) | Phase::Leaving(_) => {
                 Some(self.next_heartbeat.min(self.next_observe))
             }
             _ => None,
-        }
+        };
+        [retry, intervals, self.leave_by].into_iter().flatten().min()
     }
 
     /// Commands emitted since the last call, in the order they must run.
@@ -287,12 +376,18 @@ impl Engine {
                     self.commands.push(Command::Register);
                 }
             }
+            Input::Registered(incarnation) if self.phase == Phase::Left => {
+                // Shut down while this registration was in flight: undo it.
+                self.commands.push(Command::Deregister { incarnation });
+            }
             Input::Registered(incarnation) => {
                 if self.phase == Phase::Registering {
                     self.phase = Phase::Member(incarnation);
+                    self.retry = None;
                     self.last_contact = Some(now);
                     self.notices.push(Notice::Registered { incarnation });
-                    self.commands.push(Command::Heartbeat { incarnation });
+                    let lease = self.config.timing.stale_worker_timeout;
+                    self.commands.push(Command::Heartbeat { incarnation, lease });
                     self.commands.push(Command::Observe);
                     self.next_heartbeat = now + self.config.timing.heartbeat_interval;
                     self.next_observe = now + self.config.timing.poll_interval;
@@ -300,6 +395,11 @@ impl Engine {
             }
             Input::Tick => self.on_tick(now),
             Input::HeartbeatAcked => self.last_contact = Some(now),
+            Input::SlotLost(slot) => {
+                self.handle(now, Input::SlotStopped(slot));
+                self.commands.push(Command::Observe);
+            }
+            Input::CallFailed { call, transient } => self.on_call_failed(now, call, transient),
             Input::NotRegistered => self.on_not_registered(),
             Input::Observed(snapshot) => self.on_observed(now, &snapshot),
             Input::SlotStopped(slot) => {
@@ -309,21 +409,75 @@ impl Engine {
                     self.deregister_when_drained(incarnation);
                 }
             }
-            Input::Shutdown => self.on_shutdown(),
+            Input::Shutdown => self.on_shutdown(now),
             Input::Deregistered => {
-                self.phase = Phase::Left;
-                self.is_leader = false;
+                self.retry = None;
+                self.leave(Exit::Left);
             }
         }
     }
 
+    /// Ends the worker, keeping the first reason.
+    fn leave(&mut self, exit: Exit) {
+        self.phase = Phase::Left;
+        self.is_leader = false;
+        self.retry = None;
+        self.leave_by = None;
+        self.exit.get_or_insert(exit);
+    }
+
+    fn on_call_failed(&mut self, now: Timestamp, call: Call, transient: bool) {
+        match (call, transient) {
+            (Call::Register, true) | (Call::Deregister, true) => {
+                let attempt = self.retry.map_or(1, |(attempt, _)| attempt + 1);
+                let after = self.config.timing.retry_backoff(attempt);
+                self.retry = Some((attempt, Some(now + after)));
+                self.notices.push(Notice::RetryScheduled { call, attempt, after });
+            }
+            (Call::Register, false) => {
+                self.notices.push(Notice::CallFailed { call, transient });
+                if self.phase == Phase::Registering {
+                    self.leave(Exit::Refused);
+                }
+            }
+            (Call::Deregister, false) => {
+                // Nothing to deregister any more (evicted meanwhile): the leave is complete.
+                self.notices.push(Notice::CallFailed { call, transient });
+                self.leave(Exit::Left);
+            }
+            (Call::CreateGeneration, false) => {
+                // Superseded by another plan or leader: look again at once.
+                self.commands.push(Command::Observe);
+            }
+            _ => self.notices.push(Notice::CallFailed { call, transient }),
+        }
+    }
+
     fn on_tick(&mut self, now: Timestamp) {
+        if self.leave_by.is_some_and(|by| now >= by) && matches!(self.phase, Phase::Leaving(_)) {
+            self.notices.push(Notice::LeaveTimedOut);
+            return self.leave(Exit::LeaveTimedOut);
+        }
+        if let Some((attempt, Some(due))) = self.retry
+            && now >= due
+        {
+            // Due: the same call again; its answer clears the retry or schedules the next one.
+            self.retry = Some((attempt, None));
+            match self.phase {
+                Phase::Registering => self.commands.push(Command::Register),
+                Phase::Leaving(incarnation) => {
+                    self.commands.push(Command::Deregister { incarnation })
+                }
+                _ => self.retry = None,
+            }
+        }
         let incarnation = match self.phase {
             Phase::Member(inc) | Phase::Leaving(inc) => inc,
             _ => return,
         };
         if now >= self.next_heartbeat {
-            self.commands.push(Command::Heartbeat { incarnation });
+            let lease = self.config.timing.stale_worker_timeout;
+            self.commands.push(Command::Heartbeat { incarnation, lease });
             self.next_heartbeat = now + self.config.timing.heartbeat_interval;
         }
         if now >= self.next_observe {
@@ -357,17 +511,19 @@ impl Engine {
             Phase::Leaving(_) => {
                 // Nothing left to deregister.
                 self.stop_all();
-                self.phase = Phase::Left;
+                self.leave(Exit::Left);
             }
             _ => {}
         }
     }
 
-    fn on_shutdown(&mut self) {
+    fn on_shutdown(&mut self, now: Timestamp) {
         match self.phase {
-            Phase::Idle | Phase::Registering => self.phase = Phase::Left,
+            // Not registered (perhaps retrying against a database that is down): nothing to undo.
+            Phase::Idle | Phase::Registering => self.leave(Exit::Left),
             Phase::Member(incarnation) => {
                 self.phase = Phase::Leaving(incarnation);
+                self.leave_by = Some(now + self.config.timing.coordination_timeout);
                 self.stop_all();
                 self.deregister_when_drained(incarnation);
             }
@@ -404,8 +560,7 @@ impl Engine {
             Some(record) if record.incarnation > incarnation => {
                 self.notices.push(Notice::Superseded);
                 self.stop_all();
-                self.phase = Phase::Left;
-                return;
+                return self.leave(Exit::Superseded);
             }
             Some(record) if record.incarnation < incarnation => return,
             Some(_) => {}
@@ -419,8 +574,9 @@ impl Engine {
             .map(|w| (w.id.clone(), w.protocol))
             .collect();
         if !incompatible.is_empty() {
-            self.notices.push(Notice::IncompatibleWorkers { workers: incompatible });
-            return self.on_shutdown();
+            self.notices.push(Notice::IncompatibleWorkers { workers: incompatible.clone() });
+            self.exit = Some(Exit::IncompatibleWorkers(incompatible));
+            return self.on_shutdown(now);
         }
 
         self.lead(now, snapshot, incarnation);

@@ -21,7 +21,7 @@ pub mod time;
 pub mod timing;
 
 pub use duration::{InvalidDuration, parse_duration};
-pub use engine::{Command, Engine, EngineConfig, Input, Notice, Strategy};
+pub use engine::{Call, Command, Engine, EngineConfig, Exit, Input, Notice, Strategy};
 pub use event::{
     Event, EventId, ExpectedVersion, NewEvent, PartitionKey, Position, Scope, StreamId, Tracing,
 };
@@ -31,6 +31,8 @@ pub use quote::{Quoted, quote};
 pub use schema::SchemaMigration;
 pub use slot::{Slot, SlotCount, fnv1a_32};
 pub use snapshot::{Lease, PROTOCOL_VERSION, Partition, SlotRecord, Snapshot, WorkerRecord};
+#[cfg(feature = "mock")]
+pub use time::MockClock;
 pub use time::{Clock, Timestamp};
 pub use timing::{InvalidTiming, Timing};
 pub use uuid::Uuid;

@@ -49,6 +49,7 @@ impl fmt::Display for Timestamp {
 /// # Contract
 /// - `now` never goes backwards between two calls on the same clock.
 /// - The core state machine never calls it: the runtime calls it and passes the value in.
+#[cfg_attr(feature = "mock", mockall::automock)]
 pub trait Clock: Send + Sync + fmt::Debug {
     /// The current time.
     fn now(&self) -> Timestamp;

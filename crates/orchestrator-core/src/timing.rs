@@ -44,6 +44,15 @@ impl Default for Timing {
 }
 
 impl Timing {
+    /// The wait before retrying a failed coordination call for the `attempt`-th time (1, 2, ...):
+    /// 200 ms doubling, never longer than a heartbeat interval, so a worker whose database comes
+    /// back rejoins within one interval.
+    pub fn retry_backoff(&self, attempt: u32) -> Duration {
+        Duration::from_millis(200)
+            .saturating_mul(1 << attempt.saturating_sub(1).min(16))
+            .min(self.heartbeat_interval)
+    }
+
     /// Checks the settings against each other.
     pub fn validate(&self) -> Result<(), InvalidTiming> {
         let positive = [

@@ -3,12 +3,15 @@
 use std::time::Duration;
 
 use orchestrator_core::{
-    Command, Engine, EngineConfig, Epoch, Generation, Incarnation, Input, Lease, Notice,
-    PROTOCOL_VERSION, ReplicaSetName, Slot, SlotAction, SlotCount, SlotRecord, Snapshot, Strategy,
-    Timestamp, Timing, WorkerId, WorkerRecord,
+    Call, Command, Engine, EngineConfig, Epoch, Exit, Generation, Incarnation, Input, Lease,
+    Notice, PROTOCOL_VERSION, ReplicaSetName, Slot, SlotAction, SlotCount, SlotRecord, Snapshot,
+    Strategy, Timestamp, Timing, WorkerId, WorkerRecord,
 };
 
 const T0: Timestamp = Timestamp(1_000_000);
+
+/// The lease every heartbeat asks for: the stale timeout.
+const LEASE: Duration = Duration::from_secs(30);
 
 fn id(name: &str) -> WorkerId {
     WorkerId::new(name).unwrap()
@@ -69,7 +72,10 @@ fn registered(e: &mut Engine, incarnation: u64) {
     e.handle(T0, Input::Registered(Incarnation(incarnation)));
     assert_eq!(
         e.take_commands(),
-        vec![Command::Heartbeat { incarnation: Incarnation(incarnation) }, Command::Observe]
+        vec![
+            Command::Heartbeat { incarnation: Incarnation(incarnation), lease: LEASE },
+            Command::Observe
+        ]
     );
 }
 
@@ -221,7 +227,7 @@ fn heartbeats_and_observes_follow_their_intervals() {
     a.handle(T0 + Duration::from_secs(5), Input::Tick);
     assert_eq!(
         a.take_commands(),
-        vec![Command::Heartbeat { incarnation: Incarnation(1) }, Command::Observe]
+        vec![Command::Heartbeat { incarnation: Incarnation(1), lease: LEASE }, Command::Observe]
     );
 }
 
@@ -282,4 +288,111 @@ fn a_live_worker_of_another_protocol_makes_this_one_leave_and_a_stale_one_does_n
         a.handle(T0, Input::SlotStopped(Slot(s)));
     }
     assert_eq!(a.take_commands(), vec![Command::Deregister { incarnation: Incarnation(1) }]);
+}
+
+fn failed(call: Call, transient: bool) -> Input {
+    Input::CallFailed { call, transient }
+}
+
+#[test]
+fn registration_is_retried_with_backoff_at_the_engines_deadlines_and_shutdown_ends_it() {
+    let mut e = engine("a", Strategy::Incremental);
+    e.handle(T0, Input::Start);
+    assert_eq!(e.take_commands(), vec![Command::Register]);
+    let mut at = T0;
+    for (attempt, backoff_ms) in
+        [(1, 200), (2, 400), (3, 800), (4, 1600), (5, 3200), (6, 5000), (7, 5000)]
+    {
+        e.handle(at, failed(Call::Register, true));
+        let after = Duration::from_millis(backoff_ms);
+        assert_eq!(
+            e.take_notices(),
+            vec![Notice::RetryScheduled { call: Call::Register, attempt, after }]
+        );
+        assert_eq!(e.next_deadline(), Some(at + after), "attempt {attempt}");
+        e.handle(at + after - Duration::from_millis(1), Input::Tick);
+        assert_eq!(e.take_commands(), vec![], "not before its time");
+        at = at + after;
+        e.handle(at, Input::Tick);
+        assert_eq!(e.take_commands(), vec![Command::Register]);
+        assert_eq!(e.next_deadline(), None, "nothing due while the attempt is in flight");
+    }
+    // SIGTERM while the database is down: the worker ends at once, with nothing to undo.
+    e.handle(at, failed(Call::Register, true));
+    e.handle(at, Input::Shutdown);
+    assert!(e.has_left());
+    assert_eq!(e.exit(), Some(&Exit::Left));
+    assert_eq!(e.next_deadline(), None);
+    // A registration that lands after the shutdown is undone.
+    e.handle(at, Input::Registered(Incarnation(4)));
+    assert_eq!(e.take_commands(), vec![Command::Deregister { incarnation: Incarnation(4) }]);
+}
+
+#[test]
+fn a_definite_refusal_ends_the_worker_and_a_success_resets_the_backoff() {
+    let mut e = engine("a", Strategy::Incremental);
+    e.handle(T0, Input::Start);
+    e.take_commands();
+    e.handle(T0, failed(Call::Register, false));
+    assert!(e.has_left());
+    assert_eq!(e.exit(), Some(&Exit::Refused));
+
+    let mut e = engine("b", Strategy::Incremental);
+    e.handle(T0, Input::Start);
+    e.take_commands();
+    e.handle(T0, failed(Call::Register, true));
+    e.handle(T0 + Duration::from_millis(200), Input::Tick);
+    e.take_commands();
+    e.handle(T0 + Duration::from_millis(250), Input::Registered(Incarnation(1)));
+    assert_eq!(
+        e.next_deadline(),
+        Some(T0 + Duration::from_millis(250) + Timing::default().poll_interval),
+        "no retry pending once registered"
+    );
+}
+
+#[test]
+fn deregistration_is_retried_until_the_leave_deadline() {
+    let mut a = running_alone(Strategy::Incremental);
+    a.handle(T0, Input::Shutdown);
+    a.take_commands();
+    for s in 0..4 {
+        a.handle(T0, Input::SlotStopped(Slot(s)));
+    }
+    assert_eq!(a.take_commands(), vec![Command::Deregister { incarnation: Incarnation(1) }]);
+    a.handle(T0, failed(Call::Deregister, true));
+    assert!(matches!(
+        a.take_notices()[..],
+        [Notice::RetryScheduled { call: Call::Deregister, attempt: 1, .. }]
+    ));
+    a.handle(T0 + Duration::from_millis(200), Input::Tick);
+    assert!(a.take_commands().contains(&Command::Deregister { incarnation: Incarnation(1) }));
+    // The database stays down: at coordination_timeout the worker gives up and ends.
+    let deadline = T0 + Timing::default().coordination_timeout;
+    a.handle(deadline, failed(Call::Deregister, true));
+    a.handle(deadline, Input::Tick);
+    assert!(a.has_left());
+    assert_eq!(a.exit(), Some(&Exit::LeaveTimedOut));
+    assert!(a.take_notices().contains(&Notice::LeaveTimedOut));
+}
+
+#[test]
+fn a_leave_ends_at_its_deadline_even_if_a_batch_never_finishes() {
+    let mut a = running_alone(Strategy::Incremental);
+    a.handle(T0, Input::Shutdown);
+    a.take_commands();
+    let deadline = T0 + Timing::default().coordination_timeout;
+    assert!(a.next_deadline().is_some_and(|d| d <= deadline));
+    a.handle(deadline - Duration::from_millis(1), Input::Tick);
+    assert!(!a.has_left());
+    a.handle(deadline, Input::Tick);
+    assert_eq!(a.exit(), Some(&Exit::LeaveTimedOut));
+}
+
+#[test]
+fn a_lost_slot_is_stopped_and_the_store_looked_at_again() {
+    let mut a = running_alone(Strategy::Incremental);
+    a.handle(T0, Input::SlotLost(Slot(2)));
+    assert!(!a.running().contains_key(&Slot(2)));
+    assert_eq!(a.take_commands(), vec![Command::Observe]);
 }

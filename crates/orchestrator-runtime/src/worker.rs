@@ -5,9 +5,12 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use orchestrator_core::ports::{Change, ChangeFeed, CheckpointStore, EventStore, StoreError};
+use orchestrator_core::ports::{
+    Change, ChangeFeed, CheckpointStore, CoordinationStore, EventStore, StoreError,
+};
 use orchestrator_core::{
-    Clock, Command, Engine, EngineConfig, Generation, Input, Notice, Partition, Snapshot, Timestamp,
+    Call, Clock, Command, Engine, EngineConfig, Exit, Generation, Input, Notice, Partition,
+    Snapshot, Timestamp,
 };
 use tokio::sync::{Notify, mpsc};
 use tracing::{error, info, warn};
@@ -29,6 +32,7 @@ pub struct Orchestrator<S: Store> {
     wake: Arc<Notify>,
     changes: Option<Box<dyn ChangeFeed>>,
     telemetry: Option<Telemetry>,
+    clock: Arc<dyn Clock>,
 }
 
 impl<S: Store> std::fmt::Debug for Orchestrator<S> {
@@ -52,12 +56,29 @@ impl<S: Store> Orchestrator<S> {
                 ),
             }));
         }
-        Ok(Self { store, settings, wake: Arc::new(Notify::new()), changes: None, telemetry: None })
+        Ok(Self {
+            store,
+            settings,
+            wake: Arc::new(Notify::new()),
+            changes: None,
+            telemetry: None,
+            clock: Arc::new(SystemClock::new()),
+        })
     }
 
     /// The settings in force.
     pub fn settings(&self) -> &Settings {
         &self.settings
+    }
+
+    /// Tells time by `clock` instead of the system clock ([`SystemClock`]). The engine's
+    /// deadlines (heartbeats, observations, retries, the leave deadline) are read against it;
+    /// waits between them still sleep on tokio's clock, so a clock that jumps ahead makes the
+    /// worker act at its next wake-up.
+    #[must_use]
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Wakes the worker when the store reports a change (PostgreSQL: LISTEN/NOTIFY), instead of
@@ -93,7 +114,7 @@ impl<S: Store> Orchestrator<S> {
         projections: Vec<Arc<dyn Projection<<S as CheckpointStore>::Tx>>>,
     ) -> Result<(), RunError> {
         let settings = self.settings.clone();
-        let clock = SystemClock::new();
+        let clock = self.clock.clone();
         let rs = settings.replica_set.as_str();
         let (metrics, health) = match &self.telemetry {
             Some(telemetry) => {
@@ -135,8 +156,9 @@ impl<S: Store> Orchestrator<S> {
             }),
             control: control_tx,
             outcome: Ok(()),
+            last_error: None,
             announced: false,
-            leave_deadline: None,
+            leaving: false,
             metrics: metrics.clone(),
             health: health.clone(),
         };
@@ -158,12 +180,6 @@ impl<S: Store> Orchestrator<S> {
                 driver.begin_leaving(clock.now()).await;
                 continue;
             }
-            if driver.leave_deadline.is_some_and(|deadline| clock.now() >= deadline) {
-                warn!(
-                    "Leaving took longer than coordination_timeout; exiting without deregistering"
-                );
-                break;
-            }
             let deadline =
                 driver.engine.next_deadline().unwrap_or(clock.now() + Duration::from_millis(100));
             let wait =
@@ -178,8 +194,7 @@ impl<S: Store> Orchestrator<S> {
                         // The processor dropped the slot; the engine re-starts it (with its
                         // checkpoint reloaded) if the store still says it is ours.
                         tracing::debug!(%slot, "Slot lost; observing the new ownership");
-                        driver.feed(clock.now(), Input::SlotStopped(slot)).await;
-                        driver.observe(clock.now()).await;
+                        driver.feed(clock.now(), Input::SlotLost(slot)).await;
                     }
                     Some(Report::Failed(err)) => driver.outcome = Err(err),
                     None => break,
@@ -191,11 +206,17 @@ impl<S: Store> Orchestrator<S> {
                 }
             }
         }
-        drop(driver.control);
-        let _ = (&mut processing.0).await;
+        // Closing the processor's channel tells it to finish.
+        drop(std::mem::replace(&mut driver.control, mpsc::unbounded_channel().0));
+        if driver.engine.exit() == Some(&Exit::LeaveTimedOut) {
+            // The leave ran out of time (a database that stays down): stop processing now.
+            drop(processing);
+        } else {
+            let _ = (&mut processing.0).await;
+        }
         metrics.state(WorkerState::Stopped);
         health.stopped();
-        driver.outcome
+        driver.finish()
     }
 }
 
@@ -230,22 +251,27 @@ impl Drop for AbortOnDrop {
     }
 }
 
-struct Driver<S: Store> {
-    store: S,
+/// The executor of the engine's commands: one coordination-store call per command, its outcome
+/// fed back as an input (failures included); logs and metrics from the engine's notices.
+struct Driver<C: CoordinationStore> {
+    store: C,
     settings: Settings,
     engine: Engine,
     control: mpsc::UnboundedSender<Control>,
+    /// A processor failure that ends the worker.
     outcome: Result<(), RunError>,
+    /// The error of the last failed store call, for the log line and a refused registration.
+    last_error: Option<StoreError>,
     announced: bool,
-    leave_deadline: Option<Timestamp>,
+    leaving: bool,
     metrics: Arc<Metrics>,
     health: Arc<WorkerHealth>,
 }
 
-impl<S: Store> Driver<S> {
+impl<C: CoordinationStore> Driver<C> {
     async fn begin_leaving(&mut self, now: Timestamp) {
         info!(worker_id = %self.settings.worker_id, "Worker leaving: finishing the batch in flight, then deregistering");
-        self.leave_deadline = Some(now + self.settings.timing.coordination_timeout);
+        self.leaving = true;
         self.metrics.state(WorkerState::Leaving);
         self.health.set_ready(false);
         self.feed(now, Input::Shutdown).await;
@@ -254,6 +280,52 @@ impl<S: Store> Driver<S> {
     async fn observe(&mut self, now: Timestamp) {
         if let Some(input) = self.execute(Command::Observe).await {
             self.feed(now, input).await;
+        }
+    }
+
+    /// What `run` returns, from why the engine ended and whether processing failed.
+    fn finish(&mut self) -> Result<(), RunError> {
+        let me = self.settings.worker_id.clone();
+        match self.engine.exit() {
+            Some(Exit::Refused) => {
+                Err(RunError::Store(self.last_error.take().unwrap_or_else(|| StoreError::Other {
+                    message: "registration refused".into(),
+                    source: None,
+                })))
+            }
+            Some(Exit::Superseded) => Err(RunError::Superseded(me)),
+            Some(Exit::IncompatibleWorkers(workers)) => Err(RunError::IncompatibleWorkers {
+                workers: workers
+                    .iter()
+                    .map(|(id, protocol)| format!("{id} (protocol {protocol})"))
+                    .collect(),
+            }),
+            Some(Exit::Left | Exit::LeaveTimedOut) | None => {
+                std::mem::replace(&mut self.outcome, Ok(()))
+            }
+        }
+    }
+
+    /// The outcome of a store call as the engine's input: `ok` on success, `CallFailed` with the
+    /// error's own classification otherwise (the error is kept for the log line).
+    fn answer<T>(
+        &mut self,
+        call: Call,
+        result: Result<T, StoreError>,
+        ok: impl FnOnce(T) -> Option<Input>,
+    ) -> Option<Input> {
+        match result {
+            Ok(value) => ok(value),
+            Err(StoreError::NotRegistered { .. })
+                if matches!(call, Call::Heartbeat | Call::AckGeneration) =>
+            {
+                Some(Input::NotRegistered)
+            }
+            Err(err) => {
+                let transient = err.is_retryable();
+                self.last_error = Some(err);
+                Some(Input::CallFailed { call, transient })
+            }
         }
     }
 
@@ -288,65 +360,58 @@ impl<S: Store> Driver<S> {
         }
     }
 
+    /// Executes one command: one port call (or one message to the processor), its outcome fed
+    /// back as an input. Retries, backoff and deadlines are the engine's.
     async fn execute(&mut self, command: Command) -> Option<Input> {
-        let rs = &self.settings.replica_set;
-        let me = &self.settings.worker_id;
+        let rs = self.settings.replica_set.clone();
+        let me = self.settings.worker_id.clone();
         let timing = self.settings.timing;
         match command {
-            Command::Register => Some(self.register().await),
-            Command::Heartbeat { incarnation } => {
+            Command::Register => {
+                let result = self.store.register(&rs, self.settings.slots, &me).await;
+                self.answer(Call::Register, result, |incarnation| {
+                    Some(Input::Registered(incarnation))
+                })
+            }
+            Command::Heartbeat { incarnation, lease } => {
                 let started = tokio::time::Instant::now();
-                match self.store.heartbeat(rs, me, incarnation, timing.stale_worker_timeout).await {
-                    Ok(_) => {
-                        let latency = started.elapsed();
-                        tracing::debug!(?latency, "Heartbeat sent");
-                        self.metrics.heartbeat(latency);
-                        if self.leave_deadline.is_none() {
-                            self.health.set_ready(true);
-                        }
-                        Some(Input::HeartbeatAcked)
-                    }
-                    Err(StoreError::NotRegistered { .. }) => Some(Input::NotRegistered),
-                    Err(err) => {
-                        warn!(%err, "Heartbeat failed; retrying at the next interval");
-                        None
+                let result = self.store.heartbeat(&rs, &me, incarnation, lease).await;
+                if result.is_ok() {
+                    let latency = started.elapsed();
+                    tracing::debug!(?latency, "Heartbeat sent");
+                    self.metrics.heartbeat(latency);
+                    if !self.leaving {
+                        self.health.set_ready(true);
                     }
                 }
+                self.answer(Call::Heartbeat, result, |_| Some(Input::HeartbeatAcked))
             }
-            Command::Observe => match self.store.snapshot(rs).await {
-                Ok(snapshot) => {
+            Command::Observe => {
+                let result = self.store.snapshot(&rs).await;
+                if let Ok(snapshot) = &result {
                     let live = snapshot
                         .workers
                         .iter()
                         .filter(|w| w.heartbeat_age <= timing.stale_worker_timeout)
                         .count();
                     self.metrics.observed(snapshot.generation.0, snapshot.members.len(), live);
-                    Some(Input::Observed(snapshot))
                 }
-                Err(err) => {
-                    warn!(%err, "Reading the coordination state failed; retrying");
-                    None
-                }
-            },
+                self.answer(Call::Observe, result, |snapshot| Some(Input::Observed(snapshot)))
+            }
             Command::CreateGeneration(plan) => {
-                match self.store.create_generation(rs, &plan).await {
-                    Ok(()) => {
-                        self.metrics.generation_created(plan.evict.len());
-                        info!(
-                            generation = plan.generation.0,
-                            total_partitions = plan.members.len(),
-                            "Generation created:"
-                        );
-                        for evicted in &plan.evict {
-                            warn!(worker_id = %evicted, "Stale worker cleaned:");
-                        }
+                let result = self.store.create_generation(&rs, &plan).await;
+                if result.is_ok() {
+                    self.metrics.generation_created(plan.evict.len());
+                    info!(
+                        generation = plan.generation.0,
+                        total_partitions = plan.members.len(),
+                        "Generation created:"
+                    );
+                    for evicted in &plan.evict {
+                        warn!(worker_id = %evicted, "Stale worker cleaned:");
                     }
-                    Err(err) if err.is_conflict() => {
-                        tracing::debug!(%err, "Generation plan superseded")
-                    }
-                    Err(err) => warn!(%err, "Creating a generation failed; retrying"),
                 }
-                None
+                self.answer(Call::CreateGeneration, result, |()| None)
             }
             Command::StartSlot { slot, epoch } => {
                 let _ = self.control.send(Control::Start { slot, epoch });
@@ -357,66 +422,19 @@ impl<S: Store> Driver<S> {
                 None
             }
             Command::ReleaseSlot { slot, epoch } => {
-                if let Err(err) = self.store.release_slot(rs, me, slot, epoch).await {
-                    tracing::debug!(%err, %slot, "Releasing a slot failed");
-                }
-                None
+                let result = self.store.release_slot(&rs, &me, slot, epoch).await;
+                self.answer(Call::ReleaseSlot, result, |()| None)
             }
             Command::AckGeneration { incarnation, generation } => {
-                match self.store.ack_generation(rs, me, incarnation, generation).await {
-                    Err(StoreError::NotRegistered { .. }) => Some(Input::NotRegistered),
-                    Err(err) => {
-                        warn!(%err, "Acknowledging a generation failed; retrying");
-                        None
-                    }
-                    Ok(()) => None,
-                }
+                let result = self.store.ack_generation(&rs, &me, incarnation, generation).await;
+                self.answer(Call::AckGeneration, result, |()| None)
             }
             Command::Deregister { incarnation } => {
-                let mut attempt = 0u32;
-                loop {
-                    match self.store.deregister(rs, me, incarnation).await {
-                        Ok(()) => {
-                            info!(worker_id = %me, "Worker deregistered");
-                            return Some(Input::Deregistered);
-                        }
-                        Err(err) if attempt < 5 && err.is_retryable() => {
-                            attempt += 1;
-                            warn!(%err, "Deregistering failed; retrying");
-                            tokio::time::sleep(self.settings.retry.backoff(attempt)).await;
-                        }
-                        Err(err) => {
-                            warn!(%err, "Deregistering failed; the others will take over once this worker is stale");
-                            return Some(Input::Deregistered);
-                        }
-                    }
+                let result = self.store.deregister(&rs, &me, incarnation).await;
+                if result.is_ok() {
+                    info!(worker_id = %me, "Worker deregistered");
                 }
-            }
-        }
-    }
-
-    /// Registers, retrying transient failures with backoff; a definite refusal ends the worker.
-    async fn register(&mut self) -> Input {
-        let mut attempt = 0u32;
-        loop {
-            match self
-                .store
-                .register(&self.settings.replica_set, self.settings.slots, &self.settings.worker_id)
-                .await
-            {
-                Ok(incarnation) => return Input::Registered(incarnation),
-                Err(err) if err.is_retryable() => {
-                    attempt += 1;
-                    warn!(%err, attempt, "Worker registration failed; retrying");
-                    let backoff = Duration::from_millis(200).saturating_mul(1 << attempt.min(6));
-                    tokio::time::sleep(backoff.min(self.settings.timing.heartbeat_interval)).await;
-                }
-                Err(err) => {
-                    warn!(%err, "Worker registration failed");
-                    self.outcome = Err(RunError::Store(err));
-                    // Nothing to deregister: leaving now ends the worker.
-                    return Input::Shutdown;
-                }
+                self.answer(Call::Deregister, result, |()| Some(Input::Deregistered))
             }
         }
     }
@@ -484,8 +502,37 @@ impl<S: Store> Driver<S> {
             }
             Notice::Superseded => {
                 warn!(worker_id = %me, "Worker id registered again by another process: stopping");
-                self.outcome = Err(RunError::Superseded(me.clone()));
             }
+            Notice::RetryScheduled { call, attempt, after } => {
+                let err = self.last_error.as_ref().map(ToString::to_string).unwrap_or_default();
+                match call {
+                    Call::Register => {
+                        warn!(%err, attempt, ?after, "Worker registration failed; retrying")
+                    }
+                    _ => warn!(%err, ?call, attempt, ?after, "Store call failed; retrying"),
+                }
+            }
+            Notice::CallFailed { call, transient } => {
+                let err = self.last_error.as_ref().map(ToString::to_string).unwrap_or_default();
+                match (call, transient) {
+                    (Call::Register, _) => warn!(%err, "Worker registration failed"),
+                    (Call::Deregister, _) => warn!(
+                        %err,
+                        "Deregistering failed; the others take over once this worker is stale"
+                    ),
+                    (Call::Heartbeat, _) => {
+                        warn!(%err, "Heartbeat failed; retrying at the next interval")
+                    }
+                    (Call::Observe, _) => {
+                        warn!(%err, "Reading the coordination state failed; retrying")
+                    }
+                    (Call::ReleaseSlot, _) => tracing::debug!(%err, "Releasing a slot failed"),
+                    _ => warn!(%err, ?call, "Store call failed; retrying"),
+                }
+            }
+            Notice::LeaveTimedOut => warn!(
+                "Leaving took longer than coordination_timeout; exiting without deregistering"
+            ),
             Notice::IncompatibleWorkers { workers } => {
                 let listed: Vec<String> = workers
                     .iter()
@@ -496,7 +543,6 @@ impl<S: Store> Driver<S> {
                     workers = %listed.join(", "),
                     "Workers of another release are running: leaving"
                 );
-                self.outcome = Err(RunError::IncompatibleWorkers { workers: listed });
             }
         }
     }
@@ -504,4 +550,175 @@ impl<S: Store> Driver<S> {
 
 fn log_processing(generation: Generation, partition: Partition, slots: usize) {
     info!(generation = generation.0, partition = %partition, slots, "Worker processing:");
+}
+
+#[cfg(test)]
+mod tests {
+    //! The executor against mocked ports: exact call sequences for a join, a failed heartbeat,
+    //! a refused generation and a registration retried at the engine's deadline.
+
+    use mockall::Sequence;
+    use mockall::predicate::eq;
+    use orchestrator_core::ports::{HeartbeatAck, MockCoordinationStore};
+    use orchestrator_core::{
+        Generation, GenerationPlan, Incarnation, ReplicaSetName, SlotCount, Snapshot, Timing,
+        WorkerId,
+    };
+
+    use super::*;
+
+    const T0: Timestamp = Timestamp(1_000_000);
+
+    fn settings() -> Settings {
+        let mut settings = Settings::new(ReplicaSetName::new("main").unwrap());
+        settings.worker_id = WorkerId::new("w1").unwrap();
+        settings.slots = SlotCount::new(4).unwrap();
+        settings
+    }
+
+    fn driver(store: MockCoordinationStore) -> Driver<MockCoordinationStore> {
+        let settings = settings();
+        let rs = settings.replica_set.clone();
+        Driver {
+            store,
+            engine: Engine::new(EngineConfig {
+                replica_set: rs.clone(),
+                worker_id: settings.worker_id.clone(),
+                slot_count: settings.slots,
+                timing: settings.timing,
+                strategy: settings.strategy,
+            }),
+            settings,
+            control: mpsc::unbounded_channel().0,
+            outcome: Ok(()),
+            last_error: None,
+            announced: false,
+            leaving: false,
+            metrics: Arc::new(Metrics::new(&opentelemetry::global::meter("test"), &rs)),
+            health: WorkerHealth::detached("main"),
+        }
+    }
+
+    fn unavailable() -> StoreError {
+        StoreError::Unavailable { message: "connection refused".into(), source: None }
+    }
+
+    fn empty_snapshot() -> Snapshot {
+        Snapshot {
+            replica_set: ReplicaSetName::new("main").unwrap(),
+            slot_count: SlotCount::new(4).unwrap(),
+            generation: Generation::ZERO,
+            members: vec![],
+            lease: None,
+            workers: vec![],
+            slots: vec![Default::default(); 4],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_join_registers_then_heartbeats_with_the_stale_timeout_as_lease_then_observes() {
+        let mut store = MockCoordinationStore::new();
+        let mut order = Sequence::new();
+        store
+            .expect_register()
+            .times(1)
+            .in_sequence(&mut order)
+            .returning(|_, _, _| Ok(Incarnation(3)));
+        store
+            .expect_heartbeat()
+            .with(
+                eq(ReplicaSetName::new("main").unwrap()),
+                eq(WorkerId::new("w1").unwrap()),
+                eq(Incarnation(3)),
+                eq(Timing::default().stale_worker_timeout),
+            )
+            .times(1)
+            .in_sequence(&mut order)
+            .returning(|_, _, _, _| Ok(HeartbeatAck { leader: true }));
+        store.expect_snapshot().times(1).in_sequence(&mut order).returning(|_| {
+            let mut snapshot = empty_snapshot();
+            snapshot.workers.push(orchestrator_core::WorkerRecord {
+                id: WorkerId::new("w1").unwrap(),
+                incarnation: Incarnation(3),
+                heartbeat_age: Duration::ZERO,
+                registered_age: Duration::ZERO,
+                acked_generation: Generation::ZERO,
+                protocol: orchestrator_core::PROTOCOL_VERSION,
+            });
+            Ok(snapshot)
+        });
+        let mut driver = driver(store);
+        driver.feed(T0, Input::Start).await;
+        assert_eq!(driver.engine.incarnation(), Some(Incarnation(3)));
+    }
+
+    #[tokio::test]
+    async fn a_failed_heartbeat_is_one_call_answered_with_call_failed() {
+        let mut store = MockCoordinationStore::new();
+        store.expect_heartbeat().times(1).returning(|_, _, _, _| Err(unavailable()));
+        let mut driver = driver(store);
+        let command = Command::Heartbeat {
+            incarnation: Incarnation(1),
+            lease: Timing::default().stale_worker_timeout,
+        };
+        let answer = driver.execute(command).await;
+        assert_eq!(answer, Some(Input::CallFailed { call: Call::Heartbeat, transient: true }));
+        assert!(driver.last_error.is_some(), "kept for the log line");
+    }
+
+    #[tokio::test]
+    async fn a_refused_generation_is_answered_and_the_engine_observes_again() {
+        let mut store = MockCoordinationStore::new();
+        let mut order = Sequence::new();
+        store.expect_create_generation().times(1).in_sequence(&mut order).returning(|rs, plan| {
+            Err(StoreError::GenerationConflict {
+                replica_set: rs.clone(),
+                expected: plan.expected,
+                actual: Generation(9),
+            })
+        });
+        store
+            .expect_snapshot()
+            .times(1)
+            .in_sequence(&mut order)
+            .returning(|_| Ok(empty_snapshot()));
+        let mut driver = driver(store);
+        let plan = GenerationPlan {
+            expected: Generation(1),
+            generation: Generation(2),
+            leader: WorkerId::new("w1").unwrap(),
+            leader_incarnation: Incarnation(1),
+            members: vec![WorkerId::new("w1").unwrap()],
+            changes: vec![],
+            evict: vec![],
+        };
+        let answer = driver.execute(Command::CreateGeneration(plan)).await;
+        assert_eq!(
+            answer,
+            Some(Input::CallFailed { call: Call::CreateGeneration, transient: false })
+        );
+        driver.feed(T0, answer.unwrap()).await;
+    }
+
+    #[tokio::test]
+    async fn registration_is_tried_once_per_engine_deadline() {
+        let mut store = MockCoordinationStore::new();
+        let mut order = Sequence::new();
+        store
+            .expect_register()
+            .times(2)
+            .in_sequence(&mut order)
+            .returning(|_, _, _| Err(unavailable()));
+        let mut driver = driver(store);
+        driver.feed(T0, Input::Start).await;
+        let due = driver.engine.next_deadline().expect("a retry is scheduled");
+        assert_eq!(due, T0 + Duration::from_millis(200));
+        // A tick before the deadline calls nothing; at the deadline, exactly one attempt.
+        driver.feed(T0 + Duration::from_millis(100), Input::Tick).await;
+        driver.feed(due, Input::Tick).await;
+        assert_eq!(driver.engine.next_deadline(), Some(due + Duration::from_millis(400)));
+        driver.feed(due, Input::Shutdown).await;
+        assert!(driver.engine.has_left());
+        assert!(driver.finish().is_ok());
+    }
 }

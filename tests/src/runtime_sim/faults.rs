@@ -178,10 +178,10 @@ impl EventStore for Faulty {
     fn slot_count(&self) -> SlotCount {
         self.inner.slot_count()
     }
-    async fn append_with_key(
+    async fn append_with_key<'k>(
         &self,
         stream: &StreamId,
-        key: Option<&PartitionKey>,
+        key: Option<&'k PartitionKey>,
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> StoreResult<Appended> {

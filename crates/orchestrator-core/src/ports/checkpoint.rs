@@ -40,6 +40,7 @@ pub struct Fence {
 ///   commit, reloads its checkpoints and starts over from the first event.
 /// - `remove` forgets a retired projection: its checkpoints are deleted and `projections` no
 ///   longer lists it. Slots are not fenced (a worker still running it would record it again).
+#[cfg_attr(feature = "mock", mockall::automock(type Tx = ();))]
 #[async_trait]
 pub trait CheckpointStore: Send + Sync {
     /// An open transaction; read-model writes go through it.

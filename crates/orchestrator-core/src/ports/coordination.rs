@@ -59,6 +59,7 @@ pub struct GenerationRecord {
 ///   leaves it without owner) with a bumped epoch, and gives up the lease if held. Deregistering an
 ///   unknown incarnation succeeds and does nothing.
 /// - Old generations and departed workers do not accumulate.
+#[cfg_attr(feature = "mock", mockall::automock)]
 #[async_trait]
 pub trait CoordinationStore: Send + Sync {
     /// Registers a worker, creating the replica set if needed.

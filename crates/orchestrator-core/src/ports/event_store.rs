@@ -154,6 +154,7 @@ pub fn check_append(
 /// - `backlog` counts the committed events of the requested slots after their cursors and in
 ///   scope, up to `limit` (so its cost stays bounded however far behind a reader is), and ages the
 ///   next event of each slot by the store's own clock, never the caller's.
+#[cfg_attr(feature = "mock", mockall::automock)]
 #[async_trait]
 pub trait EventStore: Send + Sync {
     /// The slot count events are bucketed by.
@@ -172,10 +173,10 @@ pub trait EventStore: Send + Sync {
 
     /// Appends events to one stream atomically, giving a new stream `key` as its partition key
     /// (an existing stream must already have it).
-    async fn append_with_key(
+    async fn append_with_key<'k>(
         &self,
         stream: &StreamId,
-        key: Option<&PartitionKey>,
+        key: Option<&'k PartitionKey>,
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> StoreResult<Appended>;

@@ -14,3 +14,10 @@ pub use event_store::{
     Appended, Backlog, EventStore, ReadRequest, StreamHead, UnitOfWork, UnitOfWorkStore,
     check_append,
 };
+
+#[cfg(feature = "mock")]
+pub use checkpoint::MockCheckpointStore;
+#[cfg(feature = "mock")]
+pub use coordination::MockCoordinationStore;
+#[cfg(feature = "mock")]
+pub use event_store::MockEventStore;

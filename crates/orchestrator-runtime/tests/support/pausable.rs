@@ -48,10 +48,10 @@ impl<S: EventStore> EventStore for Pausable<S> {
     fn slot_count(&self) -> SlotCount {
         self.inner.slot_count()
     }
-    async fn append_with_key(
+    async fn append_with_key<'k>(
         &self,
         stream: &StreamId,
-        key: Option<&PartitionKey>,
+        key: Option<&'k PartitionKey>,
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> StoreResult<Appended> {
