@@ -22,6 +22,7 @@ const PAYLOAD: usize = 200;
 
 mod diesel_upsert;
 mod embedded;
+mod horizon;
 mod runtime;
 mod scaling;
 mod upsert;
@@ -77,10 +78,14 @@ async fn main() -> Result<()> {
     if run("diesel") {
         diesel_upsert::suite(&args).await?;
     }
+    if run("horizon") {
+        horizon_suite(&args).await?;
+    }
     Ok(())
 }
 
-const SUITES: [&str; 7] = ["store", "runtime", "embedded", "upsert", "scaling", "diesel", "all"];
+const SUITES: [&str; 8] =
+    ["store", "runtime", "embedded", "upsert", "scaling", "horizon", "diesel", "all"];
 
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
@@ -130,6 +135,34 @@ async fn upsert_suite(args: &Args) -> Result<()> {
         "| single worker, projection upserting one row per event through handle_batch (UNNEST), batch 1000 | {ours:.0} events/s | plain read+UNNEST upsert+checkpoint {reference:.0} events/s | {:.2}x of reference |",
         ours / reference
     );
+    Ok(())
+}
+
+/// Append-to-projected latency at 50 events/s over 40 s, without and with a writing transaction
+/// held open for 30 s in another database of the server (SPEC §5 "horizon isolation").
+async fn horizon_suite(args: &Args) -> Result<()> {
+    for foreign in [false, true] {
+        let mut runs = Vec::new();
+        for run in 1..=args.runs {
+            eprintln!(
+                "horizon isolation (foreign transaction: {foreign}): run {run}/{}",
+                args.runs
+            );
+            runs.push(horizon::latency(foreign).await?);
+        }
+        let p50 = median(runs.iter().map(|r| r.0).collect());
+        let p99 = median(runs.iter().map(|r| r.1).collect());
+        let max = median(runs.iter().map(|r| r.2).collect());
+        let label = if foreign {
+            "with a writing transaction open 30 s in another database"
+        } else {
+            "no other transaction"
+        };
+        println!(
+            "| append-to-projected latency, idle PostgreSQL worker, 50 events/s, {label} | p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms | runs (p99) {:?} |",
+            runs.iter().map(|r| (r.1 * 10.0).round() / 10.0).collect::<Vec<_>>()
+        );
+    }
     Ok(())
 }
 
