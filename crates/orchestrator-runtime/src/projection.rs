@@ -31,6 +31,44 @@ impl HandlerError {
 /// - **Non-transactional** projections (publishing, calling other services) ignore `tx`. They are
 ///   at-least-once: after a crash or a lost slot, at most the batch in flight is delivered again.
 ///
+/// ```
+/// use async_trait::async_trait;
+/// use orchestrator_core::ports::BoxError;
+/// use orchestrator_core::{Event, Scope};
+/// use orchestrator_memory::MemoryTx;
+/// use orchestrator_runtime::Projection;
+///
+/// /// Counts events per account in a read-model table.
+/// struct EventsPerAccount;
+///
+/// #[async_trait]
+/// impl Projection<MemoryTx> for EventsPerAccount {
+///     fn name(&self) -> &str {
+///         "events_per_account"
+///     }
+///
+///     fn scope(&self) -> Scope {
+///         Scope { aggregate_types: vec!["Account".into()], bounded_contexts: vec![] }
+///     }
+///
+///     async fn handle(&self, tx: &mut MemoryTx, event: &Event) -> Result<(), BoxError> {
+///         let key = &event.stream.aggregate_id;
+///         let seen = tx.get("events_per_account", key).map_or(0, |v| v[0]);
+///         tx.put("events_per_account", key, vec![seen + 1]); // committed with the checkpoint
+///         Ok(())
+///     }
+///
+///     async fn reset(&self, tx: &mut MemoryTx) -> Result<(), BoxError> {
+///         let _ = tx; // a real read model deletes its rows here
+///         Ok(())
+///     }
+/// }
+/// ```
+///
+/// With PostgreSQL or SQLite, `Tx` is `PgTx` or `SqliteTx` and the handler runs its queries on
+/// `&mut **tx`; one implementation generic over sqlx's `Database` serves both
+/// (`examples/bank-ledger/src/balances.rs`).
+///
 /// Events arrive in order within each aggregate. A failing batch is retried with backoff (the
 /// transaction rolled back each time); after the last attempt the projection stops, naming the
 /// event, and no checkpoint moves past it.
