@@ -14,6 +14,9 @@
 //! - `bench [--events N] [--runs R]`: benchmarks against plain sqlx references (needs PostgreSQL).
 //! - `chaos --store postgres|sqlite [--workers N] [--events E] [--duration D] [--seed S]
 //!   [--strategy S]`: worker processes under seeded faults, then the exactly-once check.
+//! - `prometheus`: every PromQL expression of the dashboard, the adapter rules and the docs
+//!   evaluated by a real Prometheus scraping demo workers.
+//! - `browser`: the status page driven in headless Chromium against a cluster that scales.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -22,11 +25,14 @@ use std::process::{Command, ExitCode};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
+mod browser;
 mod chaos;
 mod cluster;
 mod demo;
 mod example;
+mod fleet;
 mod procs;
+mod prometheus;
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", bin_name = "cargo xtask", about = "Project automation")]
@@ -58,6 +64,11 @@ enum Task {
     /// The example application (examples/bank-ledger): two workers, commands, one worker
     /// stopped midway, then the balances checked against the events.
     Example(example::ExampleArgs),
+    /// A real Prometheus scrapes demo workers; every PromQL expression of the dashboard, the
+    /// prometheus-adapter rules and the docs must return series.
+    Prometheus(prometheus::PrometheusArgs),
+    /// The status page in headless Chromium: slot map against `status --json`, then a scale.
+    Browser(browser::BrowserArgs),
 }
 
 /// Arguments handed on to the program the command runs (which checks them).
@@ -109,6 +120,8 @@ fn run() -> Result<()> {
         Task::Bench(args) => bench(&args.args),
         Task::Chaos(args) => chaos::chaos(args),
         Task::Example(args) => example::example(args),
+        Task::Prometheus(args) => prometheus::prometheus(args),
+        Task::Browser(args) => browser::browser(args),
     }
 }
 
