@@ -13,6 +13,7 @@ pub mod event;
 pub mod ids;
 pub mod plan;
 pub mod ports;
+pub mod processing;
 pub mod quote;
 pub mod schema;
 pub mod slot;

@@ -154,6 +154,8 @@ pub fn check_append(
 /// - `backlog` counts the committed events of the requested slots after their cursors and in
 ///   scope, up to `limit` (so its cost stays bounded however far behind a reader is), and ages the
 ///   next event of each slot by the store's own clock, never the caller's.
+/// - `head`, where a store implements it, is the greatest global position of a committed event
+///   (`None` while there are none): at least that of every event a read has returned.
 #[cfg_attr(feature = "mock", mockall::automock)]
 #[async_trait]
 pub trait EventStore: Send + Sync {
@@ -193,6 +195,14 @@ pub trait EventStore: Send + Sync {
     /// How long reads have been held back by an open writing transaction, where the store's
     /// gap-safe read waits for them (PostgreSQL); `None` for stores that never wait.
     async fn read_horizon_stall(&self) -> StoreResult<Option<Duration>> {
+        Ok(None)
+    }
+
+    /// The global position of the last committed event, where the store can tell at the cost of
+    /// one index lookup; `None` where it cannot (the default). Workers estimate their lag beyond
+    /// the count limit from it ([`crate::processing::estimate_lag`]); without it the lag metric
+    /// stops at the limit.
+    async fn head(&self) -> StoreResult<Option<u64>> {
         Ok(None)
     }
 }

@@ -1,0 +1,159 @@
+//! What follows a failed step of a lane: retry after a backoff, drop a slot that is someone
+//! else's, or stop the projection in this worker.
+
+use std::time::Duration;
+
+use crate::slot::Slot;
+
+/// How a failing handler is retried before its projection stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included (default 5).
+    pub max_attempts: u32,
+    /// Wait before the second attempt; doubled each time (default 100 ms).
+    pub initial_backoff: Duration,
+    /// Upper bound of the wait (default 5 s).
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait after failed attempt `attempt` (1-based).
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let factor = 2u32.saturating_pow(attempt.saturating_sub(1));
+        self.initial_backoff.saturating_mul(factor).min(self.max_backoff)
+    }
+
+    /// The wait after a store error (connection lost, server restarting): the initial backoff,
+    /// at least 100 ms, so a database that is down is not hammered.
+    pub fn store_backoff(&self) -> Duration {
+        self.initial_backoff.max(Duration::from_millis(100))
+    }
+}
+
+/// What went wrong with one step of a lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The handler returned an error, panicked, or did not return within the handler timeout
+    /// (`timed_out`); its transaction was rolled back.
+    Handler {
+        /// Whether it was the timeout.
+        timed_out: bool,
+    },
+    /// A store call failed (read, begin, commit, load): nothing definite is known about it.
+    Store,
+    /// The commit was refused: the slot is owned by someone else now.
+    Fenced {
+        /// The slot named by the refusal.
+        slot: Slot,
+    },
+    /// The commit was refused: the slot's stored checkpoint is ahead of this lane.
+    Regression {
+        /// The slot named by the refusal.
+        slot: Slot,
+    },
+}
+
+/// The decision [`after_failure`] makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterFailure {
+    /// Wait `after`, then take the lane's cursors from the stored checkpoints and go on from
+    /// there. `attempts` is the handler attempts failed so far (store errors do not count).
+    Retry {
+        /// The backoff.
+        after: Duration,
+        /// Failed handler attempts in a row, this one included.
+        attempts: u32,
+    },
+    /// The slot is not this worker's to process: drop it from every lane of its group, report
+    /// it lost once nothing covers it, and reload this lane's cursors at once.
+    DropSlot {
+        /// The slot.
+        slot: Slot,
+    },
+    /// The attempts ran out: the projection stops in this worker; its other lanes stop at their
+    /// next batch boundary, every other projection goes on.
+    StopProjection {
+        /// Attempts made.
+        attempts: u32,
+    },
+}
+
+/// Decides what follows `failure`, after `attempts` failed handler attempts in a row before it.
+pub fn after_failure(failure: Failure, attempts: u32, policy: &RetryPolicy) -> AfterFailure {
+    match failure {
+        Failure::Handler { .. } => {
+            let attempts = attempts.saturating_add(1);
+            if attempts >= policy.max_attempts {
+                AfterFailure::StopProjection { attempts }
+            } else {
+                AfterFailure::Retry { after: policy.backoff(attempts), attempts }
+            }
+        }
+        Failure::Store => AfterFailure::Retry { after: policy.store_backoff(), attempts },
+        Failure::Fenced { slot } | Failure::Regression { slot } => AfterFailure::DropSlot { slot },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handler_failures_back_off_then_stop_the_projection() {
+        let policy = RetryPolicy { max_attempts: 3, ..RetryPolicy::default() };
+        let handler = Failure::Handler { timed_out: false };
+        assert_eq!(
+            after_failure(handler, 0, &policy),
+            AfterFailure::Retry { after: Duration::from_millis(100), attempts: 1 }
+        );
+        assert_eq!(
+            after_failure(Failure::Handler { timed_out: true }, 1, &policy),
+            AfterFailure::Retry { after: Duration::from_millis(200), attempts: 2 }
+        );
+        assert_eq!(
+            after_failure(handler, 2, &policy),
+            AfterFailure::StopProjection { attempts: 3 }
+        );
+    }
+
+    #[test]
+    fn store_errors_are_retried_forever_and_do_not_count() {
+        let policy =
+            RetryPolicy { max_attempts: 1, initial_backoff: Duration::ZERO, ..Default::default() };
+        assert_eq!(
+            after_failure(Failure::Store, 7, &policy),
+            AfterFailure::Retry { after: Duration::from_millis(100), attempts: 7 }
+        );
+    }
+
+    #[test]
+    fn refused_commits_drop_the_slot() {
+        let policy = RetryPolicy::default();
+        assert_eq!(
+            after_failure(Failure::Fenced { slot: Slot(3) }, 0, &policy),
+            AfterFailure::DropSlot { slot: Slot(3) }
+        );
+        assert_eq!(
+            after_failure(Failure::Regression { slot: Slot(4) }, 2, &policy),
+            AfterFailure::DropSlot { slot: Slot(4) }
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_bound() {
+        let policy = RetryPolicy::default();
+        assert_eq!(policy.backoff(1), Duration::from_millis(100));
+        assert_eq!(policy.backoff(4), Duration::from_millis(800));
+        assert_eq!(policy.backoff(40), Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,462 @@
+//! Processing decisions of one worker: which slots and projections a read serves, what a commit
+//! checkpoints, when a lagging projection joins the shared read, and what follows a failure.
+//!
+//! [`Processing`] is a deterministic state machine, like the coordination [`Engine`](crate::Engine):
+//! the runtime's processor feeds it orders and results ([`Input`]), takes the [`Command`]s it asks
+//! for (load checkpoints, read, process a batch, wait, report) and executes each one (one port call
+//! or one handler run), concurrently, feeding every outcome back. No IO, no clock: backoffs are
+//! durations the runtime waits.
+//!
+//! The owned slots are split into `groups` disjoint groups (`PROCESSING_CONCURRENCY`); a slot
+//! stays in the group it started in. In each group every projection has a *lane* that handles one
+//! batch at a time. One *shared stream* per group reads the group's slots once for every lane that
+//! stands at its position, in the covering scope of all projections, and keeps the last few
+//! batches (`window`) for lanes that are a little behind; a lane further behind reads alone and
+//! rejoins through cursor equality (docs/ARCHITECTURE.md, "The processing model", states the
+//! invariants this module keeps).
+
+mod failure;
+mod group;
+mod lag;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use self::failure::{AfterFailure, Failure, RetryPolicy, after_failure};
+pub use self::lag::{Density, LAG_COUNT_LIMIT, LagEstimate, LagPart, estimate_lag};
+
+use self::group::{Group, Out, StopInfo, Task};
+use crate::event::{Event, Position, Scope, StreamId};
+use crate::ids::Epoch;
+use crate::ports::ReadRequest;
+use crate::slot::{Slot, SlotCount};
+
+/// Identifies one command the runtime executes, and the input that answers it.
+pub type TaskId = u64;
+
+/// Shared batches kept per group for lanes a little behind the fastest one (default).
+pub const DEFAULT_WINDOW: usize = 8;
+
+/// What the state machine needs to know, fixed for a worker's life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessingConfig {
+    /// Each projection's scope, in the order the runtime numbers them.
+    pub scopes: Vec<Scope>,
+    /// Events per read.
+    pub batch_size: usize,
+    /// Disjoint groups of slots handled at once (at least 1).
+    pub groups: usize,
+    /// Shared batches kept per group (at least 1).
+    pub window: usize,
+    /// Handler retries and backoffs.
+    pub retry: RetryPolicy,
+    /// Slot count of the replica set.
+    pub slot_count: SlotCount,
+}
+
+/// Something that happened, fed to [`Processing::handle`].
+#[derive(Debug)]
+pub enum Input {
+    /// The coordination task started a slot under an epoch.
+    Start {
+        /// The slot.
+        slot: Slot,
+        /// The epoch every commit of it is fenced with.
+        epoch: Epoch,
+    },
+    /// The coordination task stops a slot; [`Command::SlotStopped`] answers once its last batch
+    /// of every projection committed or rolled back.
+    Stop {
+        /// The slot.
+        slot: Slot,
+    },
+    /// A [`Command::Load`] returned (`None`: it failed).
+    Loaded {
+        /// The command's task.
+        task: TaskId,
+        /// The checkpoint of each requested slot.
+        checkpoints: Option<BTreeMap<Slot, Position>>,
+    },
+    /// A [`Command::Read`] returned (`None`: it failed).
+    Read {
+        /// The command's task.
+        task: TaskId,
+        /// The events read.
+        events: Option<Vec<Event>>,
+    },
+    /// A [`Command::Process`] finished.
+    Processed {
+        /// The command's task.
+        task: TaskId,
+        /// How it ended.
+        outcome: Outcome,
+    },
+    /// A [`Command::Wait`] elapsed.
+    Elapsed {
+        /// The command's task.
+        task: TaskId,
+    },
+    /// New events may have been appended (a notification, or the poll interval passed): readers
+    /// that had reached the end read again.
+    Wake,
+}
+
+/// How a [`Command::Process`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The handler's writes and the checkpoints committed.
+    Committed,
+    /// The handler failed on the event at `index` (if known), or did not return in time; the
+    /// transaction was rolled back.
+    HandlerFailed {
+        /// Index in the batch of the failing event.
+        index: Option<usize>,
+        /// Whether the handler timeout expired.
+        timed_out: bool,
+    },
+    /// The commit was refused: `slot` is someone else's.
+    Fenced {
+        /// The slot.
+        slot: Slot,
+    },
+    /// The commit was refused: `slot`'s stored checkpoint is ahead.
+    Regression {
+        /// The slot.
+        slot: Slot,
+    },
+    /// A store call (begin, commit) failed; whether the commit was written is unknown.
+    StoreFailed,
+}
+
+/// One batch for one projection: handle `events` in a transaction, then commit `checkpoints`
+/// under the fence of `grants`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// The events, in order (empty: nothing of the projection's scope; commit the checkpoints
+    /// only, without calling the handler).
+    pub events: Arc<Vec<Event>>,
+    /// Every slot the batch advances, with its new checkpoint.
+    pub checkpoints: BTreeMap<Slot, Position>,
+    /// The epoch of each slot in `checkpoints`, as granted when the batch was handed out.
+    pub grants: BTreeMap<Slot, Epoch>,
+}
+
+/// The event a projection stopped at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedEvent {
+    /// Its position.
+    pub position: Position,
+    /// Its stream.
+    pub stream: StreamId,
+    /// Its type.
+    pub event_type: String,
+}
+
+/// What the runtime is asked to do. Every command with a task is answered by one input with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Load a projection's checkpoints of some slots: [`Input::Loaded`].
+    Load {
+        /// Answer with this task.
+        task: TaskId,
+        /// The projection's number.
+        projection: usize,
+        /// The slots.
+        slots: Vec<Slot>,
+    },
+    /// Read events: [`Input::Read`].
+    Read {
+        /// Answer with this task.
+        task: TaskId,
+        /// What to read.
+        request: ReadRequest,
+    },
+    /// Begin a transaction, run the projection's handler on the batch (bounded by the handler
+    /// timeout), commit the checkpoints under the fence: [`Input::Processed`].
+    Process {
+        /// Answer with this task.
+        task: TaskId,
+        /// The projection's number.
+        projection: usize,
+        /// The batch.
+        batch: Batch,
+    },
+    /// Wait, then answer [`Input::Elapsed`].
+    Wait {
+        /// Answer with this task.
+        task: TaskId,
+        /// How long.
+        delay: Duration,
+    },
+    /// A stopped slot's last batch of every projection committed or rolled back.
+    SlotStopped(Slot),
+    /// A commit was refused for this slot; nothing covers it any more.
+    SlotLost(Slot),
+    /// A projection's handler failed `attempts` times in a row: it stopped in this worker.
+    ProjectionStopped {
+        /// The projection's number.
+        projection: usize,
+        /// The [`Command::Process`] whose failure stopped it.
+        task: TaskId,
+        /// The event it failed on (the first of the batch when the handler did not say).
+        event: Option<FailedEvent>,
+        /// Attempts made.
+        attempts: u32,
+    },
+}
+
+/// One lag count that serves one or more projections (those with the same cursors and scope).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LagQuery {
+    /// The count to ask `backlog` for (its limit is the count limit).
+    pub request: ReadRequest,
+    /// Each projection it serves, with its per-group parts for the estimate above the limit.
+    pub projections: Vec<(usize, Vec<LagPart>)>,
+}
+
+/// The covering scope of several: a scope that includes every event any of them includes
+/// (an over-approximation: a shared read filters per projection afterwards).
+pub fn covering_scope(scopes: &[Scope]) -> Scope {
+    fn union(lists: Vec<&Vec<String>>) -> Vec<String> {
+        if lists.is_empty() || lists.iter().any(|list| list.is_empty()) {
+            return Vec::new();
+        }
+        let mut all: Vec<String> = lists.into_iter().flatten().cloned().collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+    Scope {
+        aggregate_types: union(scopes.iter().map(|s| &s.aggregate_types).collect()),
+        bounded_contexts: union(scopes.iter().map(|s| &s.bounded_contexts).collect()),
+    }
+}
+
+/// The configuration with what every group derives from it.
+#[derive(Debug)]
+pub(crate) struct Config {
+    pub(crate) scopes: Vec<Scope>,
+    pub(crate) covering: Scope,
+    /// Whether a projection's scope is the covering scope (its batches need no filtering).
+    pub(crate) unfiltered: Vec<bool>,
+    pub(crate) batch_size: usize,
+    pub(crate) window: usize,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) slot_count: SlotCount,
+}
+
+/// The processing state machine of one worker (see the module docs).
+#[derive(Debug)]
+pub struct Processing {
+    config: Config,
+    groups: Vec<Group>,
+    slot_group: BTreeMap<Slot, usize>,
+    tasks: BTreeMap<TaskId, Task>,
+    next_task: TaskId,
+    commands: Vec<Command>,
+    stopped: Vec<bool>,
+}
+
+impl Processing {
+    /// A worker processing nothing yet.
+    pub fn new(config: ProcessingConfig) -> Self {
+        let covering = covering_scope(&config.scopes);
+        let projections = config.scopes.len();
+        let groups = config.groups.max(1);
+        let config = Config {
+            unfiltered: config.scopes.iter().map(|s| *s == covering).collect(),
+            covering,
+            scopes: config.scopes,
+            batch_size: config.batch_size.max(1),
+            window: config.window.max(1),
+            retry: config.retry,
+            slot_count: config.slot_count,
+        };
+        Self {
+            groups: (0..groups).map(|g| Group::new(g, projections)).collect(),
+            config,
+            slot_group: BTreeMap::new(),
+            tasks: BTreeMap::new(),
+            next_task: 1,
+            commands: Vec::new(),
+            stopped: vec![false; projections],
+        }
+    }
+
+    /// Feeds one input; [`Processing::take_commands`] then says what follows.
+    pub fn handle(&mut self, input: Input) {
+        let mut stops = Vec::new();
+        let mut out = Out {
+            next_task: &mut self.next_task,
+            tasks: &mut self.tasks,
+            commands: &mut self.commands,
+        };
+        match input {
+            Input::Start { slot, epoch } => {
+                let group = match self.slot_group.get(&slot) {
+                    Some(group) => *group,
+                    None => {
+                        let group = (0..self.groups.len())
+                            .min_by_key(|g| (self.groups[*g].load(), *g))
+                            .expect("at least one group");
+                        self.slot_group.insert(slot, group);
+                        group
+                    }
+                };
+                self.groups[group].start(slot, epoch);
+            }
+            Input::Stop { slot } => match self.slot_group.get(&slot).copied() {
+                Some(group) => {
+                    if self.groups[group].stop(slot, &mut out) {
+                        self.slot_group.remove(&slot);
+                    }
+                }
+                None => out.emit(Command::SlotStopped(slot)),
+            },
+            Input::Wake => {
+                for group in &mut self.groups {
+                    group.wake();
+                }
+            }
+            Input::Loaded { task, checkpoints } => match out.tasks.remove(&task) {
+                Some(Task::PendingLoad { group, projection }) => self.groups[group]
+                    .on_pending_loaded(projection, task, checkpoints, &self.config, &mut out),
+                Some(Task::Reload { group, lane }) => {
+                    stops.extend(self.groups[group].on_reloaded(
+                        lane,
+                        task,
+                        checkpoints,
+                        &self.config,
+                        &mut out,
+                    ));
+                }
+                _ => {}
+            },
+            Input::Read { task, events } => match out.tasks.remove(&task) {
+                Some(Task::SharedRead { group }) => {
+                    self.groups[group].on_shared_read(task, events, &self.config, &mut out)
+                }
+                Some(Task::SoloRead { group, lane }) => {
+                    stops.extend(self.groups[group].on_solo_read(
+                        lane,
+                        task,
+                        events,
+                        &self.config,
+                        &mut out,
+                    ));
+                }
+                _ => {}
+            },
+            Input::Processed { task, outcome } => {
+                if let Some(Task::Process { group, lane }) = out.tasks.remove(&task) {
+                    stops.extend(self.groups[group].on_processed(
+                        lane,
+                        task,
+                        outcome,
+                        &self.config,
+                        &mut out,
+                    ));
+                }
+            }
+            Input::Elapsed { task } => match out.tasks.remove(&task) {
+                Some(Task::PendingLoadWait { group, projection }) => {
+                    self.groups[group].on_load_wait_elapsed(projection, task)
+                }
+                Some(Task::SharedWait { group }) => self.groups[group].on_shared_wait_elapsed(task),
+                Some(Task::LaneWait { group, lane }) => {
+                    self.groups[group].on_lane_wait_elapsed(lane, task, &mut out)
+                }
+                _ => {}
+            },
+        }
+        for stop in stops {
+            self.stop_projection(stop);
+        }
+    }
+
+    /// Works out what follows the inputs handled since the last call and returns the commands,
+    /// in order. Feeding every input at hand before calling it (a burst of slot starts, say) lets
+    /// one command serve them all (one checkpoint load for every slot started together).
+    pub fn take_commands(&mut self) -> Vec<Command> {
+        self.poll();
+        std::mem::take(&mut self.commands)
+    }
+
+    /// Whether some reader reached the end of the events and waits for [`Input::Wake`].
+    pub fn waiting_for_events(&self) -> bool {
+        self.groups.iter().any(Group::waiting_for_events)
+    }
+
+    /// Commands handed out and not answered yet.
+    pub fn in_flight(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// Whether a projection stopped in this worker.
+    pub fn is_stopped(&self, projection: usize) -> bool {
+        self.stopped.get(projection).copied().unwrap_or(false)
+    }
+
+    /// The slots being processed (started, checkpoints loaded), by group.
+    pub fn groups(&self) -> Vec<Vec<Slot>> {
+        self.groups.iter().map(Group::active_slots).collect()
+    }
+
+    /// A projection's cursors over every processed slot.
+    pub fn cursors(&self, projection: usize) -> BTreeMap<Slot, Position> {
+        self.groups.iter().flat_map(|g| g.lane_cursors(projection)).collect()
+    }
+
+    /// The lag counts to make, one per distinct (cursors, scope), with `limit` as their limit.
+    pub fn lag_queries(&self, limit: usize) -> Vec<LagQuery> {
+        let mut queries: Vec<LagQuery> = Vec::new();
+        for projection in 0..self.config.scopes.len() {
+            let mut cursors: Vec<(Slot, Position)> = Vec::new();
+            let mut parts = Vec::new();
+            for group in &self.groups {
+                if let Some((group_cursors, part)) = group.lag_part(projection, &self.config) {
+                    cursors.extend(group_cursors);
+                    parts.push(part);
+                }
+            }
+            cursors.sort();
+            let request =
+                ReadRequest { cursors, scope: self.config.scopes[projection].clone(), limit };
+            match queries.iter_mut().find(|q| q.request == request) {
+                Some(query) => query.projections.push((projection, parts)),
+                None => queries.push(LagQuery { request, projections: vec![(projection, parts)] }),
+            }
+        }
+        queries
+    }
+
+    fn stop_projection(&mut self, stop: StopInfo) {
+        if self.stopped[stop.projection] {
+            return;
+        }
+        self.stopped[stop.projection] = true;
+        self.commands.push(Command::ProjectionStopped {
+            projection: stop.projection,
+            task: stop.task,
+            event: stop.event,
+            attempts: stop.attempts,
+        });
+        for group in &mut self.groups {
+            group.stop_lane(stop.projection);
+        }
+    }
+
+    fn poll(&mut self) {
+        let mut out = Out {
+            next_task: &mut self.next_task,
+            tasks: &mut self.tasks,
+            commands: &mut self.commands,
+        };
+        for group in &mut self.groups {
+            for slot in group.poll(&self.config, &mut out) {
+                self.slot_group.remove(&slot);
+            }
+        }
+    }
+}

@@ -1,0 +1,407 @@
+//! The processing state machine, scenario by scenario: the commands it emits for one read shared
+//! by many projections, a slow or failing projection beside fast ones, concurrency groups, a
+//! projection behind the others catching up and joining, and slots stopped with batches in flight.
+
+use std::collections::BTreeMap;
+
+use orchestrator_core::event::Tracing;
+use orchestrator_core::processing::{
+    Batch, Command, DEFAULT_WINDOW, Input, Outcome, Processing, ProcessingConfig, RetryPolicy,
+    TaskId, covering_scope,
+};
+use orchestrator_core::{
+    Epoch, Event, EventId, Position, Scope, Slot, SlotCount, StreamId, Timestamp,
+};
+
+const SLOTS: u64 = 8;
+
+/// A store of `events` events over 16 aggregates, and a worker's processing over it. Commands are
+/// collected; the test answers them in the order it wants.
+struct Harness {
+    processing: Processing,
+    events: Vec<Event>,
+    checkpoints: BTreeMap<(usize, Slot), Position>,
+    reads: Vec<(TaskId, orchestrator_core::ports::ReadRequest)>,
+    loads: Vec<(TaskId, usize, Vec<Slot>)>,
+    processes: Vec<(TaskId, usize, Batch)>,
+    waits: Vec<TaskId>,
+    reports: Vec<Command>,
+    applied: Vec<Vec<u64>>,
+}
+
+fn event(global: u64, aggregate_type: &str) -> Event {
+    let slots = SlotCount::new(SLOTS).unwrap();
+    let id = format!("agg-{}", global % 16);
+    Event {
+        position: Position::global(global),
+        stream: StreamId::new("ctx", aggregate_type, id.clone()),
+        aggregate_version: 1 + (global - 1) / 16,
+        slot: slots.slot_of(&id),
+        partition_key: id,
+        event_id: EventId::from_bytes([0; 16]),
+        event_type: "Happened".into(),
+        event_version: 1,
+        payload: Vec::new(),
+        metadata: "{}".into(),
+        tracing: Tracing::default(),
+        created_at: Timestamp(0),
+    }
+}
+
+impl Harness {
+    fn new(scopes: Vec<Scope>, groups: usize, batch_size: usize, events: u64) -> Self {
+        let projections = scopes.len();
+        let processing = Processing::new(ProcessingConfig {
+            scopes,
+            batch_size,
+            groups,
+            window: DEFAULT_WINDOW,
+            retry: RetryPolicy { max_attempts: 3, ..RetryPolicy::default() },
+            slot_count: SlotCount::new(SLOTS).unwrap(),
+        });
+        let types = ["A", "B"];
+        Self {
+            processing,
+            events: (1..=events).map(|g| event(g, types[(g % 2) as usize])).collect(),
+            checkpoints: BTreeMap::new(),
+            reads: Vec::new(),
+            loads: Vec::new(),
+            processes: Vec::new(),
+            waits: Vec::new(),
+            reports: Vec::new(),
+            applied: vec![Vec::new(); projections],
+        }
+    }
+
+    fn feed(&mut self, input: Input) {
+        self.processing.handle(input);
+        self.drain();
+    }
+
+    fn drain(&mut self) {
+        for command in self.processing.take_commands() {
+            match command {
+                Command::Read { task, request } => self.reads.push((task, request)),
+                Command::Load { task, projection, slots } => {
+                    self.loads.push((task, projection, slots))
+                }
+                Command::Process { task, projection, batch } => {
+                    self.processes.push((task, projection, batch))
+                }
+                Command::Wait { task, .. } => self.waits.push(task),
+                report => self.reports.push(report),
+            }
+        }
+    }
+
+    fn start_all(&mut self) {
+        for slot in 0..SLOTS as u32 {
+            self.processing.handle(Input::Start { slot: Slot(slot), epoch: Epoch(1) });
+        }
+        self.drain();
+        let groups = self.processing.groups().len().min(SLOTS as usize);
+        assert_eq!(
+            self.loads.len(),
+            self.applied.len() * groups,
+            "one load per projection and group"
+        );
+        self.answer_loads();
+    }
+
+    fn answer_loads(&mut self) {
+        while let Some((task, projection, slots)) = self.loads.pop() {
+            let checkpoints = slots
+                .iter()
+                .map(|s| (*s, self.checkpoints.get(&(projection, *s)).copied().unwrap_or_default()))
+                .collect();
+            self.feed(Input::Loaded { task, checkpoints: Some(checkpoints) });
+        }
+    }
+
+    fn answer_reads(&mut self) -> usize {
+        let mut answered = 0;
+        for (task, request) in std::mem::take(&mut self.reads) {
+            let cursors: BTreeMap<Slot, Position> = request.cursors.iter().copied().collect();
+            let events = self
+                .events
+                .iter()
+                .filter(|e| cursors.get(&e.slot).is_some_and(|c| e.position > *c))
+                .filter(|e| request.scope.includes(&e.stream))
+                .take(request.limit)
+                .cloned()
+                .collect();
+            self.feed(Input::Read { task, events: Some(events) });
+            answered += 1;
+        }
+        answered
+    }
+
+    /// Commits the pending batches of `projection` (all, with `None`).
+    fn commit(&mut self, projection: Option<usize>) -> usize {
+        let mut committed = 0;
+        let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.processes)
+            .into_iter()
+            .partition(|(_, p, _)| projection.is_none_or(|want| *p == want));
+        self.processes = later;
+        for (task, p, batch) in now {
+            for (slot, at) in &batch.checkpoints {
+                self.checkpoints.insert((p, *slot), *at);
+            }
+            self.applied[p].extend(batch.events.iter().map(|e| e.position.global));
+            self.feed(Input::Processed { task, outcome: Outcome::Committed });
+            committed += 1;
+        }
+        committed
+    }
+
+    /// Answers everything until nothing is left to do; returns the reads made.
+    fn run_to_end(&mut self) -> usize {
+        let mut reads = 0;
+        loop {
+            self.answer_loads();
+            let r = self.answer_reads();
+            reads += r;
+            let c = self.commit(None);
+            if r == 0 && c == 0 && self.loads.is_empty() {
+                return reads;
+            }
+        }
+    }
+
+    fn expected(&self, scope: &Scope) -> Vec<u64> {
+        self.events
+            .iter()
+            .filter(|e| scope.includes(&e.stream))
+            .map(|e| e.position.global)
+            .collect()
+    }
+}
+
+fn sorted(mut v: Vec<u64>) -> Vec<u64> {
+    v.sort();
+    v
+}
+
+#[test]
+fn ten_projections_at_one_position_share_one_read_per_batch() {
+    let mut h = Harness::new(vec![Scope::all(); 10], 1, 100, 1000);
+    h.start_all();
+    let reads = h.run_to_end();
+    // Ten batches of 100 and the empty read at the end: one read per batch, not per projection.
+    assert_eq!(reads, 11);
+    for p in 0..10 {
+        assert_eq!(sorted(h.applied[p].clone()), h.expected(&Scope::all()), "projection {p}");
+    }
+}
+
+#[test]
+fn the_next_batch_is_read_while_the_current_one_is_handled() {
+    let mut h = Harness::new(vec![Scope::all()], 1, 100, 1000);
+    h.start_all();
+    assert_eq!(h.answer_reads(), 1);
+    assert_eq!(h.processes.len(), 1, "batch 1 handed out");
+    assert_eq!(h.reads.len(), 1, "batch 2 read ahead while batch 1 is handled");
+    h.answer_reads();
+    assert!(h.reads.is_empty(), "one batch ahead, not more");
+    h.commit(None);
+    assert_eq!(h.processes.len(), 1, "batch 2 handed out at once");
+    assert_eq!(h.reads.len(), 1);
+}
+
+#[test]
+fn scoped_projections_share_the_read_and_get_their_own_events() {
+    let a = Scope { aggregate_types: vec!["A".into()], bounded_contexts: vec![] };
+    let b = Scope { aggregate_types: vec!["B".into()], bounded_contexts: vec![] };
+    assert_eq!(covering_scope(&[a.clone(), b.clone()]).aggregate_types, vec!["A", "B"]);
+    assert_eq!(covering_scope(&[a.clone(), Scope::all()]), Scope::all());
+    let mut h = Harness::new(vec![a.clone(), b.clone(), Scope::all()], 1, 50, 500);
+    h.start_all();
+    let reads = h.run_to_end();
+    assert_eq!(reads, 11);
+    assert_eq!(sorted(h.applied[0].clone()), h.expected(&a));
+    assert_eq!(sorted(h.applied[1].clone()), h.expected(&b));
+    assert_eq!(sorted(h.applied[2].clone()), h.expected(&Scope::all()));
+    // Out-of-scope events still advance checkpoints: each slot of the scoped projections ends at
+    // the last event of the slot, whatever its type.
+    let last = h.events.last().unwrap().position;
+    for p in 0..3 {
+        assert_eq!(h.processing.cursors(p).values().max(), Some(&last), "projection {p}");
+    }
+}
+
+#[test]
+fn a_slow_projection_does_not_hold_the_others_back() {
+    let mut h = Harness::new(vec![Scope::all(); 4], 1, 10, 2000);
+    h.start_all();
+    // Projection 3 never finishes its batch while the others run to the end.
+    loop {
+        let r = h.answer_reads();
+        let c = (0..3).map(|p| h.commit(Some(p))).sum::<usize>();
+        if r == 0 && c == 0 {
+            break;
+        }
+    }
+    for p in 0..3 {
+        assert_eq!(h.applied[p].len(), 2000, "projection {p} went on alone");
+    }
+    assert_eq!(h.processes.len(), 1, "the slow one still has its first batch");
+    // It finishes, falls behind the window, reads on its own and catches up.
+    let reads = h.run_to_end();
+    assert_eq!(sorted(h.applied[3].clone()), h.expected(&Scope::all()));
+    assert!(reads >= 190, "the slow projection read alone: {reads} reads");
+}
+
+#[test]
+fn a_projection_behind_reads_alone_then_joins_the_shared_read() {
+    let mut h = Harness::new(vec![Scope::all(); 3], 1, 10, 400);
+    // Projections 0 and 1 have processed the first 300 events; 2 is new.
+    for slot in 0..SLOTS as u32 {
+        let at = h
+            .events
+            .iter()
+            .filter(|e| e.slot == Slot(slot) && e.position.global <= 300)
+            .map(|e| e.position)
+            .max();
+        for p in 0..2 {
+            h.checkpoints.insert((p, Slot(slot)), at.unwrap_or_default());
+        }
+    }
+    h.start_all();
+    let reads = h.run_to_end();
+    assert_eq!(
+        sorted(h.applied[2].clone()),
+        h.expected(&Scope::all()),
+        "the new one: every event once"
+    );
+    assert_eq!(h.applied[0].len(), 100);
+    // 0 and 1 shared 10 batches (and an empty read); 2 read its 400 events alone, 10 at a time.
+    assert!((40..=55).contains(&reads), "{reads} reads");
+    // Caught up, the three share one read per batch from now on.
+    h.events.extend((401..=500).map(|g| event(g, "A")));
+    h.feed(Input::Wake);
+    assert_eq!(h.run_to_end(), 11, "one read per batch for all three");
+    for p in 0..3 {
+        assert_eq!(sorted(h.applied[p].clone()).last(), Some(&500));
+    }
+}
+
+#[test]
+fn concurrency_groups_split_the_slots_and_run_side_by_side() {
+    let mut h = Harness::new(vec![Scope::all()], 4, 10, 400);
+    h.start_all();
+    let groups = h.processing.groups();
+    assert_eq!(groups.iter().map(Vec::len).collect::<Vec<_>>(), vec![2, 2, 2, 2]);
+    h.answer_reads();
+    assert_eq!(h.processes.len(), 4, "one batch in flight per group");
+    let mut slots_seen = std::collections::BTreeSet::new();
+    for (_, _, batch) in &h.processes {
+        let slots: std::collections::BTreeSet<Slot> = batch.checkpoints.keys().copied().collect();
+        assert!(slots_seen.is_disjoint(&slots), "groups are disjoint");
+        slots_seen.extend(slots);
+    }
+    h.run_to_end();
+    assert_eq!(sorted(h.applied[0].clone()), h.expected(&Scope::all()));
+}
+
+#[test]
+fn a_failing_projection_stops_alone_and_the_others_go_on() {
+    let mut h = Harness::new(vec![Scope::all(), Scope::all()], 1, 10, 100);
+    h.start_all();
+    for attempt in 1..=3 {
+        h.answer_loads();
+        h.answer_reads();
+        h.commit(Some(0));
+        let (task, p, _) =
+            h.processes.remove(h.processes.iter().position(|(_, p, _)| *p == 1).unwrap());
+        assert_eq!(p, 1);
+        h.feed(Input::Processed {
+            task,
+            outcome: Outcome::HandlerFailed { index: Some(4), timed_out: false },
+        });
+        if attempt < 3 {
+            let wait = h.waits.pop().expect("a backoff before the retry");
+            h.feed(Input::Elapsed { task: wait });
+            assert_eq!(h.loads.len(), 1, "the retry starts from the stored checkpoints");
+        }
+    }
+    let stopped: Vec<_> =
+        h.reports.iter().filter(|r| matches!(r, Command::ProjectionStopped { .. })).collect();
+    assert_eq!(stopped.len(), 1);
+    let Command::ProjectionStopped { projection, event, attempts, .. } = stopped[0] else {
+        unreachable!()
+    };
+    assert_eq!((*projection, *attempts), (1, 3));
+    assert_eq!(
+        event.as_ref().unwrap().position,
+        h.events[4].position,
+        "the event the handler named"
+    );
+    assert!(h.processing.is_stopped(1));
+    h.run_to_end();
+    assert_eq!(h.applied[0].len(), 100, "the other projection finished");
+    assert!(h.applied[1].is_empty());
+}
+
+#[test]
+fn a_stopped_slot_is_reported_only_after_its_batches_in_flight() {
+    let mut h = Harness::new(vec![Scope::all(), Scope::all()], 1, 1000, 100);
+    h.start_all();
+    h.answer_reads();
+    assert_eq!(h.processes.len(), 2);
+    let slot = h.processes[0].2.checkpoints.keys().next().copied().unwrap();
+    h.feed(Input::Stop { slot });
+    assert!(h.reports.is_empty(), "two batches cover it");
+    h.commit(Some(0));
+    assert!(h.reports.is_empty(), "one batch still covers it");
+    h.commit(Some(1));
+    assert_eq!(h.reports, vec![Command::SlotStopped(slot)]);
+    assert!(!h.processing.groups()[0].contains(&slot));
+    // A slot that was never started is stopped at once.
+    h.feed(Input::Stop { slot });
+    assert_eq!(h.reports.last(), Some(&Command::SlotStopped(slot)));
+}
+
+#[test]
+fn a_fenced_commit_drops_the_slot_from_every_projection_and_reloads() {
+    let mut h = Harness::new(vec![Scope::all(), Scope::all()], 1, 1000, 100);
+    h.start_all();
+    h.answer_reads();
+    let lost = h.processes[0].2.checkpoints.keys().next().copied().unwrap();
+    let (task, _, _) = h.processes.remove(0);
+    h.feed(Input::Processed { task, outcome: Outcome::Fenced { slot: lost } });
+    assert!(h.reports.is_empty(), "the other projection's batch still covers it");
+    assert_eq!(h.loads.len(), 1, "the fenced lane reloads its checkpoints");
+    h.commit(None);
+    assert_eq!(h.reports, vec![Command::SlotLost(lost)]);
+    h.run_to_end();
+    assert!(h.reads.iter().all(|(_, r)| r.cursors.iter().all(|(s, _)| *s != lost)));
+}
+
+#[test]
+fn a_shared_read_that_fails_is_retried_without_touching_cursors() {
+    let mut h = Harness::new(vec![Scope::all(); 3], 1, 10, 30);
+    h.start_all();
+    let (task, _) = h.reads.remove(0);
+    h.feed(Input::Read { task, events: None });
+    assert!(h.loads.is_empty(), "nothing to reload: no lane's cursors moved");
+    let wait = h.waits.pop().unwrap();
+    assert!(h.reads.is_empty());
+    h.feed(Input::Elapsed { task: wait });
+    assert_eq!(h.reads.len(), 1, "the same read again");
+    h.run_to_end();
+    for p in 0..3 {
+        assert_eq!(h.applied[p].len(), 30);
+    }
+}
+
+#[test]
+fn lag_queries_share_one_count_between_projections_at_one_position() {
+    let a = Scope { aggregate_types: vec!["A".into()], bounded_contexts: vec![] };
+    let mut h = Harness::new(vec![Scope::all(), Scope::all(), a], 2, 10, 100);
+    h.start_all();
+    let queries = h.processing.lag_queries(1000);
+    assert_eq!(queries.len(), 2, "one per distinct (cursors, scope)");
+    assert_eq!(queries[0].projections.len(), 2);
+    assert_eq!(queries[0].request.cursors.len(), SLOTS as usize);
+    assert_eq!(queries[0].projections[0].1.len(), 2, "one part per group");
+}
