@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use orchestrator_core::ports::{
     Appended, StoreError, StoreResult, StreamHead, UnitOfWork, UnitOfWorkStore, check_append,
+    check_declared,
 };
 use orchestrator_core::{Event, ExpectedVersion, NewEvent, PartitionKey, Position, StreamId};
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
@@ -94,9 +95,7 @@ impl UnitOfWork for MemoryUnitOfWork {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> StoreResult<u64> {
-        if !self.declared.contains(stream) {
-            return Err(StoreError::UndeclaredStream { stream: stream.clone() });
-        }
+        check_declared(&self.declared, stream)?;
         let head = self.head(stream);
         let partition_key = check_append(stream, expected, &head, key, &events)?;
         let buffered = self.pending.iter().flat_map(|(_, _, _, events)| events);

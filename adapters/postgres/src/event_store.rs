@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use orchestrator_core::ports::{
-    Appended, Backlog, EventStore, ReadRequest, StoreError, StoreResult, UnitOfWork,
-    UnitOfWorkStore,
+    Appended, Backlog, EventStore, ReadRequest, StoreError, StoreResult, append_in_unit_of_work,
 };
 use orchestrator_core::{
     Event, EventId, ExpectedVersion, NewEvent, PartitionKey, Position, Slot, SlotCount, StreamId,
@@ -31,10 +30,7 @@ impl EventStore for PgStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> StoreResult<Appended> {
-        let mut unit = self.begin_unit_of_work(std::slice::from_ref(stream)).await?;
-        unit.append_with_key(stream, key, expected, events).await?;
-        let mut appended = unit.commit().await?;
-        Ok(appended.pop().expect("one append, one result"))
+        append_in_unit_of_work(self, stream, key, expected, events).await
     }
 
     async fn read_stream(&self, stream: &StreamId, from_version: u64) -> StoreResult<Vec<Event>> {

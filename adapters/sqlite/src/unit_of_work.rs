@@ -7,6 +7,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use orchestrator_core::ports::{
     Appended, StoreError, StoreResult, StreamHead, UnitOfWork, UnitOfWorkStore, check_append,
+    check_declared,
 };
 use orchestrator_core::{
     Event, ExpectedVersion, NewEvent, PartitionKey, Position, SlotCount, StreamId, fnv1a_32,
@@ -79,9 +80,7 @@ impl UnitOfWork for SqliteUnitOfWork {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> StoreResult<u64> {
-        if !self.declared.contains(stream) {
-            return Err(StoreError::UndeclaredStream { stream: stream.clone() });
-        }
+        check_declared(&self.declared, stream)?;
         let head = self.head(stream).await?;
         let partition_key = check_append(stream, expected, &head, key, &events)?;
         let current = head.version;

@@ -570,7 +570,7 @@ impl Engine {
             .workers
             .iter()
             .filter(|w| w.id != me && w.protocol != PROTOCOL_VERSION)
-            .filter(|w| w.heartbeat_age <= stale_after)
+            .filter(|w| w.is_live(stale_after))
             .map(|w| (w.id.clone(), w.protocol))
             .collect();
         if !incompatible.is_empty() {
@@ -672,9 +672,9 @@ impl Engine {
         let stale_after = self.config.timing.stale_worker_timeout;
         let everyone_acked = snapshot.members.iter().all(|m| {
             m == &me && adoption.acked
-                || snapshot.worker(m).is_some_and(|w| {
-                    w.acked_generation >= generation || w.heartbeat_age > stale_after
-                })
+                || snapshot
+                    .worker(m)
+                    .is_some_and(|w| w.acked_generation >= generation || !w.is_live(stale_after))
         });
         let waited = now.saturating_since(adoption.seen_at);
         if !adoption.settled && adoption.acked {

@@ -83,12 +83,8 @@ pub fn plan_generation(
     leader_incarnation: Incarnation,
 ) -> Result<GenerationPlan, Deferral> {
     let stale_after = timing.stale_worker_timeout;
-    let live: Vec<WorkerId> = snapshot
-        .workers
-        .iter()
-        .filter(|w| w.heartbeat_age <= stale_after)
-        .map(|w| w.id.clone())
-        .collect();
+    let live: Vec<WorkerId> =
+        snapshot.workers.iter().filter(|w| w.is_live(stale_after)).map(|w| w.id.clone()).collect();
     if live.is_empty() {
         return Err(Deferral::NoLiveWorkers);
     }

@@ -25,6 +25,14 @@ pub struct WorkerRecord {
     pub protocol: u32,
 }
 
+impl WorkerRecord {
+    /// Whether it heartbeated within `stale_after` (the stale worker timeout): the one rule of
+    /// liveness, for plans, barriers, protocol checks and the live-worker gauge.
+    pub fn is_live(&self, stale_after: Duration) -> bool {
+        self.heartbeat_age <= stale_after
+    }
+}
+
 /// The coordination protocol of this release. Workers of different protocols must not run in one
 /// replica set at once (this release's readers rely on appenders registering with the read
 /// horizon, which earlier releases did not do): a worker that meets a live member of another
@@ -119,11 +127,6 @@ impl Snapshot {
     /// The record of a slot.
     pub fn slot(&self, slot: Slot) -> &SlotRecord {
         &self.slots[slot.0 as usize]
-    }
-
-    /// Whether a worker heartbeated within `stale_after`.
-    pub fn is_live(&self, id: &WorkerId, stale_after: Duration) -> bool {
-        self.worker(id).is_some_and(|w| w.heartbeat_age <= stale_after)
     }
 
     /// The valid lease holder, if the lease has not expired.

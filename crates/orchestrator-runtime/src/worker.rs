@@ -392,7 +392,7 @@ impl<C: CoordinationStore> Driver<C> {
                     let live = snapshot
                         .workers
                         .iter()
-                        .filter(|w| w.heartbeat_age <= timing.stale_worker_timeout)
+                        .filter(|w| w.is_live(timing.stale_worker_timeout))
                         .count();
                     self.metrics.observed(snapshot.generation.0, snapshot.members.len(), live);
                 }

@@ -261,6 +261,33 @@ pub trait UnitOfWork: Send {
         Self: Sized;
 }
 
+/// An append as a unit of work of one stream: how every adapter implements
+/// [`EventStore::append_with_key`], so there is one append path per store.
+pub async fn append_in_unit_of_work<S: UnitOfWorkStore + ?Sized>(
+    store: &S,
+    stream: &StreamId,
+    key: Option<&PartitionKey>,
+    expected: ExpectedVersion,
+    events: Vec<NewEvent>,
+) -> StoreResult<Appended> {
+    let mut unit = store.begin_unit_of_work(std::slice::from_ref(stream)).await?;
+    unit.append_with_key(stream, key, expected, events).await?;
+    let mut appended = unit.commit().await?;
+    Ok(appended.pop().expect("a unit of work reports each of its appends"))
+}
+
+/// Refuses an append to a stream a unit of work did not declare (and so did not lock).
+pub fn check_declared(
+    declared: &std::collections::BTreeSet<StreamId>,
+    stream: &StreamId,
+) -> StoreResult<()> {
+    if declared.contains(stream) {
+        Ok(())
+    } else {
+        Err(StoreError::UndeclaredStream { stream: stream.clone() })
+    }
+}
+
 /// An event store whose appends can share a transaction with the application's own writes.
 #[async_trait]
 pub trait UnitOfWorkStore: EventStore {

@@ -12,7 +12,7 @@ pub use coordination::{CoordinationStore, GenerationRecord, HeartbeatAck};
 pub use error::{BoxError, StoreError, StoreResult};
 pub use event_store::{
     Appended, Backlog, EventStore, ReadRequest, StreamHead, UnitOfWork, UnitOfWorkStore,
-    check_append,
+    append_in_unit_of_work, check_append, check_declared,
 };
 
 #[cfg(feature = "mock")]
