@@ -87,6 +87,18 @@ enum ProjectionCommand {
     /// Forget a retired projection: delete its checkpoints, so status no longer lists it.
     /// Refuses while workers of the replica set run.
     Remove(ResetArgs),
+    /// Start a projection stopped by its failure policy again, from the event it failed on
+    /// (after a fix). Workers pick it up while running.
+    Resume(ResumeArgs),
+}
+
+#[derive(Debug, Args)]
+struct ResumeArgs {
+    /// The projection's name.
+    name: String,
+    /// Replica set the projection runs in.
+    #[arg(long, env = "REPLICA_SET", default_value = "main-projections")]
+    replica_set: String,
 }
 
 #[derive(Debug, Args)]
@@ -328,8 +340,17 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Projection(ProjectionCommand::Resume(args)) => {
+            let replica_set = ReplicaSetName::new(args.replica_set.clone())
+                .map_err(|e| anyhow::anyhow!("invalid --replica-set: {e}"))?;
+            let db = db::open(&url, &prefix, slots).await?;
+            reset::resume(&db, &replica_set, &args.name).await
+        }
         Command::Projection(command) => {
-            let (ProjectionCommand::Reset(args) | ProjectionCommand::Remove(args)) = &command;
+            let (ProjectionCommand::Reset(args) | ProjectionCommand::Remove(args)) = &command
+            else {
+                unreachable!("resume is matched above")
+            };
             let replica_set = ReplicaSetName::new(args.replica_set.clone())
                 .map_err(|e| anyhow::anyhow!("invalid --replica-set: {e}"))?;
             if args.name.trim().is_empty() {
@@ -343,6 +364,7 @@ async fn run(cli: Cli) -> Result<()> {
                 ProjectionCommand::Remove(_) => {
                     reset::remove(&db, &replica_set, &args.name, args.force).await
                 }
+                ProjectionCommand::Resume(_) => unreachable!("resume is matched above"),
             }
         }
         Command::Demo(DemoCommand::Worker(args)) => {
