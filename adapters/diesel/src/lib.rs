@@ -287,6 +287,29 @@ impl CheckpointStore for DieselStore {
         self.pg.remove(replica_set, projection).await
     }
 
+    async fn stop_projection(
+        &self,
+        replica_set: &ReplicaSetName,
+        stop: &orchestrator_core::ports::ProjectionStop,
+    ) -> StoreResult<()> {
+        self.pg.stop_projection(replica_set, stop).await
+    }
+
+    async fn stopped_projections(
+        &self,
+        replica_set: &ReplicaSetName,
+    ) -> StoreResult<Vec<orchestrator_core::ports::StoppedProjection>> {
+        self.pg.stopped_projections(replica_set).await
+    }
+
+    async fn resume_projection(
+        &self,
+        replica_set: &ReplicaSetName,
+        projection: &str,
+    ) -> StoreResult<bool> {
+        self.pg.resume_projection(replica_set, projection).await
+    }
+
     async fn reset(
         &self,
         mut tx: DieselTx,
@@ -313,10 +336,10 @@ impl EventStore for DieselStore {
         self.pg.append(stream, expected, events).await
     }
 
-    async fn append_with_key(
+    async fn append_with_key<'k>(
         &self,
         stream: &StreamId,
-        key: Option<&PartitionKey>,
+        key: Option<&'k PartitionKey>,
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> StoreResult<Appended> {

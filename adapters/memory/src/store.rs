@@ -8,7 +8,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use orchestrator_core::ports::{
     Appended, Backlog, CheckpointStore, CoordinationStore, EventStore, Fence, HeartbeatAck,
-    ReadRequest, StoreError, StoreResult, append_in_unit_of_work,
+    ProjectionStop, ReadRequest, StoppedProjection, StoreError, StoreResult,
+    append_in_unit_of_work,
 };
 use orchestrator_core::{
     Clock, Epoch, Event, EventId, ExpectedVersion, Generation, GenerationPlan, Incarnation, Lease,
@@ -34,6 +35,8 @@ pub(crate) struct State {
     /// Per stream: its partition key and the indexes of its events in `events`, in version order.
     pub(crate) streams: BTreeMap<StreamId, StreamState>,
     pub(crate) event_ids: BTreeSet<EventId>,
+    /// Stopped projections, with when they were stopped.
+    stopped: BTreeMap<(ReplicaSetName, String), (ProjectionStop, Timestamp)>,
     replica_sets: BTreeMap<ReplicaSetName, ReplicaSetState>,
     checkpoints: BTreeMap<(ReplicaSetName, String, Slot), Position>,
     tables: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
@@ -202,6 +205,10 @@ impl EventStore for MemoryStore {
         backlog.events = backlog.events.min(request.limit as u64);
         backlog.oldest_age = oldest.map(|created| now.saturating_since(created));
         Ok(backlog)
+    }
+
+    async fn head(&self) -> StoreResult<Option<u64>> {
+        Ok(self.lock().events.last().map(|e| e.position.global))
     }
 }
 
@@ -537,6 +544,7 @@ impl CheckpointStore for MemoryStore {
     ) -> StoreResult<()> {
         let mut state = self.lock();
         state.checkpoints.retain(|(rs, p, _), _| !(rs == replica_set && p == projection));
+        state.stopped.remove(&(replica_set.clone(), projection.to_owned()));
         if let Some(set) = state.replica_sets.get_mut(replica_set) {
             for record in &mut set.slots {
                 record.epoch = record.epoch.next();
@@ -547,7 +555,45 @@ impl CheckpointStore for MemoryStore {
     }
 
     async fn remove(&self, replica_set: &ReplicaSetName, projection: &str) -> StoreResult<()> {
-        self.lock().checkpoints.retain(|(rs, p, _), _| !(rs == replica_set && p == projection));
+        let mut state = self.lock();
+        state.checkpoints.retain(|(rs, p, _), _| !(rs == replica_set && p == projection));
+        state.stopped.remove(&(replica_set.clone(), projection.to_owned()));
         Ok(())
+    }
+
+    async fn stop_projection(
+        &self,
+        replica_set: &ReplicaSetName,
+        stop: &ProjectionStop,
+    ) -> StoreResult<()> {
+        let now = self.clock.now();
+        let key = (replica_set.clone(), stop.projection.clone());
+        self.lock().stopped.entry(key).or_insert_with(|| (stop.clone(), now));
+        Ok(())
+    }
+
+    async fn stopped_projections(
+        &self,
+        replica_set: &ReplicaSetName,
+    ) -> StoreResult<Vec<StoppedProjection>> {
+        let now = self.clock.now();
+        Ok(self
+            .lock()
+            .stopped
+            .iter()
+            .filter(|((rs, _), _)| rs == replica_set)
+            .map(|(_, (stop, at))| StoppedProjection {
+                stop: stop.clone(),
+                age: now.saturating_since(*at),
+            })
+            .collect())
+    }
+
+    async fn resume_projection(
+        &self,
+        replica_set: &ReplicaSetName,
+        projection: &str,
+    ) -> StoreResult<bool> {
+        Ok(self.lock().stopped.remove(&(replica_set.clone(), projection.to_owned())).is_some())
     }
 }

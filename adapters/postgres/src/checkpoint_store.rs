@@ -8,7 +8,9 @@
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
-use orchestrator_core::ports::{CheckpointStore, Fence, StoreResult};
+use orchestrator_core::ports::{
+    CheckpointStore, Fence, ProjectionStop, StoppedProjection, StoreResult,
+};
 use orchestrator_core::{Position, ReplicaSetName, Slot, WorkerId};
 use sqlx::Row;
 
@@ -95,10 +97,84 @@ impl CheckpointStore for PgStore {
         tx.commit().await.map_err(|e| classify("reset a projection", e))
     }
 
+    async fn stop_projection(
+        &self,
+        replica_set: &ReplicaSetName,
+        stop: &ProjectionStop,
+    ) -> StoreResult<()> {
+        sqlx::query(&format!(
+            "INSERT INTO {} (replica_set, projection, commit_position, global_position, aggregate, \
+                 event_type, error) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             ON CONFLICT (replica_set, projection) DO NOTHING",
+            self.tables.stopped_projections
+        ))
+        .bind(replica_set.as_str())
+        .bind(&stop.projection)
+        .bind(stop.position.commit as i64)
+        .bind(stop.position.global as i64)
+        .bind(&stop.aggregate)
+        .bind(&stop.event_type)
+        .bind(&stop.error)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| classify("record a stopped projection", e))?;
+        Ok(())
+    }
+
+    async fn stopped_projections(
+        &self,
+        replica_set: &ReplicaSetName,
+    ) -> StoreResult<Vec<StoppedProjection>> {
+        let rows: Vec<(String, i64, i64, String, String, String, i64)> = sqlx::query_as(&format!(
+            "SELECT projection, commit_position, global_position, aggregate, event_type, error, \
+                 (GREATEST(EXTRACT(EPOCH FROM clock_timestamp() - stopped_at), 0) * 1000)::bigint \
+             FROM {} WHERE replica_set = $1 ORDER BY projection",
+            self.tables.stopped_projections
+        ))
+        .bind(replica_set.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| classify("list stopped projections", e))?;
+        Ok(rows
+            .into_iter()
+            .map(|(projection, commit, global, aggregate, event_type, error, age)| {
+                StoppedProjection {
+                    stop: ProjectionStop {
+                        projection,
+                        position: position(commit, global),
+                        aggregate,
+                        event_type,
+                        error,
+                    },
+                    age: crate::from_millis(age),
+                }
+            })
+            .collect())
+    }
+
+    async fn resume_projection(
+        &self,
+        replica_set: &ReplicaSetName,
+        projection: &str,
+    ) -> StoreResult<bool> {
+        let deleted = sqlx::query(&format!(
+            "DELETE FROM {} WHERE replica_set = $1 AND projection = $2",
+            self.tables.stopped_projections
+        ))
+        .bind(replica_set.as_str())
+        .bind(projection)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| classify("resume a projection", e))?;
+        Ok(deleted.rows_affected() > 0)
+    }
+
     async fn remove(&self, replica_set: &ReplicaSetName, projection: &str) -> StoreResult<()> {
         let err = |e| classify("remove a projection", e);
         let mut tx = self.pool.begin().await.map_err(err)?;
-        for table in [&self.tables.checkpoints, &self.tables.progress] {
+        for table in
+            [&self.tables.checkpoints, &self.tables.progress, &self.tables.stopped_projections]
+        {
             sqlx::query(&format!("DELETE FROM {table} WHERE replica_set = $1 AND projection = $2"))
                 .bind(replica_set.as_str())
                 .bind(projection)

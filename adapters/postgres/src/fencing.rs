@@ -188,7 +188,8 @@ impl Fencing {
         // the new epochs and are fenced.
         tx.execute_text(RESET, &self.lock_replica_set("FOR UPDATE"), &[replica_set.as_str()])
             .await?;
-        for table in [&t.checkpoints, &t.progress] {
+        // A reset projection is no longer stopped: it starts over from the first event.
+        for table in [&t.checkpoints, &t.progress, &t.stopped_projections] {
             tx.execute_text(
                 RESET,
                 &format!("DELETE FROM {table} WHERE replica_set = $1 AND projection = $2"),

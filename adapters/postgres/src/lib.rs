@@ -32,6 +32,10 @@ use orchestrator_core::{SlotCount, TablePrefix};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
+/// The idle-in-transaction limit [`PgStore::tune`] sets: a worker's handler timeout must be
+/// shorter, or the server would end a slow batch's session before the worker abandons it.
+pub const IDLE_IN_TRANSACTION_LIMIT: Duration = Duration::from_secs(60);
+
 pub use change_feed::PgChangeFeed;
 pub use error::classify as classify_error;
 pub use fencing::{Claim, Fencing, FencingTx};
@@ -64,6 +68,7 @@ pub(crate) struct Tables {
     generations: String,
     checkpoints: String,
     progress: String,
+    pub(crate) stopped_projections: String,
     /// NOTIFY channel of appends.
     pub(crate) events_channel: String,
     /// NOTIFY channel of coordination changes (payload: the replica set).
@@ -86,6 +91,7 @@ impl PgStore {
             generations: format!("{p}generations"),
             checkpoints: format!("{p}checkpoints"),
             progress: format!("{p}progress"),
+            stopped_projections: format!("{p}stopped_projections"),
             events_channel: format!("{p}events"),
             coordination_channel: format!("{p}coordination"),
         };
@@ -117,7 +123,7 @@ impl PgStore {
     ///   long GC pause) would hold every projection in the cluster back. The server ends such a
     ///   session after this long; the frozen worker's commit then fails and it is fenced.
     pub fn tune(options: PgConnectOptions) -> PgConnectOptions {
-        Self::tune_with(options, Duration::from_secs(60))
+        Self::tune_with(options, IDLE_IN_TRANSACTION_LIMIT)
     }
 
     /// [`PgStore::tune`] with another idle-in-transaction limit.

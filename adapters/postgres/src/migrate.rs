@@ -12,6 +12,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (2, "leases", include_str!("../../../migrations/postgres/0002_leases.sql")),
     (3, "partition_keys", include_str!("../../../migrations/postgres/0003_partition_keys.sql")),
     (4, "worker_protocol", include_str!("../../../migrations/postgres/0004_worker_protocol.sql")),
+    (
+        5,
+        "stopped_projections",
+        include_str!("../../../migrations/postgres/0005_stopped_projections.sql"),
+    ),
 ];
 
 /// Creates or upgrades every table under `prefix`, and records the event store's slot count

@@ -40,8 +40,8 @@ async fn migrations_are_idempotent_and_safe_to_run_concurrently() {
     .await
     .unwrap();
     assert_eq!(
-        tables, 11,
-        "meta, events, replica_sets, leases, workers, slots, generations, checkpoints, progress, schema_migrations, application_migrations"
+        tables, 12,
+        "meta, events, replica_sets, leases, workers, slots, generations, checkpoints, progress, stopped_projections, schema_migrations, application_migrations"
     );
 
     let err = migrate(&schema.pool, &prefix, SlotCount::new(16).unwrap()).await.unwrap_err();

@@ -6,7 +6,9 @@
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
-use orchestrator_core::ports::{CheckpointStore, Fence, StoreError, StoreResult};
+use orchestrator_core::ports::{
+    CheckpointStore, Fence, ProjectionStop, StoppedProjection, StoreError, StoreResult,
+};
 use orchestrator_core::{Position, ReplicaSetName, Slot};
 use sqlx::Row;
 
@@ -144,16 +146,15 @@ impl CheckpointStore for SqliteStore {
         projection: &str,
     ) -> StoreResult<()> {
         let err = |e| classify("reset a projection", e);
-        let delete = format!(
-            "DELETE FROM {} WHERE replica_set = ? AND projection = ?",
-            self.tables.checkpoints
-        );
-        sqlx::query(&delete)
-            .bind(replica_set.as_str())
-            .bind(projection)
-            .execute(&mut *tx)
-            .await
-            .map_err(err)?;
+        // A reset projection is no longer stopped: it starts over from the first event.
+        for table in [&self.tables.checkpoints, &self.tables.stopped_projections] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE replica_set = ? AND projection = ?"))
+                .bind(replica_set.as_str())
+                .bind(projection)
+                .execute(&mut *tx)
+                .await
+                .map_err(err)?;
+        }
         let fence =
             format!("UPDATE {} SET epoch = epoch + 1 WHERE replica_set = ?", self.tables.slots);
         sqlx::query(&fence).bind(replica_set.as_str()).execute(&mut *tx).await.map_err(err)?;
@@ -161,16 +162,91 @@ impl CheckpointStore for SqliteStore {
     }
 
     async fn remove(&self, replica_set: &ReplicaSetName, projection: &str) -> StoreResult<()> {
-        let delete = format!(
-            "DELETE FROM {} WHERE replica_set = ? AND projection = ?",
-            self.tables.checkpoints
+        let err = |e| classify("remove a projection", e);
+        let mut tx = self.begin_write("remove a projection").await?;
+        for table in [&self.tables.checkpoints, &self.tables.stopped_projections] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE replica_set = ? AND projection = ?"))
+                .bind(replica_set.as_str())
+                .bind(projection)
+                .execute(&mut *tx)
+                .await
+                .map_err(err)?;
+        }
+        tx.commit().await.map_err(err)
+    }
+
+    async fn stop_projection(
+        &self,
+        replica_set: &ReplicaSetName,
+        stop: &ProjectionStop,
+    ) -> StoreResult<()> {
+        let sql = format!(
+            "INSERT INTO {} (replica_set, projection, commit_position, global_position, aggregate, \
+                 event_type, error, stopped_at) VALUES (?, ?, ?, ?, ?, ?, ?, {NOW_MS}) \
+             ON CONFLICT (replica_set, projection) DO NOTHING",
+            self.tables.stopped_projections
         );
-        sqlx::query(&delete)
+        sqlx::query(&sql)
+            .bind(replica_set.as_str())
+            .bind(&stop.projection)
+            .bind(stop.position.commit as i64)
+            .bind(stop.position.global as i64)
+            .bind(&stop.aggregate)
+            .bind(&stop.event_type)
+            .bind(&stop.error)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| classify("record a stopped projection", e))?;
+        Ok(())
+    }
+
+    async fn stopped_projections(
+        &self,
+        replica_set: &ReplicaSetName,
+    ) -> StoreResult<Vec<StoppedProjection>> {
+        let sql = format!(
+            "SELECT projection, commit_position, global_position, aggregate, event_type, error, \
+                 MAX({NOW_MS} - stopped_at, 0) \
+             FROM {} WHERE replica_set = ? ORDER BY projection",
+            self.tables.stopped_projections
+        );
+        let rows: Vec<(String, i64, i64, String, String, String, i64)> = sqlx::query_as(&sql)
+            .bind(replica_set.as_str())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| classify("list stopped projections", e))?;
+        Ok(rows
+            .into_iter()
+            .map(|(projection, commit, global, aggregate, event_type, error, age)| {
+                StoppedProjection {
+                    stop: ProjectionStop {
+                        projection,
+                        position: Position { commit: commit as u64, global: global as u64 },
+                        aggregate,
+                        event_type,
+                        error,
+                    },
+                    age: crate::from_millis(age),
+                }
+            })
+            .collect())
+    }
+
+    async fn resume_projection(
+        &self,
+        replica_set: &ReplicaSetName,
+        projection: &str,
+    ) -> StoreResult<bool> {
+        let sql = format!(
+            "DELETE FROM {} WHERE replica_set = ? AND projection = ?",
+            self.tables.stopped_projections
+        );
+        let deleted = sqlx::query(&sql)
             .bind(replica_set.as_str())
             .bind(projection)
             .execute(&self.pool)
             .await
-            .map_err(|e| classify("remove a projection", e))?;
-        Ok(())
+            .map_err(|e| classify("resume a projection", e))?;
+        Ok(deleted.rows_affected() > 0)
     }
 }

@@ -53,6 +53,7 @@ pub(crate) struct Tables {
     slots: String,
     generations: String,
     checkpoints: String,
+    stopped_projections: String,
 }
 
 impl SqliteStore {
@@ -69,6 +70,7 @@ impl SqliteStore {
             slots: format!("{p}slots"),
             generations: format!("{p}generations"),
             checkpoints: format!("{p}checkpoints"),
+            stopped_projections: format!("{p}stopped_projections"),
         };
         Ok(Self { pool, tables: Arc::new(tables), slot_count })
     }

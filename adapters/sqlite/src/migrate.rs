@@ -12,6 +12,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "init", include_str!("../../../migrations/sqlite/0001_init.sql")),
     (2, "partition_keys", include_str!("../../../migrations/sqlite/0002_partition_keys.sql")),
     (3, "worker_protocol", include_str!("../../../migrations/sqlite/0003_worker_protocol.sql")),
+    (
+        4,
+        "stopped_projections",
+        include_str!("../../../migrations/sqlite/0004_stopped_projections.sql"),
+    ),
 ];
 
 /// Creates or upgrades every table under `prefix`, and records the event store's slot count

@@ -1,5 +1,5 @@
-//! `orchestrator projection reset | remove`: rebuild a projection from the first event, or forget
-//! a retired one.
+//! `orchestrator projection reset | remove | resume`: rebuild a projection from the first event,
+//! forget a retired one, or start a stopped one again.
 
 use std::time::Duration;
 
@@ -56,7 +56,7 @@ pub(crate) async fn reset(
             .await?;
     // A demo projection's reset hook clears its demo_audit rows in the reset's transaction;
     // other projections' read models belong to their applications.
-    let hooked = match (db, demo::projections(db, "cli")) {
+    let hooked = match (db, demo::projections(db, "cli", std::time::Duration::ZERO)) {
         (Database::Postgres(store), DemoProjections::Postgres(projections)) => {
             match projections.iter().find(|p| p.name() == projection) {
                 Some(p) => reset_projection(store, replica_set, p.as_ref()).await.map(|()| true)?,
@@ -126,6 +126,27 @@ pub(crate) async fn remove(
     }
     println!(
         "projection {projection} of replica set {replica_set} removed: its checkpoints are deleted and status no longer lists it"
+    );
+    Ok(())
+}
+
+pub(crate) async fn resume(
+    db: &Database,
+    replica_set: &ReplicaSetName,
+    projection: &str,
+) -> Result<()> {
+    let resumed = match db {
+        Database::Postgres(store) => store.resume_projection(replica_set, projection).await?,
+        Database::Sqlite(store) => store.resume_projection(replica_set, projection).await?,
+    };
+    if !resumed {
+        bail!(
+            "projection {} of replica set {replica_set} is not stopped",
+            orchestrator_core::quote(projection)
+        );
+    }
+    println!(
+        "projection {projection} of replica set {replica_set} resumed: workers process it again from the event it stopped at"
     );
     Ok(())
 }

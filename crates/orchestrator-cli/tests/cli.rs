@@ -199,6 +199,7 @@ fn projection_reset_refuses_while_workers_run_and_resets_when_stopped() {
         1,
         "has no projection \"nope\"",
     );
+    refuses(&orchestrator(&dir, &["projection", "resume", "demo_audit"]), 1, "is not stopped");
     let removed = orchestrator(&dir, &["projection", "remove", "demo_audit_batch"]);
     assert!(removed.status.success(), "{removed:?}");
     let status = orchestrator(&dir, &["status", "--json"]);

@@ -1,6 +1,7 @@
 //! Cases for the [`CheckpointStore`] contract.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use orchestrator_core::ports::{CheckpointStore, CoordinationStore, Fence, StoreError};
 use orchestrator_core::{Epoch, Position, ReplicaSetName, Slot, SlotAction, SlotChange, WorkerId};
@@ -216,4 +217,50 @@ pub async fn remove_forgets_one_projection<H: Harness>(h: &H) {
     assert_eq!(store.load(&rs, "kept", &[Slot(0)]).await.unwrap(), at(&[(0, 6)]));
     assert_eq!(store.snapshot(&rs).await.unwrap().slots[0].epoch, epoch, "nobody is fenced");
     store.remove(&rs, "never-existed").await.unwrap();
+}
+
+/// A stop is recorded once per (replica set, projection), the first one kept; it is listed until
+/// resumed, and a reset or remove clears it.
+pub async fn stopped_projections_are_recorded_until_resumed<H: Harness>(h: &H) {
+    use orchestrator_core::ports::ProjectionStop;
+    let store = h.store();
+    let rs = replica_set();
+    let other = ReplicaSetName::new("other-set").unwrap();
+    let stop = |projection: &str, global: u64, error: &str| ProjectionStop {
+        projection: projection.to_owned(),
+        position: Position { commit: 0, global },
+        aggregate: "bank/Account/acct-7".to_owned(),
+        event_type: "MoneyDeposited".to_owned(),
+        error: error.to_owned(),
+    };
+    assert!(store.stopped_projections(&rs).await.unwrap().is_empty());
+    store.stop_projection(&rs, &stop("balances", 42, "cannot decode")).await.unwrap();
+    store.stop_projection(&rs, &stop("balances", 43, "a later failure")).await.unwrap();
+    store.stop_projection(&rs, &stop("audit", 7, "boom")).await.unwrap();
+    let listed = store.stopped_projections(&rs).await.unwrap();
+    let names: Vec<&str> = listed.iter().map(|s| s.stop.projection.as_str()).collect();
+    assert_eq!(names, vec!["audit", "balances"]);
+    assert_eq!(listed[1].stop, stop("balances", 42, "cannot decode"), "the first stop is kept");
+    assert!(listed[1].age < Duration::from_secs(600));
+    assert!(store.stopped_projections(&other).await.unwrap().is_empty(), "per replica set");
+
+    assert!(store.resume_projection(&rs, "balances").await.unwrap());
+    assert!(!store.resume_projection(&rs, "balances").await.unwrap(), "not stopped any more");
+    let names: Vec<String> = store
+        .stopped_projections(&rs)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.stop.projection)
+        .collect();
+    assert_eq!(names, vec!["audit"]);
+
+    let w1 = worker("w1");
+    first_generation(store, &w1).await;
+    let tx = store.begin().await.unwrap();
+    store.reset(tx, &rs, "audit").await.unwrap();
+    assert!(store.stopped_projections(&rs).await.unwrap().is_empty(), "a reset starts it over");
+    store.stop_projection(&rs, &stop("audit", 9, "again")).await.unwrap();
+    store.remove(&rs, "audit").await.unwrap();
+    assert!(store.stopped_projections(&rs).await.unwrap().is_empty(), "a removed one is forgotten");
 }

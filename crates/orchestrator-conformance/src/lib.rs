@@ -141,6 +141,7 @@ macro_rules! conformance_tests {
             checkpoints::checkpoints_are_per_replica_set_and_projection,
             checkpoints::reset_rebuilds_one_projection_and_fences_running_owners,
             checkpoints::remove_forgets_one_projection,
+            checkpoints::stopped_projections_are_recorded_until_resumed,
         );
     };
     (@cases $harness:ty; $($module:ident :: $case:ident),* $(,)?) => {

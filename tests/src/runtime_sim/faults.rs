@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use orchestrator_core::ports::{
     Appended, Backlog, CheckpointStore, CoordinationStore, EventStore, Fence, HeartbeatAck,
-    ReadRequest, StoreError, StoreResult,
+    ProjectionStop, ReadRequest, StoppedProjection, StoreError, StoreResult,
 };
 use orchestrator_core::{
     Epoch, Event, ExpectedVersion, Generation, GenerationPlan, Incarnation, NewEvent, PartitionKey,
@@ -200,6 +200,10 @@ impl EventStore for Faulty {
         self.call().await?;
         self.inner.backlog(request).await
     }
+    async fn head(&self) -> StoreResult<Option<u64>> {
+        self.call().await?;
+        self.inner.head().await
+    }
 }
 
 #[async_trait]
@@ -311,5 +315,17 @@ impl CheckpointStore for Faulty {
     }
     async fn remove(&self, rs: &ReplicaSetName, projection: &str) -> StoreResult<()> {
         self.inner.remove(rs, projection).await
+    }
+    async fn stop_projection(&self, rs: &ReplicaSetName, stop: &ProjectionStop) -> StoreResult<()> {
+        self.inner.stop_projection(rs, stop).await
+    }
+    async fn stopped_projections(
+        &self,
+        rs: &ReplicaSetName,
+    ) -> StoreResult<Vec<StoppedProjection>> {
+        self.inner.stopped_projections(rs).await
+    }
+    async fn resume_projection(&self, rs: &ReplicaSetName, projection: &str) -> StoreResult<bool> {
+        self.inner.resume_projection(rs, projection).await
     }
 }

@@ -9,6 +9,31 @@ use crate::ids::{Epoch, ReplicaSetName, WorkerId};
 use crate::ports::error::StoreResult;
 use crate::slot::Slot;
 
+/// A projection stopped by its failure policy (`stop`): where and why, recorded in the store so
+/// that no worker of the replica set runs it again until it is resumed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectionStop {
+    /// The projection.
+    pub projection: String,
+    /// Position of the event it failed on.
+    pub position: Position,
+    /// That event's stream (`bounded_context/aggregate_type/aggregate_id`).
+    pub aggregate: String,
+    /// That event's type.
+    pub event_type: String,
+    /// The handler's last error.
+    pub error: String,
+}
+
+/// A recorded stop, with how long ago it happened by the store's clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoppedProjection {
+    /// Where and why.
+    pub stop: ProjectionStop,
+    /// Time since it was recorded.
+    pub age: std::time::Duration,
+}
+
 /// The ownership a commit claims: these slots, owned by this worker, at these epochs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fence {
@@ -40,6 +65,10 @@ pub struct Fence {
 ///   commit, reloads its checkpoints and starts over from the first event.
 /// - `remove` forgets a retired projection: its checkpoints are deleted and `projections` no
 ///   longer lists it. Slots are not fenced (a worker still running it would record it again).
+/// - `stop_projection` records a stop per (replica set, projection); the first record stays (the
+///   event that stopped it first is the one to fix). `stopped_projections` lists the records;
+///   `resume_projection` deletes one and says whether there was one. `reset` and `remove` delete
+///   it too.
 #[cfg_attr(feature = "mock", mockall::automock(type Tx = ();))]
 #[async_trait]
 pub trait CheckpointStore: Send + Sync {
@@ -71,6 +100,27 @@ pub trait CheckpointStore: Send + Sync {
 
     /// Forgets a retired projection: deletes its checkpoints.
     async fn remove(&self, replica_set: &ReplicaSetName, projection: &str) -> StoreResult<()>;
+
+    /// Records that a projection stopped (keeps an earlier record).
+    async fn stop_projection(
+        &self,
+        replica_set: &ReplicaSetName,
+        stop: &ProjectionStop,
+    ) -> StoreResult<()>;
+
+    /// The stopped projections of a replica set, by name.
+    async fn stopped_projections(
+        &self,
+        replica_set: &ReplicaSetName,
+    ) -> StoreResult<Vec<StoppedProjection>>;
+
+    /// Lets a stopped projection run again (from its checkpoints: the failing event first);
+    /// whether it was stopped.
+    async fn resume_projection(
+        &self,
+        replica_set: &ReplicaSetName,
+        projection: &str,
+    ) -> StoreResult<bool>;
 
     /// Rebuilds a projection from the start: deletes its checkpoints, fences every slot, commits
     /// `tx`.

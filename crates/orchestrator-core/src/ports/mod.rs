@@ -7,7 +7,7 @@ pub mod error;
 pub mod event_store;
 
 pub use change_feed::{Change, ChangeFeed};
-pub use checkpoint::{CheckpointStore, Fence};
+pub use checkpoint::{CheckpointStore, Fence, ProjectionStop, StoppedProjection};
 pub use coordination::{CoordinationStore, GenerationRecord, HeartbeatAck};
 pub use error::{BoxError, StoreError, StoreResult};
 pub use event_store::{

@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use orchestrator_core::ports::{
     Appended, Backlog, CheckpointStore, CoordinationStore, EventStore, Fence, HeartbeatAck,
-    ReadRequest, StoreResult,
+    ProjectionStop, ReadRequest, StoppedProjection, StoreResult,
 };
 use orchestrator_core::{
     Epoch, Event, ExpectedVersion, Generation, GenerationPlan, Incarnation, NewEvent, PartitionKey,
@@ -169,5 +169,17 @@ impl<S: CheckpointStore> CheckpointStore for Pausable<S> {
     }
     async fn remove(&self, rs: &ReplicaSetName, projection: &str) -> StoreResult<()> {
         self.inner.remove(rs, projection).await
+    }
+    async fn stop_projection(&self, rs: &ReplicaSetName, stop: &ProjectionStop) -> StoreResult<()> {
+        self.inner.stop_projection(rs, stop).await
+    }
+    async fn stopped_projections(
+        &self,
+        rs: &ReplicaSetName,
+    ) -> StoreResult<Vec<StoppedProjection>> {
+        self.inner.stopped_projections(rs).await
+    }
+    async fn resume_projection(&self, rs: &ReplicaSetName, projection: &str) -> StoreResult<bool> {
+        self.inner.resume_projection(rs, projection).await
     }
 }
