@@ -240,7 +240,7 @@ async fn a_paused_worker_cannot_commit_when_it_resumes(strategy: Strategy) {
 }
 
 /// A handler failing on one event: its diesel transaction is dropped each attempt (nothing kept),
-/// then the projection stops there and no checkpoint passes it.
+/// then the projection stops there, no checkpoint passes it, and the worker reports it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_handler() {
     let Some(mut cluster) = Cluster::<Diesel>::start(Strategy::default()).await else { return };
@@ -250,7 +250,10 @@ async fn failing_handler() {
     cluster
         .spawn("w1", fast_settings("main-projections", "w1", Strategy::default()), projections)
         .await;
-    let err = cluster.wait_exit("w1").await.unwrap_err();
+    // Long enough for the three attempts (10 ms and 20 ms apart) to run out. Leaving, the worker
+    // reports the projection that stopped (or it has already ended with it).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let err = cluster.leave("w1").await.unwrap_err();
     let RunError::ProjectionFailed { position, attempts, .. } = &err else {
         panic!("unexpected error {err}");
     };
