@@ -232,13 +232,7 @@ impl CoordinationStore for MemoryStore {
                 workers: BTreeMap::new(),
                 slots: vec![SlotRecord::default(); slot_count.get() as usize],
             });
-        if set.slot_count != slot_count {
-            return Err(StoreError::SlotCountMismatch {
-                replica_set: replica_set.clone(),
-                stored: set.slot_count,
-                configured: slot_count,
-            });
-        }
+        StoreError::check_slot_count(replica_set, u64::from(set.slot_count.get()), slot_count)?;
         set.last_incarnation = set.last_incarnation.next();
         let incarnation = set.last_incarnation;
         set.workers.insert(
@@ -319,11 +313,6 @@ impl CoordinationStore for MemoryStore {
         let now = self.clock.now();
         let mut state = self.lock();
         let set = state.replica_set(replica_set)?;
-        let conflict = || StoreError::GenerationConflict {
-            replica_set: replica_set.clone(),
-            expected: plan.expected,
-            actual: set.generation,
-        };
         let leads = set.lease.as_ref().is_some_and(|lease| {
             lease.holder == plan.leader
                 && lease.incarnation == plan.leader_incarnation
@@ -332,12 +321,7 @@ impl CoordinationStore for MemoryStore {
         let epochs_match = plan.changes.iter().all(|change| {
             set.slots.get(change.slot.0 as usize).is_some_and(|r| r.epoch == change.epoch)
         });
-        if set.generation != plan.expected || plan.generation != plan.expected.next() {
-            return Err(conflict());
-        }
-        if !leads || !epochs_match {
-            return Err(conflict());
-        }
+        plan.check_applies(replica_set, set.generation, leads && epochs_match)?;
         for change in &plan.changes {
             let record = &mut set.slots[change.slot.0 as usize];
             match &change.action {

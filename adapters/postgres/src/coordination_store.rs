@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use orchestrator_core::ports::{CoordinationStore, HeartbeatAck, StoreError, StoreResult};
 use orchestrator_core::{
     Epoch, Generation, GenerationPlan, Incarnation, Lease, PROTOCOL_VERSION, ReplicaSetName, Slot,
-    SlotAction, SlotCount, SlotRecord, Snapshot, WorkerId, WorkerRecord,
+    SlotCount, SlotRecord, Snapshot, WorkerId, WorkerRecord,
 };
 use sqlx::Row;
 
@@ -97,14 +97,7 @@ impl CoordinationStore for PgStore {
         .fetch_one(&mut *tx)
         .await
         .map_err(err)?;
-        let stored: i32 = row.get(0);
-        if stored as u32 != slot_count.get() {
-            return Err(StoreError::SlotCountMismatch {
-                replica_set: replica_set.clone(),
-                stored: SlotCount::new(stored as u64).unwrap_or_default(),
-                configured: slot_count,
-            });
-        }
+        StoreError::check_slot_count(replica_set, row.get::<i32, _>(0) as u64, slot_count)?;
         let incarnation: i64 = row.get(1);
         sqlx::query(&format!(
             "INSERT INTO {} (replica_set, worker_id, incarnation, registered_at, last_heartbeat, protocol) \
@@ -297,34 +290,13 @@ impl CoordinationStore for PgStore {
         };
         let actual = Generation(row.get::<i64, _>(0) as u64);
         let leads = row.get::<Option<bool>, _>(1).unwrap_or(false);
-        let conflict = StoreError::GenerationConflict {
-            replica_set: replica_set.clone(),
-            expected: plan.expected,
-            actual,
-        };
-        if actual != plan.expected || plan.generation != plan.expected.next() || !leads {
-            return Err(conflict);
-        }
+        plan.check_applies(replica_set, actual, leads)?;
         if !plan.changes.is_empty() {
             let slots: Vec<i32> = plan.changes.iter().map(|c| c.slot.0 as i32).collect();
             let epochs: Vec<i64> = plan.changes.iter().map(|c| c.epoch.0 as i64).collect();
-            let kinds: Vec<&str> = plan
-                .changes
-                .iter()
-                .map(|c| match c.action {
-                    SlotAction::Grant { .. } => "grant",
-                    SlotAction::Handoff { .. } => "handoff",
-                    SlotAction::CancelHandoff => "cancel",
-                })
-                .collect();
-            let targets: Vec<Option<&str>> = plan
-                .changes
-                .iter()
-                .map(|c| match &c.action {
-                    SlotAction::Grant { to } | SlotAction::Handoff { to } => Some(to.as_str()),
-                    SlotAction::CancelHandoff => None,
-                })
-                .collect();
+            let kinds: Vec<&str> = plan.changes.iter().map(|c| c.action.kind()).collect();
+            let targets: Vec<Option<&str>> =
+                plan.changes.iter().map(|c| c.action.target().map(WorkerId::as_str)).collect();
             let updated = sqlx::query(&format!(
                 "UPDATE {} AS s SET \
                      owner = CASE WHEN c.kind = 'grant' THEN c.target ELSE s.owner END, \
@@ -343,7 +315,7 @@ impl CoordinationStore for PgStore {
             .await
             .map_err(err)?;
             if updated.rows_affected() != plan.changes.len() as u64 {
-                return Err(conflict);
+                return Err(plan.conflict(replica_set, actual));
             }
         }
         let evicted: Vec<&WorkerId> = plan.evict.iter().collect();

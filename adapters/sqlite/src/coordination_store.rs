@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use orchestrator_core::ports::{CoordinationStore, HeartbeatAck, StoreError, StoreResult};
 use orchestrator_core::{
     Epoch, Generation, GenerationPlan, Incarnation, Lease, PROTOCOL_VERSION, ReplicaSetName, Slot,
-    SlotAction, SlotCount, SlotRecord, Snapshot, WorkerId, WorkerRecord,
+    SlotCount, SlotRecord, Snapshot, WorkerId, WorkerRecord,
 };
 use sqlx::Row;
 
@@ -71,14 +71,7 @@ impl CoordinationStore for SqliteStore {
         );
         let row =
             sqlx::query(&bump).bind(replica_set.as_str()).fetch_one(&mut *tx).await.map_err(err)?;
-        let stored: i64 = row.get(0);
-        if stored as u64 != u64::from(slot_count.get()) {
-            return Err(StoreError::SlotCountMismatch {
-                replica_set: replica_set.clone(),
-                stored: SlotCount::new(stored as u64).unwrap_or_default(),
-                configured: slot_count,
-            });
-        }
+        StoreError::check_slot_count(replica_set, row.get::<i64, _>(0) as u64, slot_count)?;
         let incarnation: i64 = row.get(1);
         let upsert = format!(
             "INSERT INTO {} (replica_set, worker_id, incarnation, registered_at, last_heartbeat, protocol) \
@@ -258,14 +251,7 @@ impl CoordinationStore for SqliteStore {
         };
         let actual = Generation(row.get::<i64, _>(0) as u64);
         let leads = row.get::<i64, _>(1) == 1;
-        let conflict = StoreError::GenerationConflict {
-            replica_set: replica_set.clone(),
-            expected: plan.expected,
-            actual,
-        };
-        if actual != plan.expected || plan.generation != plan.expected.next() || !leads {
-            return Err(conflict);
-        }
+        plan.check_applies(replica_set, actual, leads)?;
         let change = format!(
             "UPDATE {} SET owner = CASE WHEN ?3 = 'grant' THEN ?4 ELSE owner END, \
                  next_owner = CASE WHEN ?3 = 'handoff' THEN ?4 ELSE NULL END, \
@@ -274,11 +260,8 @@ impl CoordinationStore for SqliteStore {
             t.slots
         );
         for slot_change in &plan.changes {
-            let (kind, target) = match &slot_change.action {
-                SlotAction::Grant { to } => ("grant", Some(to.as_str())),
-                SlotAction::Handoff { to } => ("handoff", Some(to.as_str())),
-                SlotAction::CancelHandoff => ("cancel", None),
-            };
+            let (kind, target) =
+                (slot_change.action.kind(), slot_change.action.target().map(WorkerId::as_str));
             let updated = sqlx::query(&change)
                 .bind(replica_set.as_str())
                 .bind(i64::from(slot_change.slot.0))
@@ -289,7 +272,7 @@ impl CoordinationStore for SqliteStore {
                 .await
                 .map_err(err)?;
             if updated.rows_affected() != 1 {
-                return Err(conflict);
+                return Err(plan.conflict(replica_set, actual));
             }
         }
         let evict = format!("DELETE FROM {} WHERE replica_set = ? AND worker_id = ?", t.workers);

@@ -4,7 +4,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::assignment::assign;
-use crate::ids::{Epoch, Generation, Incarnation, WorkerId};
+use crate::ids::{Epoch, Generation, Incarnation, ReplicaSetName, WorkerId};
+use crate::ports::StoreError;
 use crate::slot::Slot;
 use crate::snapshot::Snapshot;
 use crate::timing::Timing;
@@ -24,6 +25,25 @@ pub enum SlotAction {
     },
     /// A pending handoff is no longer wanted: the current owner keeps the slot.
     CancelHandoff,
+}
+
+impl SlotAction {
+    /// How stores encode the action (`grant`, `handoff`, `cancel`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SlotAction::Grant { .. } => "grant",
+            SlotAction::Handoff { .. } => "handoff",
+            SlotAction::CancelHandoff => "cancel",
+        }
+    }
+
+    /// The worker the slot goes to (or is handed to), if any.
+    pub fn target(&self) -> Option<&WorkerId> {
+        match self {
+            SlotAction::Grant { to } | SlotAction::Handoff { to } => Some(to),
+            SlotAction::CancelHandoff => None,
+        }
+    }
 }
 
 /// A change to one slot, valid only if the slot's epoch is still `epoch`.
@@ -57,6 +77,34 @@ pub struct GenerationPlan {
     pub changes: Vec<SlotChange>,
     /// Stale workers whose rows are removed (they must register again).
     pub evict: Vec<WorkerId>,
+}
+
+impl GenerationPlan {
+    /// The compare-and-set every store makes before applying the plan, given the replica set's
+    /// `actual` generation and whether the plan's leader holds an unexpired lease at its
+    /// incarnation: `GenerationConflict` unless both hold and the plan is for the next generation.
+    /// (Each store checks the changed slots' epochs in its own writes.)
+    pub fn check_applies(
+        &self,
+        replica_set: &ReplicaSetName,
+        actual: Generation,
+        leads: bool,
+    ) -> Result<(), StoreError> {
+        if actual == self.expected && self.generation == self.expected.next() && leads {
+            Ok(())
+        } else {
+            Err(self.conflict(replica_set, actual))
+        }
+    }
+
+    /// The refusal of this plan when the store is at `actual` (a changed slot's epoch moved, say).
+    pub fn conflict(&self, replica_set: &ReplicaSetName, actual: Generation) -> StoreError {
+        StoreError::GenerationConflict {
+            replica_set: replica_set.clone(),
+            expected: self.expected,
+            actual,
+        }
+    }
 }
 
 /// Why the leader did not create a generation from a snapshot.

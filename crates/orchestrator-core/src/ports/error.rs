@@ -213,6 +213,22 @@ impl StoreError {
         }
     }
 
+    /// Refuses a worker configured with another slot count than the replica set's `stored` one.
+    pub fn check_slot_count(
+        replica_set: &ReplicaSetName,
+        stored: u64,
+        configured: SlotCount,
+    ) -> StoreResult<()> {
+        if stored == u64::from(configured.get()) {
+            return Ok(());
+        }
+        Err(StoreError::SlotCountMismatch {
+            replica_set: replica_set.clone(),
+            stored: SlotCount::new(stored).unwrap_or_default(),
+            configured,
+        })
+    }
+
     /// An unclassified failure with a message.
     pub fn other(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
         StoreError::Other { message: message.into(), source: Some(source.into()) }
