@@ -2,8 +2,9 @@
 //! reader may read everything below it without ever missing an event that commits later.
 //!
 //! Only transactions that append to this events table count. Each one *registers* before its
-//! first write by taking a shared, transaction-scoped advisory lock on a key of this events table
-//! (in this database); its transaction id is assigned later, at its first write, and PostgreSQL
+//! first write by taking a shared, transaction-scoped advisory lock on a key made of a constant
+//! and the events table's OID (unique in its database, so tables of the same name in other
+//! schemas, other prefixes and other databases have other keys); its transaction id is assigned later, at its first write, and PostgreSQL
 //! holds an exclusive lock on that id until the transaction ends. A reader computes the horizon in
 //! one statement:
 //!
@@ -29,33 +30,56 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use orchestrator_core::fnv1a_32;
 use orchestrator_core::ports::StoreResult;
 
 use crate::error::classify;
 
-/// First key of the appender registration lock (an arbitrary constant: "orca", kept positive so
-/// that it compares equal to `pg_locks.classid`).
-const APPENDER_SPACE: i32 = 0x6f72_6361;
+/// High 32 bits of the appender registration lock's key (an arbitrary constant: "orca"); the low
+/// 32 bits are the events table's OID. `pg_locks` shows such a lock (a single 64-bit key) with
+/// `classid` = the high half, `objid` = the low half and `objsubid` = 1.
+const APPENDER_SPACE: i64 = 0x6f72_6361;
 
 /// The horizon of one events table: the registration key and the greatest horizon seen.
 #[derive(Debug)]
 pub(crate) struct Horizon {
-    /// Second key of the registration lock: a hash of the events table's name, kept positive.
-    table_key: i32,
+    /// The events table's OID: the low half of the registration lock's key.
+    table_oid: u32,
     greatest: AtomicU64,
 }
 
 /// The conditions on a `pg_locks` row `a` of a transaction registered as an appender to this
 /// table (`$1`, `$2`), in this database.
-const REGISTERED: &str = "a.locktype = 'advisory' AND a.granted AND a.objsubid = 2 \
+const REGISTERED: &str = "a.locktype = 'advisory' AND a.granted AND a.objsubid = 1 \
      AND a.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-     AND a.classid = $1::int4::oid AND a.objid = $2::int4::oid";
+     AND a.classid = $1::int8::oid AND a.objid = $2::int8::oid";
 
 impl Horizon {
-    pub(crate) fn new(events_table: &str) -> Self {
-        let table_key = (fnv1a_32(events_table.as_bytes()) & 0x7fff_ffff) as i32;
-        Self { table_key, greatest: AtomicU64::new(0) }
+    /// The horizon of the events table whose OID is `table_oid`.
+    pub(crate) fn new(table_oid: u32) -> Self {
+        Self { table_oid, greatest: AtomicU64::new(0) }
+    }
+
+    /// The events table's OID, as the search path resolves `events_table` on `conn`.
+    pub(crate) async fn table_oid(
+        conn: &mut sqlx::PgConnection,
+        events_table: &str,
+    ) -> StoreResult<u32> {
+        let oid: i64 = sqlx::query_scalar("SELECT $1::regclass::oid::int8")
+            .bind(events_table)
+            .fetch_one(conn)
+            .await
+            .map_err(|e| classify("find the events table", e))?;
+        Ok(oid as u32)
+    }
+
+    /// The first key of this table's per-stream locks (two 32-bit keys: this, and a hash of the
+    /// stream): the table's OID, bit for bit.
+    pub(crate) fn stream_lock_space(&self) -> i32 {
+        self.table_oid as i32
+    }
+
+    fn key(&self) -> i64 {
+        (APPENDER_SPACE << 32) | i64::from(self.table_oid)
     }
 
     /// The greatest horizon computed so far (0 before the first refresh).
@@ -66,9 +90,8 @@ impl Horizon {
     /// Registers the transaction on `conn` as an appender to this table. Must run before the
     /// transaction's first write.
     pub(crate) async fn register(&self, conn: &mut sqlx::PgConnection) -> StoreResult<()> {
-        sqlx::query("SELECT pg_advisory_xact_lock_shared($1, $2)")
-            .bind(APPENDER_SPACE)
-            .bind(self.table_key)
+        sqlx::query("SELECT pg_advisory_xact_lock_shared($1::int8)")
+            .bind(self.key())
             .execute(conn)
             .await
             .map_err(|e| classify("register an appender", e))?;
@@ -96,7 +119,7 @@ impl Horizon {
         );
         let horizon: i64 = sqlx::query_scalar(&sql)
             .bind(APPENDER_SPACE)
-            .bind(self.table_key)
+            .bind(i64::from(self.table_oid))
             .fetch_one(pool)
             .await
             .map_err(|e| classify("read the read horizon", e))?;
@@ -114,7 +137,7 @@ impl Horizon {
         );
         let seconds: f64 = sqlx::query_scalar(&sql)
             .bind(APPENDER_SPACE)
-            .bind(self.table_key)
+            .bind(i64::from(self.table_oid))
             .fetch_one(pool)
             .await
             .map_err(|e| classify("read the transaction horizon", e))?;

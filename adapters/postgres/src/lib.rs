@@ -80,6 +80,8 @@ impl PgStore {
     pub async fn open(pool: PgPool, prefix: TablePrefix) -> StoreResult<Self> {
         let mut conn = pool.acquire().await.map_err(|e| classify("connect", e))?;
         let slot_count = migrate::stored_slot_count(&mut conn, prefix.as_str(), None).await?;
+        let events_oid =
+            Horizon::table_oid(&mut conn, &format!("{}events", prefix.as_str())).await?;
         drop(conn);
         let p = prefix.as_str();
         let tables = Tables {
@@ -95,7 +97,7 @@ impl PgStore {
             events_channel: format!("{p}events"),
             coordination_channel: format!("{p}coordination"),
         };
-        let horizon = std::sync::Arc::new(Horizon::new(&tables.events));
+        let horizon = std::sync::Arc::new(Horizon::new(events_oid));
         Ok(Self { pool, tables: std::sync::Arc::new(tables), slot_count, horizon })
     }
 

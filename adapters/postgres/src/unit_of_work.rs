@@ -21,9 +21,6 @@ use crate::error::classify;
 use crate::event_store::{duplicate_or, read_stream_on};
 use crate::{PgStore, PgTx};
 
-/// Namespace of the advisory locks taken per stream (an arbitrary constant: "orch").
-const STREAM_LOCK_SPACE: i32 = 0x6f72_6368;
-
 /// A unit of work on PostgreSQL: appends to its declared streams and the application's own writes
 /// ([`PgUnitOfWork::tx`]) in one transaction.
 ///
@@ -79,7 +76,9 @@ impl UnitOfWorkStore for PgStore {
             "SELECT pg_advisory_xact_lock($1, k) \
              FROM (SELECT DISTINCT hashtext(s) AS k FROM unnest($2::text[]) AS s ORDER BY 1) AS keys",
         )
-        .bind(STREAM_LOCK_SPACE)
+        // Namespaced by the events table (its OID), so that tables of the same name in other
+        // schemas, or under other prefixes, never wait on each other's streams.
+        .bind(self.horizon.stream_lock_space())
         .bind(&names)
         .execute(&mut *tx)
         .await

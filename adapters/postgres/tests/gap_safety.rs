@@ -189,6 +189,9 @@ async fn only_appenders_of_this_events_table_hold_readers_back() {
     let Some(schema) = TestSchema::start(SlotCount::new(8).unwrap()).await else { return };
     let store = schema.store.clone();
 
+    // Set up first (slow: a database, two migrations); the test sessions end transactions left
+    // idle for 3 s, so the open transactions below are opened together.
+    let twin = TestSchema::start(SlotCount::new(8).unwrap()).await.unwrap();
     // Another database on the same server, with a transaction that has written.
     let database = format!("{}_other", schema.schema);
     sqlx::query(&format!("CREATE DATABASE {database}")).execute(&schema.pool).await.unwrap();
@@ -197,28 +200,39 @@ async fn only_appenders_of_this_events_table_hold_readers_back() {
     url.replace_range(path_start + 1.., &database);
     let other_db = PgPool::connect(&url).await.unwrap();
     sqlx::query("CREATE TABLE t (n INT)").execute(&other_db).await.unwrap();
+
+    sqlx::query("CREATE TABLE read_model (n INT)").execute(&schema.pool).await.unwrap();
+    let prefix = TablePrefix::new("other_").unwrap();
+    migrate(&schema.pool, &prefix, SlotCount::new(8).unwrap()).await.unwrap();
+    let other_prefix = PgStore::open(schema.pool.clone(), prefix).await.unwrap();
+
     let mut in_other_db = other_db.begin().await.unwrap();
     sqlx::query("INSERT INTO t VALUES (1)").execute(&mut *in_other_db).await.unwrap();
 
     // Another table of this database.
-    sqlx::query("CREATE TABLE read_model (n INT)").execute(&schema.pool).await.unwrap();
     let mut other_table = schema.pool.begin().await.unwrap();
     sqlx::query("INSERT INTO read_model VALUES (1)").execute(&mut *other_table).await.unwrap();
 
     // An appender of another table prefix in this database.
-    let prefix = TablePrefix::new("other_").unwrap();
-    migrate(&schema.pool, &prefix, SlotCount::new(8).unwrap()).await.unwrap();
-    let other_prefix = PgStore::open(schema.pool.clone(), prefix).await.unwrap();
     let theirs = StreamId::new("bank", "Account", "theirs");
     let mut their_unit =
         other_prefix.begin_unit_of_work(std::slice::from_ref(&theirs)).await.unwrap();
     their_unit.append(&theirs, ExpectedVersion::Any, vec![event(99)]).await.unwrap();
+
+    // An appender of a table of the same name in another schema (a schema per tenant, another
+    // test): its own key, since the key is the table's OID.
+    let mut twin_unit = twin.store.begin_unit_of_work(std::slice::from_ref(&theirs)).await.unwrap();
+    twin_unit.append(&theirs, ExpectedVersion::Any, vec![event(98)]).await.unwrap();
 
     let ours = StreamId::new("bank", "Account", "ours");
     store.append(&ours, ExpectedVersion::NoStream, vec![event(1)]).await.unwrap();
     let delivered = read_until(&store, 1, Duration::from_secs(10)).await;
     assert_eq!(delivered.len(), 1, "delivery waited for a transaction that does not append here");
     assert_eq!(store.horizon_stall().await.unwrap(), Duration::ZERO);
+    // (Ended now: the test sessions end transactions idle for 3 s.)
+    their_unit.commit().await.unwrap();
+    twin_unit.commit().await.unwrap();
+    twin.drop_schema().await;
 
     // Our own open appender does hold the next event back, until it ends.
     let mut ours_open =
@@ -232,7 +246,6 @@ async fn only_appenders_of_this_events_table_hold_readers_back() {
     ours_open.commit().await.unwrap();
     assert_eq!(read_until(&store, 3, Duration::from_secs(10)).await.len(), 3);
 
-    their_unit.commit().await.unwrap();
     other_table.rollback().await.unwrap();
     in_other_db.rollback().await.unwrap();
     other_db.close().await;
