@@ -3,8 +3,11 @@
 use orchestrator_core::ports::StoreError;
 
 /// SQLSTATEs after which the same call may succeed later: serialization failure, deadlock, lock
-/// timeout, server shutting down or starting, too many connections, connection exceptions.
-const TRANSIENT: &[&str] = &["40001", "40P01", "55P03", "57P01", "57P02", "57P03", "53300"];
+/// timeout, server shutting down or starting, too many connections, connection exceptions, and a
+/// session the server ended for idling in (or overrunning) its transaction: a frozen worker's
+/// commit, which is retried from the stored checkpoints like any lost connection.
+const TRANSIENT: &[&str] =
+    &["40001", "40P01", "55P03", "57P01", "57P02", "57P03", "53300", "25P03", "25P04"];
 
 /// Classifies an sqlx error of the operation `what` as a port error: transient failures
 /// (connection loss, restart, serialization failure, deadlock, pool timeout) become
