@@ -4,8 +4,9 @@
 //
 // Checks: the slot map has one cell per slot and its owners agree with `orchestrator status
 // --json`; after scaling, the open page redraws by itself to the new picture; a worker's metrics
-// address serves the same page; nothing is fetched from another origin; no script error.
-// Screenshots go to $SHOTS.
+// address serves the same page; moving slots, a stopped projection and dead letters are drawn
+// (from a doctored status.json: a live cluster shows them only for moments, or not yet); nothing
+// is fetched from another origin; no script error. Screenshots go to $SHOTS.
 
 import { execFileSync } from "node:child_process";
 import { mkdirSync } from "node:fs";
@@ -34,7 +35,7 @@ async function shown(page) {
     const set = document.querySelector(".replica-set");
     return {
       generation: set ? Number(set.dataset.generation) : null,
-      members: [...document.querySelectorAll(".member")].map((row) => row.dataset.worker),
+      members: [...document.querySelectorAll("tr.worker")].map((row) => row.dataset.worker),
       cells: [...document.querySelectorAll(".slots .slot")].map((cell) => ({
         slot: Number(cell.dataset.slot),
         owner: cell.dataset.owner,
@@ -127,6 +128,29 @@ async function main() {
     await worker.waitForSelector(".slots .slot", { timeout: 20000 });
     const onWorker = await agreeing(worker, 2);
     log(`${WORKER_PAGE_URL} serves the same page: ${onWorker.view.cells.length} cells, owners agree`);
+
+    // Moving slots and the failure fields, drawn from the real picture with every 16th slot
+    // handed to another worker, one projection stopped and dead letters on the other.
+    await page.route("**/status.json", async (route) => {
+      const response = await route.fetch();
+      const body = await response.json();
+      const rs = body[0];
+      const ids = rs.workers.map((w) => w.id);
+      rs.slot_map.forEach((s, i) => {
+        if (i % 16 === 0) s.next_owner = ids.find((id) => id !== s.owner);
+      });
+      rs.projections[0].state = "stopped";
+      rs.projections[0].stopped = { position: 1234, aggregate: "order-7", event_type: "Placed",
+                                    error: "handler failed: demo failure" };
+      rs.projections[rs.projections.length - 1].dead_letters = 3;
+      await route.fulfill({ response, json: body });
+    });
+    const expected = Math.ceil(two.json.slots / 16);
+    await page.waitForFunction((n) => document.querySelectorAll(".slots .slot.moving").length === n &&
+      document.querySelector(".badge.stopped") !== null, expected, { timeout: 10000 });
+    log(`doctored picture: ${expected} moving slots outlined, a stopped projection and dead letters drawn`);
+    await page.screenshot({ path: `${SHOTS}/status-page-moving.png`, fullPage: true });
+    await page.unroute("**/status.json");
 
     if (foreign.length) fail(`the page fetched from other origins: ${foreign.join(", ")}`);
     if (errors.length) fail(`script errors on the page: ${errors.join("; ")}`);

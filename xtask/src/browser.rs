@@ -5,8 +5,8 @@
 //! the browser are installed when missing). The script checks the slot map against
 //! `orchestrator status --json`, asks for the cluster to be scaled to two workers (a `SCALE 2` line;
 //! this command answers `scaled` once the worker has left) and checks that the open page redrew
-//! by itself, then loads the page on a worker's metrics address. Screenshots are left in
-//! `target/browser-check/` (a CI artifact).
+//! by itself, then loads the page on a worker's metrics address and checks how moving slots and
+//! stopped projections are drawn. Screenshots are left in `target/browser-check/` (a CI artifact).
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::path::PathBuf;
@@ -45,7 +45,11 @@ pub(crate) fn browser(args: BrowserArgs) -> Result<()> {
     procs.orchestrator(&["migrate"])?;
     procs.orchestrator(&["demo", "append", "--events", "2000", "--aggregates", "40"])?;
     let mut fleet = Fleet::new(&procs);
-    fleet.scale(3)?;
+    for _ in 0..3 {
+        fleet.start()?;
+        // Apart, so the page has a few generations of history to show.
+        std::thread::sleep(Duration::from_millis(1500));
+    }
     fleet.wait_ready(Duration::from_secs(30))?;
 
     // The page from the database, on a port of its choosing (it prints the address).
@@ -111,7 +115,7 @@ pub(crate) fn browser(args: BrowserArgs) -> Result<()> {
         bail!("the browser check failed ({status}); screenshots in {}", shots.display());
     }
     eprintln!(
-        "==> browser check passed ({:.0?}); screenshots: {}/status-page-{{3,2}}-workers.png",
+        "==> browser check passed ({:.0?}); screenshots: {}/status-page-{{3-workers,2-workers,moving}}.png",
         started.elapsed(),
         shots.display()
     );

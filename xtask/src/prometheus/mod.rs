@@ -247,16 +247,17 @@ fn check(base: &str, pods: &[String], workers: u32) -> Result<usize> {
         bail!("found no PromQL expressions to check");
     }
 
-    // Expressions over windows fill as scrapes accumulate: retry the empty ones for a while.
+    // Expressions over windows fill as scrapes accumulate: retry the empty ones for a while
+    // (not those Prometheus refused: they will not parse any better).
     let mut results: Vec<Result<usize>> = expressions.iter().map(|_| Ok(0)).collect();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         for (expr, result) in expressions.iter().zip(results.iter_mut()) {
-            if !matches!(result, Ok(n) if *n > 0) {
+            if matches!(result, Ok(0)) {
                 *result = series(base, &expr.query);
             }
         }
-        let pending = results.iter().filter(|r| !matches!(r, Ok(n) if *n > 0)).count();
+        let pending = results.iter().filter(|r| matches!(r, Ok(0))).count();
         if pending == 0 || Instant::now() > deadline {
             break;
         }
