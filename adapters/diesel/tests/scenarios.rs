@@ -1,9 +1,10 @@
 //! The runtime's scenarios that matter for a diesel projection, on real PostgreSQL, with the
 //! runtime's own cluster harness (`crates/orchestrator-runtime/tests/support`, included by path):
 //! workers joining, a crash, a zombie frozen with a batch in flight whose commit is refused, a
-//! failing handler, every connection cut, and sqlx and diesel workers sharing one projection. Each
-//! ends by checking that every event took effect exactly once per projection, in per-aggregate
-//! order. The audit projection writes with diesel's query builder (`insert_into(..).on_conflict(..)`).
+//! failing handler, every connection cut, a reset while workers run, and sqlx and diesel workers
+//! sharing one projection. Each ends by checking that every event took effect exactly once per
+//! projection, in per-aggregate order. The audit projection writes with diesel's query builder
+//! (`insert_into(..).on_conflict(..)`), and its reset hook with `delete`.
 
 #[allow(dead_code, unreachable_pub, clippy::all)]
 #[path = "../../../crates/orchestrator-runtime/tests/support/mod.rs"]
@@ -20,7 +21,7 @@ use orchestrator_core::{Event, ReplicaSetName, SlotCount, Strategy};
 use orchestrator_diesel::testing::TestSchema;
 use orchestrator_diesel::{DieselStore, DieselTx};
 use orchestrator_postgres::PgTx;
-use orchestrator_runtime::{Projection, RunError};
+use orchestrator_runtime::{Projection, RunError, reset_projection};
 use support::{AuditRow, Cluster, Harness, SLOTS, fast_settings};
 
 const WITHIN: Duration = Duration::from_secs(30);
@@ -72,6 +73,13 @@ impl Projection<DieselTx> for DieselAudit {
             .on_conflict((audit::projection, audit::global_position))
             .do_update()
             .set((audit::times.eq(audit::times + 1), audit::handled_seq.eq(seq())))
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn reset(&self, tx: &mut DieselTx) -> Result<(), BoxError> {
+        diesel::delete(audit::table.filter(audit::projection.eq(&self.name)))
             .execute(&mut **tx)
             .await?;
         Ok(())
@@ -346,6 +354,29 @@ async fn sqlx_and_diesel_workers_share_a_projection() {
     assert_eq!(by_worker.len(), 2, "both APIs applied events: {by_worker:?}");
     cluster.leave("sqlx").await.unwrap();
     cluster.append(100).await;
+    cluster.wait_all_applied(WITHIN).await;
+    cluster.stop_all().await;
+}
+
+/// `reset_projection` with a diesel projection while two workers run it: the reset hook's diesel
+/// `delete` commits with the checkpoints' deletion and the new epochs, the workers are fenced,
+/// start over from the first event, and every event is applied once more, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_while_running_rebuilds_once() {
+    let Some(mut cluster) = Cluster::<Diesel>::start(Strategy::Incremental).await else { return };
+    cluster.join("w1").await;
+    cluster.join("w2").await;
+    cluster.append(150).await;
+    cluster.wait_all_applied(WITHIN).await;
+    let store = cluster.harness.store();
+    let rs = ReplicaSetName::new("main-projections").unwrap();
+    let audit = cluster.harness.audit("audit", "reset", None);
+    reset_projection(&store, &rs, audit.as_ref()).await.unwrap();
+    cluster.append(50).await;
+    let by_worker = cluster.wait_all_applied(WITHIN).await;
+    assert_eq!(by_worker.values().sum::<usize>(), 200, "{by_worker:?}");
+    // Nothing is applied a second time later either.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     cluster.wait_all_applied(WITHIN).await;
     cluster.stop_all().await;
 }
