@@ -355,7 +355,7 @@ impl StatusPage {
     }
 
     /// The JSON array of every replica set shown that has workers (200), or the reason the
-    /// database could not be read (503, `{"error": ...}`). Readings within [`FRESH_FOR`] of each
+    /// database could not be read (503, `{"error": ...}`). Readings within a second of each
     /// other are shared.
     pub async fn json(&self) -> (StatusCode, String) {
         let mut last = self.inner.last.lock().await;
