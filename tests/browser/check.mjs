@@ -140,8 +140,9 @@ async function main() {
         if (i % 16 === 0) s.next_owner = ids.find((id) => id !== s.owner);
       });
       rs.projections[0].state = "stopped";
-      rs.projections[0].stopped = { position: 1234, aggregate: "order-7", event_type: "Placed",
-                                    error: "handler failed: demo failure" };
+      rs.projections[0].stopped = { position: 1234, aggregate: "demo/Account/account-7",
+                                    event_type: "Deposited", error: "handler failed: demo failure",
+                                    age_ms: 42000 };
       rs.projections[rs.projections.length - 1].dead_letters = 3;
       await route.fulfill({ response, json: body });
     });

@@ -109,10 +109,24 @@ fn render_table(status: &ReplicaSetStatus) -> String {
         );
     }
     if !status.projections.is_empty() {
-        let _ = writeln!(out, "\n{:<32} {:>12} {:>12}", "PROJECTION", "LAG EVENTS", "LAG SECONDS");
+        let _ = writeln!(
+            out,
+            "\n{:<32} {:>12} {:>12}  STATE",
+            "PROJECTION", "LAG EVENTS", "LAG SECONDS"
+        );
         for lag in &status.projections {
-            let _ =
-                writeln!(out, "{:<32} {:>12} {:>12.1}", lag.name, lag.lag_events, lag.lag_seconds);
+            let _ = writeln!(
+                out,
+                "{:<32} {:>12} {:>12.1}  {}",
+                lag.name, lag.lag_events, lag.lag_seconds, lag.state
+            );
+            if let Some(stopped) = &lag.stopped {
+                let _ = writeln!(
+                    out,
+                    "  stopped at position {} ({}, {}): {}",
+                    stopped.position, stopped.aggregate, stopped.event_type, stopped.error
+                );
+            }
         }
     }
     out.trim_end().to_owned()

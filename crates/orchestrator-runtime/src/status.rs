@@ -18,8 +18,8 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use orchestrator_core::ports::{
-    CheckpointStore, CoordinationStore, EventStore, GenerationRecord, ReadRequest, StoreError,
-    StoreResult,
+    CheckpointStore, CoordinationStore, EventStore, GenerationRecord, ReadRequest,
+    StoppedProjection, StoreError, StoreResult,
 };
 use orchestrator_core::{ReplicaSetName, Scope, Slot, Snapshot, Strategy};
 use serde::Serialize;
@@ -116,17 +116,19 @@ pub struct ProjectionStatus {
     pub dead_letters: u64,
 }
 
-/// Where a projection stopped (SPEC §4.9).
+/// Where a projection stopped (SPEC §4.9), as the store recorded it.
 #[derive(Debug, Clone, Serialize)]
 pub struct StoppedAt {
     /// The failing event's global position.
     pub position: u64,
-    /// Its aggregate.
+    /// Its stream (`bounded_context/aggregate_type/aggregate_id`).
     pub aggregate: String,
     /// Its type.
     pub event_type: String,
-    /// The handler's error.
+    /// The handler's last error.
     pub error: String,
+    /// Time since it stopped, by the database clock.
+    pub age_ms: u64,
 }
 
 /// One slot of the slot map.
@@ -176,7 +178,7 @@ where
     Ok(picture(&snapshot, &generations, projections, strategy))
 }
 
-/// The backlog of every projection with checkpoints in the replica set.
+/// The backlog of every projection with checkpoints in the replica set, or stopped in it.
 async fn lags<S: EventStore + CheckpointStore>(
     store: &S,
     replica_set: &ReplicaSetName,
@@ -187,32 +189,48 @@ async fn lags<S: EventStore + CheckpointStore>(
         LagCount::Exact => usize::MAX,
         LagCount::UpTo(cap) => usize::try_from(cap).unwrap_or(usize::MAX),
     };
+    let stopped = store.stopped_projections(replica_set).await?;
+    let mut names = store.projections(replica_set).await?;
+    // A projection that stopped on its first event has no checkpoint yet, and still shows.
+    names.extend(stopped.iter().map(|s| s.stop.projection.clone()));
+    names.sort();
+    names.dedup();
     let mut lags = Vec::new();
-    for name in store.projections(replica_set).await? {
+    for name in names {
         let checkpoints = store.load(replica_set, &name, &slots).await?;
         let request =
             ReadRequest { cursors: checkpoints.into_iter().collect(), scope: Scope::all(), limit };
         let backlog = store.backlog(&request).await?;
         let seconds = backlog.oldest_age.map_or(0.0, |age| age.as_secs_f64());
-        let (state, stopped, dead_letters) = failure_state(&name);
+        let stopped_at = stopped.iter().find(|s| s.stop.projection == name).map(stopped_at);
         lags.push(ProjectionStatus {
             lag_events_capped: matches!(lag, LagCount::UpTo(cap) if backlog.events >= cap),
-            name,
             lag_events: backlog.events,
             lag_seconds: (seconds * 1000.0).round() / 1000.0,
-            state,
-            stopped,
-            dead_letters,
+            state: if stopped_at.is_some() { "stopped" } else { "running" },
+            stopped: stopped_at,
+            dead_letters: dead_letters(&name),
+            name,
         });
     }
     Ok(lags)
 }
 
-/// HOOK for the failure policies of SPEC §4.9 (stopped projections, dead letters): this release
-/// has neither, so every projection is running with no dead letters. When the stores record them,
-/// read them here (the page already draws `stopped` and `dead_letters`).
-fn failure_state(_projection: &str) -> (&'static str, Option<StoppedAt>, u64) {
-    ("running", None, 0)
+fn stopped_at(stopped: &StoppedProjection) -> StoppedAt {
+    StoppedAt {
+        position: stopped.stop.position.global,
+        aggregate: stopped.stop.aggregate.clone(),
+        event_type: stopped.stop.event_type.clone(),
+        error: stopped.stop.error.clone(),
+        age_ms: u64::try_from(stopped.age.as_millis()).unwrap_or(u64::MAX),
+    }
+}
+
+/// HOOK for the `park` failure policy of SPEC §4.9: the stores keep no dead letters yet, so every
+/// projection has none. When they do, count them here (once per refresh, per projection); the
+/// page already draws the count.
+fn dead_letters(_projection: &str) -> u64 {
+    0
 }
 
 fn picture(

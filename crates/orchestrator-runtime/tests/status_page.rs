@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use orchestrator_core::ports::{BoxError, CheckpointStore, EventStore};
+use orchestrator_core::ports::{BoxError, CheckpointStore, EventStore, ProjectionStop};
 use orchestrator_core::{
-    Event, EventId, ExpectedVersion, NewEvent, ReplicaSetName, SlotCount, StreamId, TablePrefix,
-    Timing, Tracing, WorkerId,
+    Event, EventId, ExpectedVersion, NewEvent, Position, ReplicaSetName, SlotCount, StreamId,
+    TablePrefix, Timing, Tracing, WorkerId,
 };
 use orchestrator_postgres::testing::TestSchema;
 use orchestrator_runtime::{Orchestrator, Projection, RunError, Settings, Store, Telemetry};
@@ -183,6 +183,25 @@ async fn the_page_shows_the_replica_set<S: Store>(store: S) {
             && p["workers"][0]["slots"].as_array().is_some_and(|s| s.len() == SLOTS as usize)
     })
     .await;
+
+    // A projection stopped by its failure policy shows as stopped, with where and why.
+    let stop = ProjectionStop {
+        projection: "ignore".to_owned(),
+        position: Position { commit: 0, global: 7 },
+        aggregate: "sales/Order/order-6".to_owned(),
+        event_type: "Placed".to_owned(),
+        error: "poison".to_owned(),
+    };
+    store.stop_projection(&ReplicaSetName::new(RS).unwrap(), &stop).await.unwrap();
+    let picture =
+        wait_for(addr, "the stopped projection", |p| p["projections"][0]["state"] == "stopped")
+            .await;
+    let stopped = &picture["projections"][0]["stopped"];
+    assert_eq!(stopped["position"], 7, "{picture}");
+    assert_eq!(stopped["aggregate"], "sales/Order/order-6");
+    assert_eq!(stopped["event_type"], "Placed");
+    assert_eq!(stopped["error"], "poison");
+    assert!(stopped["age_ms"].is_u64());
     let _ = a.stop.send(());
     a.task.await.unwrap().unwrap();
 }
