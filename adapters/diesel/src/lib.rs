@@ -435,4 +435,12 @@ impl CoordinationStore for DieselStore {
     ) -> StoreResult<()> {
         self.pg.deregister(replica_set, worker, incarnation).await
     }
+
+    async fn recent_generations(
+        &self,
+        replica_set: &ReplicaSetName,
+        limit: usize,
+    ) -> StoreResult<Vec<orchestrator_core::ports::GenerationRecord>> {
+        self.pg.recent_generations(replica_set, limit).await
+    }
 }
