@@ -1,4 +1,4 @@
-//! `demo verify`: compares the `demo_audit` table with the events table (SPEC §7): every event
+//! `demo verify`: compares the `demo_audit` table with the events table : every event
 //! applied exactly once per demo projection, in per-aggregate order. `--json` prints the same
 //! findings as one object: `events`, `projections` (each with `name`, `applied`, `exactly_once`,
 //! `duplicates`, `missing`, `order_violations`) and `verdict` (`pass` or `fail`).

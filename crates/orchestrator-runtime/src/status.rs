@@ -3,7 +3,7 @@
 //!
 //! [`read_status`] turns one consistent snapshot of the coordination store, the generation history
 //! and each projection's backlog into a [`ReplicaSetStatus`], whose JSON form is the stable
-//! `status --json` interface (SPEC §7) plus the page's extras (`slot_map`, `generations`,
+//! `status --json` interface plus the page's extras (`slot_map`, `generations`,
 //! `leader`). [`StatusPage`] serves that JSON at `/status.json` and a small self-refreshing page at
 //! `/`, embedded in the binary (no asset is fetched at run time).
 
@@ -116,7 +116,7 @@ pub struct ProjectionStatus {
     pub dead_letters: u64,
 }
 
-/// Where a projection stopped (SPEC §4.9), as the store recorded it.
+/// Where a projection stopped (its `stop` failure policy), as the store recorded it.
 #[derive(Debug, Clone, Serialize)]
 pub struct StoppedAt {
     /// The failing event's global position.
@@ -226,7 +226,7 @@ fn stopped_at(stopped: &StoppedProjection) -> StoppedAt {
     }
 }
 
-/// HOOK for the `park` failure policy of SPEC §4.9: the stores keep no dead letters yet, so every
+/// HOOK for the `park` failure policy (dead letters): the stores keep no dead letters yet, so every
 /// projection has none. When they do, count them here (once per refresh, per projection); the
 /// page already draws the count.
 fn dead_letters(_projection: &str) -> u64 {

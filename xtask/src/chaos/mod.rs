@@ -1,4 +1,4 @@
-//! `cargo xtask chaos`: the multi-process chaos run of SPEC §6.
+//! `cargo xtask chaos`: the multi-process chaos run (docs/testing.md).
 //!
 //! Real `orchestrator demo worker` processes on PostgreSQL or SQLite, concurrent `demo append`
 //! processes, and a seeded schedule of faults: workers joining, leaving by SIGTERM, dying by

@@ -1,4 +1,4 @@
-//! The replica set as `orchestrator status --json` shows it (SPEC §7), and the background poll.
+//! The replica set as `orchestrator status --json` shows it, and the background poll.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,4 +1,4 @@
-//! `orchestrator demo verify --json` (SPEC §7): every event applied exactly once per demo
+//! `orchestrator demo verify --json`: every event applied exactly once per demo
 //! projection, in per-aggregate order.
 
 use anyhow::{Context, Result, bail};
