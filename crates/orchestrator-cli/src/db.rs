@@ -29,20 +29,35 @@ pub(crate) fn kind_of(url: &str) -> Result<&'static str> {
     }
 }
 
+/// Connections of a command's pool when it says nothing else (a worker sizes its own).
+const PG_POOL: u32 = 10;
+const SQLITE_POOL: u32 = 4;
+
 /// Connects, creates or upgrades the schema (idempotent; the demo's audit table with it, under the
 /// same lock), and opens the store.
 pub(crate) async fn open(url: &str, prefix: &TablePrefix, slots: SlotCount) -> Result<Database> {
+    open_with_pool(url, prefix, slots, None).await
+}
+
+/// [`open`] with `pool_size` connections (default: 10 on PostgreSQL, 4 on SQLite).
+pub(crate) async fn open_with_pool(
+    url: &str,
+    prefix: &TablePrefix,
+    slots: SlotCount,
+    pool_size: Option<u32>,
+) -> Result<Database> {
     match kind_of(url)? {
         "postgres" => {
-            let pool =
-                PgStore::connect_pool(url, 10).await.context("cannot connect to PostgreSQL")?;
+            let pool = PgStore::connect_pool(url, pool_size.unwrap_or(PG_POOL))
+                .await
+                .context("cannot connect to PostgreSQL")?;
             orchestrator_postgres::migrate_with(&pool, prefix, slots, crate::demo::PG_SCHEMA)
                 .await
                 .context("migration failed")?;
             Ok(Database::Postgres(PgStore::open(pool, prefix.clone()).await?))
         }
         _ => {
-            let pool = SqliteStore::connect_pool(url, 4)
+            let pool = SqliteStore::connect_pool(url, pool_size.unwrap_or(SQLITE_POOL))
                 .await
                 .context("cannot open the SQLite database")?;
             orchestrator_sqlite::migrate_with(&pool, prefix, slots, crate::demo::SQLITE_SCHEMA)

@@ -52,6 +52,15 @@ pub(crate) const SQLITE_SCHEMA: &[SchemaMigration] = &[SchemaMigration {
 pub(crate) struct PgAudit {
     pub(crate) name: &'static str,
     pub(crate) worker: String,
+    /// `--handler-delay`: each batch of demo_audit_batch waits this long first.
+    pub(crate) delay: Duration,
+}
+
+/// `--handler-delay`'s wait: only demo_audit_batch is slowed.
+async fn delay_batch(name: &str, delay: Duration) {
+    if name == PROJECTIONS[1] && !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
 }
 
 const PG_RECORD: &str = "INSERT INTO demo_audit (projection, global_position, aggregate_id, aggregate_version, slot, \
@@ -100,6 +109,7 @@ impl Projection<PgTx> for PgAudit {
     }
 
     async fn handle_batch(&self, tx: &mut PgTx, events: &[Event]) -> Result<(), HandlerError> {
+        delay_batch(self.name, self.delay).await;
         if self.name == PROJECTIONS[0] {
             // demo_audit goes event by event, like a simple projection would.
             for (index, event) in events.iter().enumerate() {
@@ -117,6 +127,8 @@ impl Projection<PgTx> for PgAudit {
 pub(crate) struct SqliteAudit {
     pub(crate) name: &'static str,
     pub(crate) worker: String,
+    /// `--handler-delay`: each batch of demo_audit_batch waits this long first.
+    pub(crate) delay: Duration,
 }
 
 #[async_trait]
@@ -154,6 +166,14 @@ impl Projection<SqliteTx> for SqliteAudit {
         .await?;
         Ok(())
     }
+
+    async fn handle_batch(&self, tx: &mut SqliteTx, events: &[Event]) -> Result<(), HandlerError> {
+        delay_batch(self.name, self.delay).await;
+        for (index, event) in events.iter().enumerate() {
+            self.handle(tx, event).await.map_err(|e| HandlerError::at(index, e))?;
+        }
+        Ok(())
+    }
 }
 
 /// The projections a demo worker runs on `db`.
@@ -162,18 +182,21 @@ pub(crate) enum DemoProjections {
     Sqlite(Vec<Arc<dyn Projection<SqliteTx>>>),
 }
 
-pub(crate) fn projections(db: &Database, worker: &str) -> DemoProjections {
+/// The demo projections for `worker`; `delay` slows each batch of demo_audit_batch
+/// (`--handler-delay`).
+pub(crate) fn projections(db: &Database, worker: &str, delay: Duration) -> DemoProjections {
+    let worker = worker.to_owned();
     match db {
         Database::Postgres(_) => DemoProjections::Postgres(
             PROJECTIONS
                 .iter()
-                .map(|name| Arc::new(PgAudit { name, worker: worker.to_owned() }) as _)
+                .map(|name| Arc::new(PgAudit { name, worker: worker.clone(), delay }) as _)
                 .collect(),
         ),
         Database::Sqlite(_) => DemoProjections::Sqlite(
             PROJECTIONS
                 .iter()
-                .map(|name| Arc::new(SqliteAudit { name, worker: worker.to_owned() }) as _)
+                .map(|name| Arc::new(SqliteAudit { name, worker: worker.clone(), delay }) as _)
                 .collect(),
         ),
     }

@@ -143,7 +143,7 @@ enum DemoCommand {
     /// Append exactly N demo events over M aggregates, versions in order.
     Append(AppendArgs),
     /// Run one worker of the demo projections until SIGTERM or SIGINT, then leave gracefully.
-    Worker(WorkerArgs),
+    Worker(Box<WorkerArgs>),
     /// Check demo_audit: every appended event applied exactly once per projection, each
     /// aggregate's events in version order. Exits 1 on any violation.
     Verify(VerifyArgs),
@@ -198,9 +198,27 @@ struct WorkerArgs {
     /// incremental (default) or recreate.
     #[arg(long, env = "STRATEGY")]
     strategy: Option<String>,
-    /// Attempts of a failing batch before its projection stops the worker.
+    /// Attempts of a failing batch before its projection stops (in this worker; the other
+    /// projections and the worker go on).
     #[arg(long, env = "HANDLER_MAX_ATTEMPTS")]
     handler_max_attempts: Option<u32>,
+    /// Groups of this worker's slots processed at the same time (default 1); per-key order holds.
+    #[arg(long, env = "PROCESSING_CONCURRENCY")]
+    processing_concurrency: Option<usize>,
+    /// A batch whose handler has not returned after this long is rolled back and counts as a
+    /// failed attempt (default 30s, or half of --coordination-timeout when that is under a
+    /// minute; shorter than --coordination-timeout, and than 60s on PostgreSQL).
+    #[arg(long, env = "HANDLER_TIMEOUT", allow_hyphen_values = true)]
+    handler_timeout: Option<String>,
+    /// Database connections of this worker (default: what it needs, see docs/configuration.md;
+    /// a smaller value is refused).
+    #[arg(long, env = "DATABASE_POOL_SIZE")]
+    database_pool_size: Option<u32>,
+    /// Demo aid: each batch of the demo_audit_batch projection waits this many milliseconds
+    /// before writing (demo_audit is not slowed), to watch one slow projection beside a fast one,
+    /// and what PROCESSING_CONCURRENCY does for a slow handler.
+    #[arg(long, default_value_t = 0)]
+    handler_delay: u64,
     /// Serve /metrics, /healthz and /readyz on this address, like 0.0.0.0:9090 (default: no server).
     #[arg(long, env = "METRICS_ADDR")]
     metrics_addr: Option<String>,
@@ -369,12 +387,22 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Demo(DemoCommand::Worker(args)) => {
             let settings = worker_settings(&args, prefix.clone(), slots)?;
+            // The demo worker runs two projections; on PostgreSQL it also LISTENs, and its handler
+            // timeout must end before the server ends an idle transaction.
+            let postgres = db::kind_of(&url)? == "postgres";
+            settings.check_pool_size(demo::PROJECTIONS.len(), postgres)?;
+            if postgres {
+                settings
+                    .check_transaction_limit(orchestrator_postgres::IDLE_IN_TRANSACTION_LIMIT)?;
+            }
+            let pool_size = settings.pool_size(demo::PROJECTIONS.len(), postgres);
+            let handler_delay = Duration::from_millis(args.handler_delay);
             let metrics_addr = args
                 .metrics_addr
                 .as_deref()
                 .map(|addr| parse_listen_addr(addr, "metrics-addr"))
                 .transpose()?;
-            let db = db::open(&url, &prefix, slots).await?;
+            let db = db::open_with_pool(&url, &prefix, slots, Some(pool_size)).await?;
             let telemetry = Telemetry::new()?;
             let _server = match metrics_addr {
                 Some(addr) => Some(
@@ -385,7 +413,7 @@ async fn run(cli: Cli) -> Result<()> {
                 ),
                 None => None,
             };
-            run_worker(db, settings, &telemetry).await
+            run_worker(db, settings, &telemetry, handler_delay).await
         }
     }
 }
@@ -429,6 +457,15 @@ fn worker_settings(args: &WorkerArgs, prefix: TablePrefix, slots: SlotCount) -> 
     if let Some(attempts) = args.handler_max_attempts {
         settings.retry.max_attempts = attempts;
     }
+    if let Some(concurrency) = args.processing_concurrency {
+        settings.processing_concurrency = concurrency;
+    }
+    if let Some(d) = duration("handler-timeout", &args.handler_timeout)? {
+        settings.handler_timeout = Some(d);
+    }
+    if let Some(size) = args.database_pool_size {
+        settings.database_pool_size = Some(size);
+    }
     settings.table_prefix = prefix;
     settings.slots = slots;
     settings.validate()?;
@@ -444,9 +481,14 @@ fn parse_listen_addr(addr: &str, flag: &str) -> Result<SocketAddr> {
     })
 }
 
-async fn run_worker(db: Database, settings: Settings, telemetry: &Telemetry) -> Result<()> {
+async fn run_worker(
+    db: Database,
+    settings: Settings,
+    telemetry: &Telemetry,
+    handler_delay: Duration,
+) -> Result<()> {
     let worker = settings.worker_id.to_string();
-    match (demo::projections(&db, &worker), db) {
+    match (demo::projections(&db, &worker, handler_delay), db) {
         (DemoProjections::Postgres(projections), Database::Postgres(store)) => {
             let feed = store.change_feed().await.context("cannot listen for notifications")?;
             Orchestrator::new(store, settings)?

@@ -56,6 +56,7 @@ pub(crate) struct Metrics {
     coordination_timeouts: Counter<u64>,
     events_processed: Counter<u64>,
     projection_errors: Counter<u64>,
+    handler_timeouts: Counter<u64>,
     commits_fenced: Counter<u64>,
     active_workers: Gauge<u64>,
     current_generation: Gauge<u64>,
@@ -125,6 +126,10 @@ impl Metrics {
             projection_errors: counter(
                 "projection_errors_total",
                 "Handler failures, each attempt, per projection",
+            ),
+            handler_timeouts: counter(
+                "handler_timeouts_total",
+                "Batches abandoned because the handler did not return within HANDLER_TIMEOUT, per projection",
             ),
             commits_fenced: counter(
                 "commits_fenced_total",
@@ -237,6 +242,10 @@ impl Metrics {
         self.projection_errors.add(1, &self.projection_labels(projection));
     }
 
+    pub(crate) fn handler_timed_out(&self, projection: &str) {
+        self.handler_timeouts.add(1, &self.projection_labels(projection));
+    }
+
     pub(crate) fn commit_fenced(&self, projection: &str) {
         self.commits_fenced.add(1, &self.projection_labels(projection));
     }
@@ -267,7 +276,12 @@ impl Metrics {
         }
         for projection in projections {
             let labels = self.projection_labels(projection);
-            for counter in [&self.events_processed, &self.projection_errors, &self.commits_fenced] {
+            for counter in [
+                &self.events_processed,
+                &self.projection_errors,
+                &self.handler_timeouts,
+                &self.commits_fenced,
+            ] {
                 counter.add(0, &labels);
             }
             self.lag(projection, 0, None);

@@ -4,6 +4,9 @@
 use std::time::Duration;
 
 pub use orchestrator_core::parse_duration;
+/// How a failing handler is retried before its projection stops (`HANDLER_MAX_ATTEMPTS`; the
+/// waits double from 100 ms up to 5 s).
+pub use orchestrator_core::processing::RetryPolicy;
 use orchestrator_core::{
     InvalidName, ReplicaSetName, SlotCount, Strategy, TablePrefix, Timing, WorkerId, quote,
 };
@@ -22,35 +25,6 @@ pub struct InvalidSetting {
 impl InvalidSetting {
     fn new(setting: &str, rule: impl Into<String>) -> Self {
         Self { setting: setting.to_owned(), rule: rule.into() }
-    }
-}
-
-/// How a failing handler is retried before its projection stops.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RetryPolicy {
-    /// Attempts in all, the first included (default 5).
-    pub max_attempts: u32,
-    /// Wait before the second attempt; doubled each time (default 100 ms).
-    pub initial_backoff: Duration,
-    /// Upper bound of the wait (default 5 s).
-    pub max_backoff: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        Self {
-            max_attempts: 5,
-            initial_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(5),
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// The wait after failed attempt `attempt` (1-based).
-    pub fn backoff(&self, attempt: u32) -> Duration {
-        let factor = 2u32.saturating_pow(attempt.saturating_sub(1));
-        self.initial_backoff.saturating_mul(factor).min(self.max_backoff)
     }
 }
 
@@ -76,7 +50,22 @@ pub struct Settings {
     /// How long an idle worker waits before looking for new events again (`POLL_INTERVAL`, default
     /// 100 ms, the seed processor's; a store that can notify wakes it sooner).
     pub idle_poll: Duration,
+    /// Disjoint groups of the owned slots processed at the same time (`PROCESSING_CONCURRENCY`,
+    /// default 1): with I/O-bound handlers, up to this many batches of each projection are in
+    /// flight at once. Per-key order holds at any setting (a key's slot is in one group).
+    pub processing_concurrency: usize,
+    /// How long a handler may take on one batch before the batch is abandoned (rolled back) and
+    /// counts as a failed attempt (`HANDLER_TIMEOUT`). `None`: 30 s, or half of
+    /// `coordination_timeout` when that is shorter than a minute ([`Settings::handler_timeout`]).
+    /// A value given must be shorter than `coordination_timeout`.
+    pub handler_timeout: Option<Duration>,
+    /// Connections of the store's pool (`DATABASE_POOL_SIZE`). `None`: what the worker needs
+    /// ([`Settings::pool_size_needed`]); a value given must be at least that.
+    pub database_pool_size: Option<u32>,
 }
+
+/// The handler timeout when none is given.
+pub(crate) const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Settings {
     /// Defaults for a replica set, with a generated worker id.
@@ -91,7 +80,67 @@ impl Settings {
             strategy: Strategy::default(),
             retry: RetryPolicy::default(),
             idle_poll: Duration::from_millis(100),
+            processing_concurrency: 1,
+            handler_timeout: None,
+            database_pool_size: None,
         }
+    }
+
+    /// The handler timeout in force: the one given, else 30 s, or half of `coordination_timeout`
+    /// when that is shorter than a minute (so the default always passes validation).
+    pub fn handler_timeout(&self) -> Duration {
+        self.handler_timeout
+            .unwrap_or_else(|| DEFAULT_HANDLER_TIMEOUT.min(self.timing.coordination_timeout / 2))
+    }
+
+    /// Connections a worker running `projections` projections needs so that no batch, read or
+    /// heartbeat waits for another's connection: one transaction per projection and slot group
+    /// (`PROCESSING_CONCURRENCY × projections`), one read per group, one for coordination
+    /// (heartbeats, observations), and one for LISTEN when `listens` (PostgreSQL's change feed).
+    pub fn pool_size_needed(&self, projections: usize, listens: bool) -> u32 {
+        let groups = self.processing_concurrency.max(1);
+        let needed = groups * projections + groups + 1 + usize::from(listens);
+        u32::try_from(needed).unwrap_or(u32::MAX)
+    }
+
+    /// The pool size to build: `database_pool_size` if given, else what is needed.
+    pub fn pool_size(&self, projections: usize, listens: bool) -> u32 {
+        self.database_pool_size.unwrap_or_else(|| self.pool_size_needed(projections, listens))
+    }
+
+    /// Refuses a `database_pool_size` smaller than what `projections` projections need.
+    pub fn check_pool_size(&self, projections: usize, listens: bool) -> Result<(), InvalidSetting> {
+        let needed = self.pool_size_needed(projections, listens);
+        match self.database_pool_size {
+            Some(size) if size < needed => Err(InvalidSetting::new(
+                "DATABASE_POOL_SIZE",
+                format!(
+                    "{size} connections cannot serve {} projection(s) at PROCESSING_CONCURRENCY={} \
+                     (one transaction per projection and group, one read per group, one for \
+                     coordination{}): at least {needed}",
+                    projections,
+                    self.processing_concurrency,
+                    if listens { ", one for LISTEN" } else { "" }
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Refuses a handler timeout that is not shorter than the store's limit on a transaction left
+    /// idle (PostgreSQL ends such sessions: 60 s as `PgStore::tune` sets it), past which the
+    /// store would end the batch's transaction before the timeout does.
+    pub fn check_transaction_limit(&self, limit: Duration) -> Result<(), InvalidSetting> {
+        let timeout = self.handler_timeout();
+        if timeout >= limit {
+            return Err(InvalidSetting::new(
+                "handler_timeout",
+                format!(
+                    "must be shorter than the store's idle-in-transaction limit ({limit:?}), got {timeout:?}"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Checks every setting and their relations.
@@ -109,6 +158,30 @@ impl Settings {
         if self.idle_poll.is_zero() {
             return Err(InvalidSetting::new("poll_interval", "must be at least 1ms"));
         }
+        let slots = self.slots.get() as usize;
+        if self.processing_concurrency == 0 || self.processing_concurrency > slots {
+            return Err(InvalidSetting::new(
+                "processing_concurrency",
+                format!(
+                    "must be between 1 and the slot count ({slots}), got {}",
+                    self.processing_concurrency
+                ),
+            ));
+        }
+        if let Some(timeout) = self.handler_timeout {
+            let coordination = self.timing.coordination_timeout;
+            if timeout.is_zero() || timeout >= coordination {
+                return Err(InvalidSetting::new(
+                    "handler_timeout",
+                    format!(
+                        "must be more than 0 and shorter than coordination_timeout ({coordination:?}), got {timeout:?}"
+                    ),
+                ));
+            }
+        }
+        if self.database_pool_size == Some(0) {
+            return Err(InvalidSetting::new("database_pool_size", "must be at least 1"));
+        }
         Ok(())
     }
 
@@ -116,7 +189,8 @@ impl Settings {
     ///
     /// `REPLICA_SET`, `WORKER_ID`, `HEARTBEAT_INTERVAL`, `STALE_WORKER_TIMEOUT`,
     /// `COORDINATION_TIMEOUT`, `POLL_INTERVAL`, `REGISTRATION_WAIT`, `BATCH_SIZE`, `SLOTS`,
-    /// `TABLE_PREFIX`, `STRATEGY`, `HANDLER_MAX_ATTEMPTS`. Durations are written `5s`, `500ms`, `1m`.
+    /// `TABLE_PREFIX`, `STRATEGY`, `HANDLER_MAX_ATTEMPTS`, `PROCESSING_CONCURRENCY`,
+    /// `HANDLER_TIMEOUT`, `DATABASE_POOL_SIZE`. Durations are written `5s`, `500ms`, `1m`.
     pub fn from_env() -> Result<Self, InvalidSetting> {
         Self::from_lookup(|key| std::env::var(key).ok())
     }
@@ -158,6 +232,20 @@ impl Settings {
         }
         if let Some(text) = lookup("HANDLER_MAX_ATTEMPTS") {
             settings.retry.max_attempts = parse_number("HANDLER_MAX_ATTEMPTS", &text)? as u32;
+        }
+        if let Some(text) = lookup("PROCESSING_CONCURRENCY") {
+            settings.processing_concurrency =
+                parse_number("PROCESSING_CONCURRENCY", &text)?.min(u64::from(u32::MAX)) as usize;
+        }
+        if let Some(text) = lookup("HANDLER_TIMEOUT") {
+            settings.handler_timeout = Some(
+                parse_duration(&text)
+                    .map_err(|rule| InvalidSetting::new("HANDLER_TIMEOUT", rule.to_string()))?,
+            );
+        }
+        if let Some(text) = lookup("DATABASE_POOL_SIZE") {
+            settings.database_pool_size =
+                Some(parse_number("DATABASE_POOL_SIZE", &text)?.min(u64::from(u32::MAX)) as u32);
         }
         settings.validate()?;
         Ok(settings)
@@ -260,10 +348,76 @@ mod tests {
             (&[("HEARTBEAT_INTERVAL", "-1s")], "invalid HEARTBEAT_INTERVAL"),
             (&[("TABLE_PREFIX", "x; drop")], "invalid TABLE_PREFIX"),
             (&[("STRATEGY", "yolo")], "invalid STRATEGY"),
+            (
+                &[("PROCESSING_CONCURRENCY", "0")],
+                "invalid processing_concurrency: must be between 1 and the slot count (256), got 0",
+            ),
+            (&[("PROCESSING_CONCURRENCY", "257")], "invalid processing_concurrency"),
+            (&[("PROCESSING_CONCURRENCY", "eight")], "invalid PROCESSING_CONCURRENCY"),
+            (
+                &[("HANDLER_TIMEOUT", "60s")],
+                "invalid handler_timeout: must be more than 0 and shorter than coordination_timeout (60s), got 60s",
+            ),
+            (
+                &[("HANDLER_TIMEOUT", "15s"), ("COORDINATION_TIMEOUT", "10s")],
+                "invalid handler_timeout",
+            ),
+            (&[("HANDLER_TIMEOUT", "0s")], "invalid HANDLER_TIMEOUT"),
+            (&[("HANDLER_TIMEOUT", "soon")], "invalid HANDLER_TIMEOUT"),
+            (&[("DATABASE_POOL_SIZE", "0")], "invalid database_pool_size: must be at least 1"),
         ];
         for (vars, expected) in cases {
             let err = Settings::from_lookup(env(vars)).unwrap_err().to_string();
             assert!(err.starts_with(expected), "{vars:?}: {err}");
         }
+    }
+
+    #[test]
+    fn processing_settings_from_the_environment() {
+        let settings = Settings::from_lookup(env(&[
+            ("PROCESSING_CONCURRENCY", "8"),
+            ("HANDLER_TIMEOUT", "10s"),
+            ("DATABASE_POOL_SIZE", "40"),
+        ]))
+        .unwrap();
+        assert_eq!(settings.processing_concurrency, 8);
+        assert_eq!(settings.handler_timeout(), Duration::from_secs(10));
+        assert_eq!(settings.database_pool_size, Some(40));
+        let defaults = Settings::from_lookup(env(&[])).unwrap();
+        assert_eq!(defaults.processing_concurrency, 1);
+        assert_eq!(defaults.handler_timeout(), Duration::from_secs(30));
+        let short = Settings::from_lookup(env(&[("COORDINATION_TIMEOUT", "10s")])).unwrap();
+        assert_eq!(
+            short.handler_timeout(),
+            Duration::from_secs(5),
+            "half a short coordination timeout"
+        );
+    }
+
+    #[test]
+    fn the_pool_must_serve_every_group_and_projection() {
+        let mut settings = Settings::from_lookup(env(&[("PROCESSING_CONCURRENCY", "4")])).unwrap();
+        // 4 groups x 2 projections, 4 reads, coordination, LISTEN.
+        assert_eq!(settings.pool_size_needed(2, true), 14);
+        assert_eq!(settings.pool_size(2, false), 13);
+        assert_eq!(settings.check_pool_size(2, true), Ok(()));
+        settings.database_pool_size = Some(10);
+        let err = settings.check_pool_size(2, true).unwrap_err().to_string();
+        assert!(err.starts_with("invalid DATABASE_POOL_SIZE: 10 connections cannot serve 2 projection(s) at PROCESSING_CONCURRENCY=4"), "{err}");
+        assert!(err.ends_with("at least 14"), "{err}");
+        assert!(!err.contains('\n'));
+    }
+
+    #[test]
+    fn the_handler_timeout_must_end_before_the_store_ends_the_transaction() {
+        let mut settings = Settings::from_lookup(env(&[("COORDINATION_TIMEOUT", "2m")])).unwrap();
+        assert_eq!(settings.check_transaction_limit(Duration::from_secs(60)), Ok(()));
+        settings.handler_timeout = Some(Duration::from_secs(90));
+        assert_eq!(settings.validate(), Ok(()));
+        let err = settings.check_transaction_limit(Duration::from_secs(60)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid handler_timeout: must be shorter than the store's idle-in-transaction limit (60s), got 90s"
+        );
     }
 }

@@ -114,6 +114,7 @@ impl<S: Store> Orchestrator<S> {
         projections: Vec<Arc<dyn Projection<<S as CheckpointStore>::Tx>>>,
     ) -> Result<(), RunError> {
         let settings = self.settings.clone();
+        settings.check_pool_size(projections.len(), self.changes.is_some())?;
         let clock = self.clock.clone();
         let rs = settings.replica_set.as_str();
         let (metrics, health) = match &self.telemetry {
@@ -140,6 +141,8 @@ impl<S: Store> Orchestrator<S> {
             wake: self.wake.clone(),
             metrics: metrics.clone(),
             lag_interval: settings.timing.heartbeat_interval,
+            concurrency: settings.processing_concurrency,
+            handler_timeout: settings.handler_timeout(),
         };
         // Aborted if this future is dropped (a crash): no processing may outlive its worker.
         let mut processing = AbortOnDrop(tokio::spawn(processor.run(control_rx, report_tx)));
@@ -173,6 +176,7 @@ impl<S: Store> Orchestrator<S> {
         });
         let mut shutdown = std::pin::pin!(shutdown);
         let mut stopping = false;
+        let mut stopped_projection: Option<RunError> = None;
         driver.feed(clock.now(), Input::Start).await;
         while !driver.engine.has_left() {
             if driver.outcome.is_err() && !stopping {
@@ -196,7 +200,11 @@ impl<S: Store> Orchestrator<S> {
                         tracing::debug!(%slot, "Slot lost; observing the new ownership");
                         driver.feed(clock.now(), Input::SlotLost(slot)).await;
                     }
-                    Some(Report::Failed(err)) => driver.outcome = Err(err),
+                    // The projection stopped in this worker; the others go on, and `run`
+                    // reports it when the worker leaves.
+                    Some(Report::ProjectionStopped(err)) => {
+                        stopped_projection.get_or_insert(err);
+                    }
                     None => break,
                 },
                 () = coordination_changed.notified() => driver.observe(clock.now()).await,
@@ -216,7 +224,7 @@ impl<S: Store> Orchestrator<S> {
         }
         metrics.state(WorkerState::Stopped);
         health.stopped();
-        driver.finish()
+        driver.finish().and(stopped_projection.map_or(Ok(()), Err))
     }
 }
 

@@ -1,6 +1,6 @@
 //! What a user would try, on every adapter: one worker, workers joining, a graceful leave, a crash,
-//! a failing handler, two replica sets side by side. Every scenario appends events while the
-//! cluster changes and ends by checking that each projection applied every event exactly once, in
+//! a failing handler (its projection stops, the others and the worker go on), two replica sets
+//! side by side. Every scenario appends events while the cluster changes and ends by checking that each projection applied every event exactly once, in
 //! per-aggregate order.
 
 mod support;
@@ -72,11 +72,23 @@ async fn a_failing_handler_stops_its_projection_at_the_event<H: Harness>() {
     let Some(mut cluster) = Cluster::<H>::start(Strategy::default()).await else { return };
     cluster.append(60).await;
     let failing = 37;
-    let projections = vec![cluster.harness.audit("audit", "w1", Some(failing))];
+    // "audit" fails for good on one event; "audit_b", in the same worker, must not notice.
+    cluster.projections = vec!["audit_b".into()];
+    let projections = vec![
+        cluster.harness.audit("audit", "w1", Some(failing)),
+        cluster.harness.audit("audit_b", "w1", None),
+    ];
     cluster
         .spawn("w1", fast_settings("main-projections", "w1", Strategy::default()), projections)
         .await;
-    let err = cluster.wait_exit("w1").await.unwrap_err();
+    cluster.wait_all_applied(WITHIN).await;
+    // Long enough for the three attempts (10 ms and 20 ms apart) to run out; then more events,
+    // which the healthy projection of the same worker still applies.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.append(20).await;
+    cluster.wait_all_applied(WITHIN).await;
+    // The worker stayed; leaving, it reports the projection that stopped.
+    let err = cluster.leave("w1").await.unwrap_err();
     let RunError::ProjectionFailed {
         projection, position, aggregate, event_type, attempts, ..
     } = &err

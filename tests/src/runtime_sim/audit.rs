@@ -1,15 +1,30 @@
 //! The audit projections of the simulation: each records every event it applies, in the same
 //! transaction as its checkpoint, so what was committed tells whether an event took effect twice or
 //! out of order.
+//!
+//! They differ in speed and scope, so that the shared read is left and rejoined all the time: two
+//! fast ones, one that spends simulated time on every batch (and now and then hangs past the
+//! handler timeout, so its batch is abandoned and retried), and one scoped to one aggregate type.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use async_trait::async_trait;
-use orchestrator_core::Event;
 use orchestrator_core::ports::BoxError;
+use orchestrator_core::{Event, Scope, StreamId};
 use orchestrator_memory::{MemoryStore, MemoryTx};
-use orchestrator_runtime::Projection;
+use orchestrator_runtime::{HandlerError, Projection};
 
-/// The projections every simulated worker runs: two, each checked on its own.
-pub const PROJECTIONS: [&str; 2] = ["sim_audit", "sim_audit_batch"];
+/// The projections every simulated worker runs, each checked on its own.
+pub const PROJECTIONS: [&str; 4] =
+    ["sim_audit", "sim_audit_batch", "sim_audit_slow", "sim_audit_cards"];
+
+/// The aggregate type `sim_audit_cards` is scoped to; the other streams are accounts.
+pub(crate) const CARDS: &str = "Card";
+
+/// How long `sim_audit_slow` takes per batch, and how long it hangs on every 25th batch.
+pub(crate) const SLOW_BATCH: Duration = Duration::from_millis(60);
+pub(crate) const HANG: Duration = Duration::from_millis(1_500);
 
 fn applied_table(projection: &str) -> String {
     format!("{projection}.applied")
@@ -19,26 +34,25 @@ fn versions_table(projection: &str) -> String {
     format!("{projection}.versions")
 }
 
+/// Whether `projection` handles events of `stream`.
+pub(crate) fn in_scope(projection: &str, stream: &StreamId) -> bool {
+    projection != PROJECTIONS[3] || stream.aggregate_type == CARDS
+}
+
 /// Records each event: `applied[position] += 1` and `versions[aggregate] = version`, checking the
 /// aggregate's previous version (as this transaction sees it) is the one before.
 pub(crate) struct Audit {
     name: &'static str,
     worker: String,
+    batches: AtomicU64,
 }
 
 impl Audit {
     pub(crate) fn new(name: &'static str, worker: &str) -> Self {
-        Self { name, worker: worker.to_owned() }
-    }
-}
-
-#[async_trait]
-impl Projection<MemoryTx> for Audit {
-    fn name(&self) -> &str {
-        self.name
+        Self { name, worker: worker.to_owned(), batches: AtomicU64::new(0) }
     }
 
-    async fn handle(&self, tx: &mut MemoryTx, event: &Event) -> Result<(), BoxError> {
+    fn record(&self, tx: &mut MemoryTx, event: &Event) {
         let key = format!("{:020}", event.position.global);
         let applied = applied_table(self.name);
         let times =
@@ -64,13 +78,66 @@ impl Projection<MemoryTx> for Audit {
             );
         }
         tx.put(&versions, aggregate, event.aggregate_version.to_be_bytes().to_vec());
+    }
+}
+
+#[async_trait]
+impl Projection<MemoryTx> for Audit {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn scope(&self) -> Scope {
+        if self.name == PROJECTIONS[3] {
+            Scope { aggregate_types: vec![CARDS.into()], bounded_contexts: Vec::new() }
+        } else {
+            Scope::all()
+        }
+    }
+
+    async fn handle(&self, tx: &mut MemoryTx, event: &Event) -> Result<(), BoxError> {
+        self.record(tx, event);
+        Ok(())
+    }
+
+    async fn handle_batch(&self, tx: &mut MemoryTx, events: &[Event]) -> Result<(), HandlerError> {
+        if self.name == PROJECTIONS[2] {
+            let batch = self.batches.fetch_add(1, Ordering::Relaxed) + 1;
+            let pause = if batch.is_multiple_of(25) { HANG } else { SLOW_BATCH };
+            tokio::time::sleep(pause).await;
+        }
+        for event in events {
+            if !in_scope(self.name, &event.stream) {
+                return Err(HandlerError::at(
+                    0,
+                    format!("{} given {} out of its scope", self.name, event.stream),
+                ));
+            }
+            self.record(tx, event);
+        }
         Ok(())
     }
 }
 
+/// How many events each projection must apply: all of them, the cards for the scoped one.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Expected {
+    pub(crate) events: u64,
+    pub(crate) cards: u64,
+}
+
+impl Expected {
+    fn of(&self, projection: &str) -> u64 {
+        if projection == PROJECTIONS[3] { self.cards } else { self.events }
+    }
+}
+
 /// What was committed: no event applied twice, no order violation; with `expected`, also every
-/// one of the `expected` events applied (exactly once).
-pub(crate) fn check_committed(store: &MemoryStore, expected: Option<u64>) -> Result<(), String> {
+/// expected event applied (exactly once).
+pub(crate) fn check_committed(
+    store: &MemoryStore,
+    expected: Option<Expected>,
+) -> Result<(), String> {
     for projection in PROJECTIONS {
         if let Some((_, why)) =
             store.read_model_table(&format!("{projection}.violations")).into_iter().next()
@@ -89,27 +156,33 @@ pub(crate) fn check_committed(store: &MemoryStore, expected: Option<u64>) -> Res
             }
         }
         if let Some(expected) = expected
-            && applied.len() as u64 != expected
+            && applied.len() as u64 != expected.of(projection)
         {
-            return Err(format!("{projection}: {} of {expected} events applied", applied.len()));
+            return Err(format!(
+                "{projection}: {} of {} events applied",
+                applied.len(),
+                expected.of(projection)
+            ));
         }
     }
     Ok(())
 }
 
-/// Whether both projections applied every one of `expected` events.
-pub(crate) fn all_applied(store: &MemoryStore, expected: u64) -> bool {
-    store.event_count() as u64 == expected
+/// Whether every projection applied every event it should.
+pub(crate) fn all_applied(store: &MemoryStore, expected: Expected) -> bool {
+    store.event_count() as u64 == expected.events
         && PROJECTIONS
             .iter()
-            .all(|p| store.read_model_table(&applied_table(p)).len() as u64 == expected)
+            .all(|p| store.read_model_table(&applied_table(p)).len() as u64 == expected.of(p))
 }
 
 /// How far each projection got, for a failure message.
-pub(crate) fn progress(store: &MemoryStore, expected: u64) -> String {
+pub(crate) fn progress(store: &MemoryStore, expected: Expected) -> String {
     PROJECTIONS
         .iter()
-        .map(|p| format!("{p} {}/{expected}", store.read_model_table(&applied_table(p)).len()))
+        .map(|p| {
+            format!("{p} {}/{}", store.read_model_table(&applied_table(p)).len(), expected.of(p))
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }
