@@ -99,6 +99,16 @@ impl EventStore for PgStore {
     async fn read_horizon_stall(&self) -> StoreResult<Option<Duration>> {
         self.horizon.stall(&self.pool).await.map(Some)
     }
+
+    async fn head(&self) -> StoreResult<Option<u64>> {
+        // The primary key's last entry: one index lookup (committed events only).
+        let sql = format!("SELECT max(global_position) FROM {}", self.tables.events);
+        let last: Option<i64> = sqlx::query_scalar(&sql)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| classify("read the last position", e))?;
+        Ok(last.map(|g| g.max(0) as u64))
+    }
 }
 
 impl PgStore {

@@ -119,6 +119,16 @@ impl EventStore for SqliteStore {
             oldest_age: age.map(|ms| Duration::from_millis(ms.max(0) as u64)),
         })
     }
+
+    async fn head(&self) -> StoreResult<Option<u64>> {
+        // The primary key's last entry: one index lookup.
+        let sql = format!("SELECT max(global_position) FROM {}", self.tables.events);
+        let last: Option<i64> = sqlx::query_scalar(&sql)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| classify("read the last position", e))?;
+        Ok(last.map(|g| g.max(0) as u64))
+    }
 }
 
 /// ` AND column IN (?, ...)` for `n` values, or nothing when `n` is 0.

@@ -316,3 +316,22 @@ pub async fn backlog_counts_events_after_the_cursors_in_scope<H: Harness>(h: &H)
     let nothing = ReadRequest { cursors: vec![], scope, limit: 100 };
     assert_eq!(store.backlog(&nothing).await.unwrap().events, 0);
 }
+
+/// `head`, where the store implements it, is the last committed global position (none before the
+/// first append).
+pub async fn head_is_the_last_committed_position<H: Harness>(h: &H) {
+    let store = h.store();
+    let empty = store.head().await.unwrap();
+    assert!(matches!(empty, None | Some(0)), "no events: {empty:?}");
+    store.append(&order("h-1"), ExpectedVersion::Any, new_events(900, 3, "Placed")).await.unwrap();
+    let last = store
+        .append(&order("h-2"), ExpectedVersion::Any, new_events(910, 2, "Placed"))
+        .await
+        .unwrap()
+        .last_global;
+    if let Some(head) = store.head().await.unwrap() {
+        assert_eq!(head, last, "the last appended event's position");
+        let read = read_all(h).await;
+        assert!(read.iter().all(|e| e.position.global <= head));
+    }
+}

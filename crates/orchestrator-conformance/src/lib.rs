@@ -106,6 +106,7 @@ macro_rules! conformance_tests {
             events::read_pages_with_limit_in_position_order,
             events::read_keeps_version_order_per_stream,
             events::backlog_counts_events_after_the_cursors_in_scope,
+            events::head_is_the_last_committed_position,
             streams::read_stream_returns_one_stream_in_version_order,
             streams::read_stream_sees_an_append_at_once_whatever_else_is_open,
             streams::partition_key_is_fixed_at_the_first_append,

@@ -27,7 +27,7 @@ const SLOTS: u64 = 16;
 const RS: &str = "main-projections";
 
 /// Every series name the runtime exports (histograms by their `_count` series).
-const EMITTED: [&str; 21] = [
+const EMITTED: [&str; 22] = [
     "pupsourcing_orchestrator_reconfiguration_total",
     "pupsourcing_orchestrator_generations_total",
     "pupsourcing_orchestrator_workers_registered_total",
@@ -37,6 +37,7 @@ const EMITTED: [&str; 21] = [
     "pupsourcing_orchestrator_events_processed_total",
     "pupsourcing_orchestrator_projection_errors_total",
     "pupsourcing_orchestrator_commits_fenced_total",
+    "pupsourcing_orchestrator_handler_timeouts_total",
     "pupsourcing_orchestrator_active_workers",
     "pupsourcing_orchestrator_current_generation",
     "pupsourcing_orchestrator_current_generation_partitions",
