@@ -221,7 +221,7 @@ fn sim(args: &[String]) -> Result<()> {
     run_step("seeded simulation (real workers, in-memory store, injected faults)", sim)
 }
 
-/// The simulated cluster (engine over the in-memory store, simulated clock).
+/// Seed 0 of the simulation as a story (real workers over the in-memory store, simulated clock).
 fn sim_demo() -> Result<()> {
     let mut sim = cargo();
     sim.args([
@@ -235,7 +235,7 @@ fn sim_demo() -> Result<()> {
         "--",
         "demo",
     ]);
-    run_step("cluster simulation (simulated workers over the in-memory store)", sim)
+    run_step("seed 0 of the simulation (real workers over the in-memory store)", sim)
 }
 
 fn bench(args: &[String]) -> Result<()> {
