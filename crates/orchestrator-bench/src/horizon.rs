@@ -1,4 +1,4 @@
-//! Horizon isolation (SPEC §5): append-to-projected latency on an idle PostgreSQL worker, with and
+//! Horizon isolation (docs/benchmarks.md): append-to-projected latency on an idle PostgreSQL worker, with and
 //! without a writing transaction held open for 30 s in another database of the same server.
 //! Before the read horizon counted only this table's appenders, such a transaction held every
 //! event back until it ended.

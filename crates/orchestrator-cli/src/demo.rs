@@ -1,5 +1,5 @@
 //! The demo: events appended by `demo append`, and the `demo_audit` projections run by
-//! `demo worker`, which record every event they apply (SPEC §7 contract):
+//! `demo worker`, which record every event they apply (a contract the chaos run, the demo and the docs rely on):
 //! `demo_audit(projection, global_position, aggregate_id, aggregate_version, slot, times,
 //! handled_seq, worker_id, created_at, handled_at)`, primary key (projection, global_position).
 //! `times` counts applications (1 is correct); `handled_seq` increases in handling order.

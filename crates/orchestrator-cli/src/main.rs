@@ -1,4 +1,4 @@
-//! `orchestrator`: set up the schema, append demo events, run demo workers (SPEC §7).
+//! `orchestrator`: set up the schema, append demo events, run demo workers, inspect and manage projections.
 //!
 //! Bad input (flags, URLs, settings, an unreachable database) ends with one line on stderr and a
 //! non-zero exit code, never a panic.

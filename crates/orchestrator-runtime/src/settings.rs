@@ -185,7 +185,7 @@ impl Settings {
         Ok(())
     }
 
-    /// Settings from environment variables (SPEC §4.6) over the defaults, validated.
+    /// Settings from environment variables (docs/configuration.md) over the defaults, validated.
     ///
     /// `REPLICA_SET`, `WORKER_ID`, `HEARTBEAT_INTERVAL`, `STALE_WORKER_TIMEOUT`,
     /// `COORDINATION_TIMEOUT`, `POLL_INTERVAL`, `REGISTRATION_WAIT`, `BATCH_SIZE`, `SLOTS`,

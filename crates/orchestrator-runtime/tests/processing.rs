@@ -1,4 +1,4 @@
-//! Processing inside one worker (SPEC §4.3): projections that do not wait for each other, a
+//! Processing inside one worker : projections that do not wait for each other, a
 //! handler that hangs past HANDLER_TIMEOUT, concurrency groups that keep per-key order while
 //! workers join and leave, a pool too small for the settings, and the lag estimate's error bound.
 

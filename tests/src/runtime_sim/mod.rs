@@ -8,7 +8,7 @@
 //! concurrently throughout. Each worker runs four projections of different speeds and scopes
 //! ([`audit`]) with its own `PROCESSING_CONCURRENCY` (1 to 4) and batch size, so projections leave
 //! and rejoin the shared read, and slot groups commit side by side. After every step the
-//! invariants of SPEC §4.4 are checked; at the end, that every event took effect exactly once per
+//! invariants of docs/ARCHITECTURE.md are checked; at the end, that every event took effect exactly once per
 //! projection, in per-aggregate order.
 
 mod audit;
@@ -345,7 +345,7 @@ impl Sim {
         }));
     }
 
-    /// The invariants that hold at every moment (SPEC §4.4): no event applied twice and every
+    /// The invariants that hold at every moment: no event applied twice and every
     /// aggregate in version order in what was committed, generations never going back, every slot
     /// with at most one owner, that owner a registered worker.
     async fn check(&mut self) -> Result<(), String> {
