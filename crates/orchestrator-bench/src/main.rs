@@ -139,7 +139,7 @@ async fn upsert_suite(args: &Args) -> Result<()> {
 }
 
 /// Append-to-projected latency at 50 events/s over 40 s, without and with a writing transaction
-/// held open for 30 s in another database of the server (SPEC §5 "horizon isolation").
+/// held open for 30 s in another database of the server ("horizon isolation" in docs/benchmarks.md).
 async fn horizon_suite(args: &Args) -> Result<()> {
     for foreign in [false, true] {
         let mut runs = Vec::new();
