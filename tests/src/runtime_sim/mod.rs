@@ -6,7 +6,7 @@
 //! resume (SIGSTOP/SIGCONT) at random moments; heartbeats are lost or delayed; commits fail, are
 //! delayed, or are written but reported as failed; other store calls fail; events are appended
 //! concurrently throughout. Each worker runs four projections of different speeds and scopes
-//! ([`audit`]) with its own `PROCESSING_CONCURRENCY` (1 to 4) and batch size, so projections leave
+//! (`audit.rs`) with its own `PROCESSING_CONCURRENCY` (1 to 4) and batch size, so projections leave
 //! and rejoin the shared read, and slot groups commit side by side. After every step the
 //! invariants of docs/ARCHITECTURE.md are checked; at the end, that every event took effect exactly once per
 //! projection, in per-aggregate order.
