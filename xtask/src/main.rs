@@ -239,6 +239,10 @@ fn sim_demo() -> Result<()> {
 }
 
 fn bench(args: &[String]) -> Result<()> {
+    // The processing suite runs real `orchestrator demo worker` processes.
+    let mut cli = cargo();
+    cli.args(["build", "--quiet", "--release", "-p", "orchestrator-cli"]);
+    run_step("the orchestrator binary (release)", cli)?;
     let mut bench = cargo();
     bench.args(["run", "--quiet", "--release", "-p", "orchestrator-bench", "--"]).args(args);
     run_step("benchmarks (each against a plain sqlx reference in the same run)", bench)

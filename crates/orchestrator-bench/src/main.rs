@@ -23,6 +23,7 @@ const PAYLOAD: usize = 200;
 mod diesel_upsert;
 mod embedded;
 mod horizon;
+mod processing;
 mod runtime;
 mod scaling;
 mod upsert;
@@ -81,11 +82,115 @@ async fn main() -> Result<()> {
     if run("horizon") {
         horizon_suite(&args).await?;
     }
+    if run("processing") {
+        processing_suite(&args).await?;
+    }
     Ok(())
 }
 
-const SUITES: [&str; 8] =
-    ["store", "runtime", "embedded", "upsert", "scaling", "horizon", "diesel", "all"];
+const SUITES: [&str; 9] =
+    ["store", "runtime", "embedded", "upsert", "scaling", "horizon", "diesel", "processing", "all"];
+
+/// The second-round bars (docs/benchmarks.md): many projections in one worker, the demo
+/// on four processes, isolation, concurrency, scale-out, the per-event handler.
+async fn processing_suite(args: &Args) -> Result<()> {
+    let events = args.events as u64;
+    let runs = args.runs;
+    let med = |v: &[f64]| median(v.to_vec());
+    let rounded = |v: &[f64]| v.iter().map(|x| (x * 1000.0).round() / 1000.0).collect::<Vec<_>>();
+
+    let (mut ten, mut one, mut ten_rows, mut one_rows) = (vec![], vec![], vec![], vec![]);
+    for run in 1..=runs {
+        eprintln!("10 projections against 1, {events} events: run {run}/{runs}");
+        let (rate, rows) = processing::many_projections(events, 10).await?;
+        ten.push(rate);
+        ten_rows.push(rows);
+        let (rate, rows) = processing::many_projections(events, 1).await?;
+        one.push(rate);
+        one_rows.push(rows);
+    }
+    println!(
+        "| one worker, 10 no-op transactional projections, batch 1000, {events} events from empty checkpoints, heartbeat 1s: rows read per event (all 10, lag included) | {:.3} | one projection alone {:.3} | runs {:?} |",
+        med(&ten_rows),
+        med(&one_rows),
+        rounded(&ten_rows)
+    );
+    println!(
+        "| same: events/s committed by all 10 | {:.0} events/s | one projection alone {:.0} events/s | {:.2}x of one alone |",
+        med(&ten),
+        med(&one),
+        med(&ten) / med(&one)
+    );
+
+    let mut demo = vec![];
+    for run in 1..=runs {
+        eprintln!("4 demo worker processes, {events} events: run {run}/{runs}");
+        demo.push(processing::demo_workers_rows(events, 4).await?);
+    }
+    println!(
+        "| 4 `orchestrator demo worker` processes (demo_audit and demo_audit_batch), {events}-event backlog from scratch, batch 1000, heartbeat 1s: rows read per event | {:.3} | runs {:?} |",
+        med(&demo),
+        rounded(&demo)
+    );
+
+    let iso_events = events.min(200_000);
+    let (mut with, mut without) = (vec![], vec![]);
+    for run in 1..=runs {
+        eprintln!("isolation, {iso_events} events: run {run}/{runs}");
+        with.push(processing::isolation(iso_events, true).await?);
+        without.push(processing::isolation(iso_events, false).await?);
+    }
+    println!(
+        "| isolation: 9 no-op projections beside one taking 50 ms per batch, batch 100, {iso_events} events: the slowest of the nine | {:.0} events/s | the nine alone {:.0} events/s | {:.2}x |",
+        med(&with),
+        med(&without),
+        med(&with) / med(&without)
+    );
+
+    let io_events = 200_000;
+    let (warm, window) = (Duration::from_secs(3), Duration::from_secs(10));
+    let (mut c8, mut c1, mut w4, mut w1) = (vec![], vec![], vec![], vec![]);
+    for run in 1..=runs {
+        eprintln!("I/O-bound handler (1 ms per event), concurrency and workers: run {run}/{runs}");
+        c8.push(processing::io_bound(io_events, 1, 8, warm, window).await?);
+        c1.push(processing::io_bound(io_events, 1, 1, warm, window).await?);
+        w4.push(processing::io_bound(io_events, 4, 1, warm, window).await?);
+        w1.push(processing::io_bound(io_events, 1, 1, warm, window).await?);
+    }
+    println!(
+        "| handler awaiting 1 ms per event, batch 100: PROCESSING_CONCURRENCY=8 against 1 | {:.0} events/s | concurrency 1: {:.0} events/s | {:.2}x |",
+        med(&c8),
+        med(&c1),
+        med(&c8) / med(&c1)
+    );
+    println!(
+        "| same handler: 4 workers against 1 (concurrency 1 each) | {:.0} events/s | 1 worker: {:.0} events/s | {:.2}x |",
+        med(&w4),
+        med(&w1),
+        med(&w4) / med(&w1)
+    );
+
+    let upsert_events = events.min(200_000);
+    for batch in [100usize, 1000] {
+        let (mut ours, mut reference) = (vec![], vec![]);
+        for run in 1..=runs {
+            eprintln!("per-event upsert, batch {batch}: run {run}/{runs}");
+            let schema = runtime::seeded_schema(upsert_events).await?;
+            ours.push(processing::per_event_upsert(&schema, upsert_events, batch).await?);
+            reference.push(
+                upsert::plain_upsert_loop_batch(&schema.pool, upsert_events, batch as i64).await?,
+            );
+            schema.drop_schema().await;
+        }
+        println!(
+            "| projection upserting one row per event through `handle` (one statement per event), batch {batch}, {upsert_events} events | {:.0} events/s | plain read+UNNEST upsert+checkpoint, batch {batch}: {:.0} events/s | {:.2}x of reference |",
+            med(&ours),
+            med(&reference),
+            med(&ours) / med(&reference)
+        );
+    }
+    Ok(())
+}
 
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);

@@ -308,11 +308,20 @@ pub(crate) async fn seeded_schema(events: u64) -> Result<TestSchema> {
 /// Inserts `events` events numbered from `from`, round-robin over 1000 aggregates, 10,000 per
 /// transaction, straight into the events table (the port's append is measured elsewhere).
 pub(crate) async fn insert_events(schema: &TestSchema, from: u64, events: u64) -> Result<()> {
+    insert_events_into(&schema.pool, SlotCount::DEFAULT, from, events).await
+}
+
+/// [`insert_events`] into the `orch_events` table `pool` sees, bucketed into `slots` slots.
+pub(crate) async fn insert_events_into(
+    pool: &PgPool,
+    slots: SlotCount,
+    from: u64,
+    events: u64,
+) -> Result<()> {
     const AGGREGATES: u64 = 1000;
     const CHUNK: u64 = 10_000;
-    let slots: Vec<i32> = (0..AGGREGATES)
-        .map(|a| SlotCount::DEFAULT.slot_of(&format!("acct-{a}")).0 as i32)
-        .collect();
+    let slot_numbers: Vec<i32> =
+        (0..AGGREGATES).map(|a| slots.slot_of(&format!("acct-{a}")).0 as i32).collect();
     let hashes: Vec<i64> = (0..AGGREGATES)
         .map(|a| i64::from(orchestrator_core::fnv1a_32(format!("acct-{a}").as_bytes())))
         .collect();
@@ -329,9 +338,9 @@ pub(crate) async fn insert_events(schema: &TestSchema, from: u64, events: u64) -
         )
         .bind(first as i64)
         .bind((first + n - 1) as i64)
-        .bind(&slots)
+        .bind(&slot_numbers)
         .bind(&hashes)
-        .execute(&schema.pool)
+        .execute(pool)
         .await?;
         first += n;
     }

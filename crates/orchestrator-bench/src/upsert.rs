@@ -22,7 +22,7 @@ const UPSERT: &str = "INSERT INTO bench_ledger (global_position, aggregate_id, a
      SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[]) \
      ON CONFLICT (global_position) DO UPDATE SET aggregate_version = excluded.aggregate_version";
 
-async fn create_read_model(pool: &PgPool, table: &str) -> Result<()> {
+pub(crate) async fn create_read_model(pool: &PgPool, table: &str) -> Result<()> {
     sqlx::query(&format!(
         "CREATE TABLE IF NOT EXISTS {table} (global_position BIGINT PRIMARY KEY, aggregate_id TEXT NOT NULL, \
              aggregate_version BIGINT NOT NULL, event_type TEXT NOT NULL)"
@@ -104,6 +104,11 @@ pub(crate) async fn projection_throughput(schema: &TestSchema, events: u64) -> R
 /// The reference: read 1000 events by keyset, upsert their rows with the same statement, upsert
 /// the checkpoint, commit.
 pub(crate) async fn plain_upsert_loop(pool: &PgPool, events: u64) -> Result<f64> {
+    plain_upsert_loop_batch(pool, events, 1000).await
+}
+
+/// [`plain_upsert_loop`] with batches of `batch`.
+pub(crate) async fn plain_upsert_loop_batch(pool: &PgPool, events: u64, batch: i64) -> Result<f64> {
     create_read_model(pool, "plain_ledger").await?;
     sqlx::query("CREATE TABLE IF NOT EXISTS plain_checkpoints (name TEXT PRIMARY KEY, position BIGINT NOT NULL)")
         .execute(pool)
@@ -116,7 +121,7 @@ pub(crate) async fn plain_upsert_loop(pool: &PgPool, events: u64) -> Result<f64>
         let mut tx = pool.begin().await?;
         let rows = sqlx::query(&crate::keyset_read_sql("orch_events", false))
             .bind(after)
-            .bind(1000_i64)
+            .bind(batch)
             .fetch_all(&mut *tx)
             .await?;
         let Some(last) = rows.last() else { bail!("plain loop stopped at {seen}") };

@@ -214,6 +214,9 @@ struct WorkerArgs {
     /// a smaller value is refused).
     #[arg(long, env = "DATABASE_POOL_SIZE")]
     database_pool_size: Option<u32>,
+    /// Memory in MiB for shared batches slower projections have not taken yet (default 128).
+    #[arg(long, env = "SHARED_READ_BUFFER_MB")]
+    shared_read_buffer_mb: Option<usize>,
     /// Demo aid: each batch of the demo_audit_batch projection waits this many milliseconds
     /// before writing (demo_audit is not slowed), to watch one slow projection beside a fast one,
     /// and what PROCESSING_CONCURRENCY does for a slow handler.
@@ -465,6 +468,14 @@ fn worker_settings(args: &WorkerArgs, prefix: TablePrefix, slots: SlotCount) -> 
     }
     if let Some(size) = args.database_pool_size {
         settings.database_pool_size = Some(size);
+    }
+    if let Some(mb) = args.shared_read_buffer_mb {
+        if mb == 0 || mb > 1 << 20 {
+            anyhow::bail!(
+                "invalid --shared-read-buffer-mb: must be between 1 and 1048576, got {mb}"
+            );
+        }
+        settings.shared_read_buffer = mb << 20;
     }
     settings.table_prefix = prefix;
     settings.slots = slots;

@@ -103,7 +103,8 @@ impl World {
             scopes: scopes.clone(),
             batch_size,
             groups,
-            window,
+            // `window` batches of small events.
+            window_bytes: window * batch_size * 300,
             retry: RetryPolicy { max_attempts: 1_000_000, ..RetryPolicy::default() },
             slot_count: slots,
         });

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use orchestrator_core::event::Tracing;
 use orchestrator_core::processing::{
-    Batch, Command, DEFAULT_WINDOW, Input, Outcome, Processing, ProcessingConfig, RetryPolicy,
-    TaskId, covering_scope,
+    Batch, Command, DEFAULT_WINDOW_BYTES, Input, Outcome, Processing, ProcessingConfig,
+    RetryPolicy, TaskId, covering_scope,
 };
 use orchestrator_core::{
     Epoch, Event, EventId, Position, Scope, Slot, SlotCount, StreamId, Timestamp,
@@ -50,12 +50,22 @@ fn event(global: u64, aggregate_type: &str) -> Event {
 
 impl Harness {
     fn new(scopes: Vec<Scope>, groups: usize, batch_size: usize, events: u64) -> Self {
+        Self::with_window(scopes, groups, batch_size, events, DEFAULT_WINDOW_BYTES)
+    }
+
+    fn with_window(
+        scopes: Vec<Scope>,
+        groups: usize,
+        batch_size: usize,
+        events: u64,
+        window_bytes: usize,
+    ) -> Self {
         let projections = scopes.len();
         let processing = Processing::new(ProcessingConfig {
             scopes,
             batch_size,
             groups,
-            window: DEFAULT_WINDOW,
+            window_bytes,
             retry: RetryPolicy { max_attempts: 3, ..RetryPolicy::default() },
             slot_count: SlotCount::new(SLOTS).unwrap(),
         });
@@ -231,7 +241,9 @@ fn scoped_projections_share_the_read_and_get_their_own_events() {
 
 #[test]
 fn a_slow_projection_does_not_hold_the_others_back() {
-    let mut h = Harness::new(vec![Scope::all(); 4], 1, 10, 2000);
+    // A window of about eight batches: the slow one falls out of it.
+    let window = 8 * 10 * orchestrator_core::processing::event_size(&event(1, "A"));
+    let mut h = Harness::with_window(vec![Scope::all(); 4], 1, 10, 2000, window);
     h.start_all();
     // Projection 3 never finishes its batch while the others run to the end.
     loop {
@@ -404,4 +416,24 @@ fn lag_queries_share_one_count_between_projections_at_one_position() {
     assert_eq!(queries[0].projections.len(), 2);
     assert_eq!(queries[0].request.cursors.len(), SLOTS as usize);
     assert_eq!(queries[0].projections[0].1.len(), 2, "one part per group");
+}
+
+#[test]
+fn a_slower_projection_is_served_from_the_window_while_it_fits() {
+    // The default window holds the whole backlog: the slow projection never reads alone.
+    let mut h = Harness::new(vec![Scope::all(); 4], 1, 10, 2000);
+    h.start_all();
+    let mut reads = 0;
+    loop {
+        let r = h.answer_reads();
+        reads += r;
+        let c = (0..3).map(|p| h.commit(Some(p))).sum::<usize>();
+        if r == 0 && c == 0 {
+            break;
+        }
+    }
+    assert_eq!(reads, 201, "one read per batch, and the empty one at the end");
+    reads += h.run_to_end();
+    assert_eq!(reads, 201, "the slow one took every batch from memory, no read of its own");
+    assert_eq!(sorted(h.applied[3].clone()), h.expected(&Scope::all()));
 }

@@ -62,6 +62,12 @@ pub struct Settings {
     /// Connections of the store's pool (`DATABASE_POOL_SIZE`). `None`: what the worker needs
     /// ([`Settings::pool_size_needed`]); a value given must be at least that.
     pub database_pool_size: Option<u32>,
+    /// Memory for shared batches that slower projections have not taken yet, in bytes
+    /// (`SHARED_READ_BUFFER_MB` in MiB, default 128 MiB, split between the slot groups):
+    /// projections of different speeds keep sharing one read while the slower ones stay within
+    /// it; a projection further behind reads on its own. It fills only when projections drift
+    /// apart.
+    pub shared_read_buffer: usize,
 }
 
 /// The handler timeout when none is given.
@@ -83,6 +89,7 @@ impl Settings {
             processing_concurrency: 1,
             handler_timeout: None,
             database_pool_size: None,
+            shared_read_buffer: 128 << 20,
         }
     }
 
@@ -179,6 +186,9 @@ impl Settings {
                 ));
             }
         }
+        if self.shared_read_buffer == 0 {
+            return Err(InvalidSetting::new("shared_read_buffer", "must be at least 1 byte"));
+        }
         if self.database_pool_size == Some(0) {
             return Err(InvalidSetting::new("database_pool_size", "must be at least 1"));
         }
@@ -190,7 +200,7 @@ impl Settings {
     /// `REPLICA_SET`, `WORKER_ID`, `HEARTBEAT_INTERVAL`, `STALE_WORKER_TIMEOUT`,
     /// `COORDINATION_TIMEOUT`, `POLL_INTERVAL`, `REGISTRATION_WAIT`, `BATCH_SIZE`, `SLOTS`,
     /// `TABLE_PREFIX`, `STRATEGY`, `HANDLER_MAX_ATTEMPTS`, `PROCESSING_CONCURRENCY`,
-    /// `HANDLER_TIMEOUT`, `DATABASE_POOL_SIZE`. Durations are written `5s`, `500ms`, `1m`.
+    /// `HANDLER_TIMEOUT`, `DATABASE_POOL_SIZE`, `SHARED_READ_BUFFER_MB`. Durations are written `5s`, `500ms`, `1m`.
     pub fn from_env() -> Result<Self, InvalidSetting> {
         Self::from_lookup(|key| std::env::var(key).ok())
     }
@@ -242,6 +252,16 @@ impl Settings {
                 parse_duration(&text)
                     .map_err(|rule| InvalidSetting::new("HANDLER_TIMEOUT", rule.to_string()))?,
             );
+        }
+        if let Some(text) = lookup("SHARED_READ_BUFFER_MB") {
+            let mb = parse_number("SHARED_READ_BUFFER_MB", &text)?;
+            if mb == 0 || mb > 1 << 20 {
+                return Err(InvalidSetting::new(
+                    "SHARED_READ_BUFFER_MB",
+                    format!("must be between 1 and 1048576, got {mb}"),
+                ));
+            }
+            settings.shared_read_buffer = (mb as usize) << 20;
         }
         if let Some(text) = lookup("DATABASE_POOL_SIZE") {
             settings.database_pool_size =
@@ -365,6 +385,7 @@ mod tests {
             (&[("HANDLER_TIMEOUT", "0s")], "invalid HANDLER_TIMEOUT"),
             (&[("HANDLER_TIMEOUT", "soon")], "invalid HANDLER_TIMEOUT"),
             (&[("DATABASE_POOL_SIZE", "0")], "invalid database_pool_size: must be at least 1"),
+            (&[("SHARED_READ_BUFFER_MB", "0")], "invalid SHARED_READ_BUFFER_MB: must be between 1"),
         ];
         for (vars, expected) in cases {
             let err = Settings::from_lookup(env(vars)).unwrap_err().to_string();

@@ -143,6 +143,7 @@ impl<S: Store> Orchestrator<S> {
             lag_interval: settings.timing.heartbeat_interval,
             concurrency: settings.processing_concurrency,
             handler_timeout: settings.handler_timeout(),
+            read_buffer_bytes: settings.shared_read_buffer,
         };
         // Aborted if this future is dropped (a crash): no processing may outlive its worker.
         let mut processing = AbortOnDrop(tokio::spawn(processor.run(control_rx, report_tx)));

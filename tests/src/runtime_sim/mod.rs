@@ -285,6 +285,10 @@ impl Sim {
         settings.strategy = self.config.strategy;
         settings.batch_size = 1 + self.rng.below(40) as usize;
         settings.processing_concurrency = 1 + self.rng.below(4) as usize;
+        // From a few batches of shared reads kept in memory (slow projections fall out of the
+        // shared read and rejoin it) to all of them.
+        settings.shared_read_buffer =
+            [4 << 10, 16 << 10, 64 << 10, 128 << 20][self.rng.below(4) as usize];
         // The slow projection hangs past it now and then (audit::HANG).
         settings.handler_timeout = Some(Duration::from_millis(1_000));
         settings.idle_poll = Duration::from_millis(50);
@@ -294,8 +298,10 @@ impl Sim {
             PROJECTIONS.iter().map(|name| Arc::new(Audit::new(name, id.as_str())) as _).collect();
         let (stop, stopped) = oneshot::channel::<()>();
         let described = format!(
-            "batch {}, concurrency {}",
-            settings.batch_size, settings.processing_concurrency
+            "batch {}, concurrency {}, shared read buffer {} KiB",
+            settings.batch_size,
+            settings.processing_concurrency,
+            settings.shared_read_buffer >> 10
         );
         let worker = Orchestrator::new(store.clone(), settings).expect("valid settings");
         let task = tokio::spawn(worker.run(

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::failure::{AfterFailure, Failure, after_failure};
 use super::lag::{Density, LagPart};
-use super::{Batch, Command, Config, FailedEvent, Outcome, TaskId};
+use super::{Batch, Command, Config, FailedEvent, Outcome, TaskId, event_size};
 use crate::event::{Event, Position};
 use crate::ids::Epoch;
 use crate::ports::ReadRequest;
@@ -94,6 +94,8 @@ struct Shared {
     short: bool,
     /// Global positions it spans (for densities).
     span: u64,
+    /// What its events weigh ([`event_size`]).
+    bytes: usize,
 }
 
 #[derive(Debug, Default)]
@@ -103,6 +105,8 @@ struct Stream {
     /// The newest batch (seq, last position), where a solo lane may cut to join at the head.
     head_boundary: Option<(u64, Position)>,
     window: VecDeque<Shared>,
+    /// What the window's batches weigh.
+    bytes: usize,
     reading: Option<TaskId>,
     waiting: Option<TaskId>,
     caught_up: bool,
@@ -144,6 +148,9 @@ struct Lane {
     density: Density,
     /// Its projection stopped: it stops at its next batch boundary.
     stopping: bool,
+    /// The last read that served it returned a full batch: at least a batch of events was
+    /// ahead, so a lag count would reach its limit and only the estimate says more.
+    behind: bool,
 }
 
 impl Lane {
@@ -202,6 +209,7 @@ impl Group {
                     caught_up: false,
                     density: Density::default(),
                     stopping: false,
+                    behind: false,
                 })
                 .collect(),
             stream: Stream::default(),
@@ -230,6 +238,11 @@ impl Group {
     pub(crate) fn waiting_for_events(&self) -> bool {
         (self.stream.caught_up && self.stream.head.is_some())
             || self.lanes.iter().any(|l| l.caught_up && !matches!(l.state, LaneState::Stopped))
+    }
+
+    /// Whether this group's lane of `projection` is known to be at least a batch behind.
+    pub(crate) fn lane_behind(&self, lane: usize) -> bool {
+        self.slots.is_empty() || self.lanes[lane].behind
     }
 
     pub(crate) fn lag_part(
@@ -539,6 +552,7 @@ impl Group {
         let checkpoints = checkpoints_to(&batch.from, batch.last);
         let (seq, last, short, span) = (batch.seq, batch.last, batch.short, batch.span);
         self.lanes[lane].joined = Some(seq + 1);
+        self.lanes[lane].behind = !short;
         if events.is_empty() && !short {
             // Nothing of its scope: the cursors move past the batch without a transaction. The
             // stored checkpoint stays behind until the next commit; re-reading the stretch after
@@ -604,8 +618,9 @@ impl Group {
             return false;
         }
         let mut detached = false;
-        while self.stream.window.len() >= config.window {
-            let oldest = self.stream.window.pop_front().expect("not empty");
+        while self.stream.bytes >= config.window_bytes {
+            let Some(oldest) = self.stream.window.pop_front() else { break };
+            self.stream.bytes -= oldest.bytes;
             for lane in &mut self.lanes {
                 if lane.joined == Some(oldest.seq) {
                     lane.joined = None;
@@ -632,7 +647,8 @@ impl Group {
     fn collect_window(&mut self) {
         let Some(slowest) = self.lanes.iter().filter_map(|l| l.joined).min() else { return };
         while self.stream.window.front().is_some_and(|b| b.seq + 1 < slowest) {
-            self.stream.window.pop_front();
+            let dropped = self.stream.window.pop_front().expect("checked");
+            self.stream.bytes -= dropped.bytes;
         }
     }
 
@@ -696,7 +712,10 @@ impl Group {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.stream.head = Some(advance_all(&head, last));
+        let bytes = events.iter().map(event_size).sum();
+        self.stream.bytes += bytes;
         self.stream.window.push_back(Shared {
+            bytes,
             seq,
             boundary: self.stream.head_boundary,
             from: head,
@@ -753,6 +772,7 @@ impl Group {
             }
         }
         let span = span_of(&events);
+        self.lanes[lane].behind = !short;
         match (cut, end) {
             (Some((seq, at)), _) => {
                 let events: Vec<Event> = events.into_iter().filter(|e| e.position <= at).collect();

@@ -10,9 +10,9 @@
 //! The owned slots are split into `groups` disjoint groups (`PROCESSING_CONCURRENCY`); a slot
 //! stays in the group it started in. In each group every projection has a *lane* that handles one
 //! batch at a time. One *shared stream* per group reads the group's slots once for every lane that
-//! stands at its position, in the covering scope of all projections, and keeps the last few
-//! batches (`window`) for lanes that are a little behind; a lane further behind reads alone and
-//! rejoins through cursor equality (docs/ARCHITECTURE.md, "The processing model", states the
+//! stands at its position, in the covering scope of all projections, and keeps the batches its
+//! slowest lane has not taken yet, up to a memory budget (`window_bytes`), so lanes of different
+//! speeds keep sharing; a lane further behind reads alone and rejoins through cursor equality (docs/ARCHITECTURE.md, "The processing model", states the
 //! invariants this module keeps).
 
 mod failure;
@@ -35,8 +35,27 @@ use crate::slot::{Slot, SlotCount};
 /// Identifies one command the runtime executes, and the input that answers it.
 pub type TaskId = u64;
 
-/// Shared batches kept per group for lanes a little behind the fastest one (default).
-pub const DEFAULT_WINDOW: usize = 8;
+/// Memory a worker gives its shared batches by default, over all its groups: 128 MiB.
+pub const DEFAULT_WINDOW_BYTES: usize = 128 << 20;
+
+/// What an event is taken to weigh in memory, for the shared window's budget: the struct and
+/// what its strings and payload hold.
+pub fn event_size(event: &Event) -> usize {
+    let tracing =
+        [&event.tracing.causation_id, &event.tracing.correlation_id, &event.tracing.trace_id]
+            .iter()
+            .map(|s| s.as_ref().map_or(0, String::len))
+            .sum::<usize>();
+    std::mem::size_of::<Event>()
+        + event.payload.len()
+        + event.metadata.len()
+        + event.stream.bounded_context.len()
+        + event.stream.aggregate_type.len()
+        + event.stream.aggregate_id.len()
+        + event.partition_key.len()
+        + event.event_type.len()
+        + tracing
+}
 
 /// What the state machine needs to know, fixed for a worker's life.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,8 +66,9 @@ pub struct ProcessingConfig {
     pub batch_size: usize,
     /// Disjoint groups of slots handled at once (at least 1).
     pub groups: usize,
-    /// Shared batches kept per group (at least 1).
-    pub window: usize,
+    /// Memory each group may hold in shared batches that lanes still have to take (by
+    /// [`event_size`]); past it the slowest lanes are left to read alone.
+    pub window_bytes: usize,
     /// Handler retries and backoffs.
     pub retry: RetryPolicy,
     /// Slot count of the replica set.
@@ -211,6 +231,10 @@ pub enum Command {
 pub struct LagQuery {
     /// The count to ask `backlog` for (its limit is the count limit).
     pub request: ReadRequest,
+    /// Every lane it covers was at least a batch behind at its last read: a count would only
+    /// reach the limit, so with the store's last position known the count can be skipped (asked
+    /// with limit 0, for the age alone) and the estimate used.
+    pub behind: bool,
     /// Each projection it serves, with its per-group parts for the estimate above the limit.
     pub projections: Vec<(usize, Vec<LagPart>)>,
 }
@@ -241,7 +265,7 @@ pub(crate) struct Config {
     /// Whether a projection's scope is the covering scope (its batches need no filtering).
     pub(crate) unfiltered: Vec<bool>,
     pub(crate) batch_size: usize,
-    pub(crate) window: usize,
+    pub(crate) window_bytes: usize,
     pub(crate) retry: RetryPolicy,
     pub(crate) slot_count: SlotCount,
 }
@@ -269,7 +293,7 @@ impl Processing {
             covering,
             scopes: config.scopes,
             batch_size: config.batch_size.max(1),
-            window: config.window.max(1),
+            window_bytes: config.window_bytes,
             retry: config.retry,
             slot_count: config.slot_count,
         };
@@ -414,7 +438,9 @@ impl Processing {
         for projection in 0..self.config.scopes.len() {
             let mut cursors: Vec<(Slot, Position)> = Vec::new();
             let mut parts = Vec::new();
+            let mut behind = true;
             for group in &self.groups {
+                behind &= group.lane_behind(projection);
                 if let Some((group_cursors, part)) = group.lag_part(projection, &self.config) {
                     cursors.extend(group_cursors);
                     parts.push(part);
@@ -424,8 +450,15 @@ impl Processing {
             let request =
                 ReadRequest { cursors, scope: self.config.scopes[projection].clone(), limit };
             match queries.iter_mut().find(|q| q.request == request) {
-                Some(query) => query.projections.push((projection, parts)),
-                None => queries.push(LagQuery { request, projections: vec![(projection, parts)] }),
+                Some(query) => {
+                    query.behind &= behind;
+                    query.projections.push((projection, parts));
+                }
+                None => queries.push(LagQuery {
+                    request,
+                    behind,
+                    projections: vec![(projection, parts)],
+                }),
             }
         }
         queries

@@ -15,8 +15,16 @@ pub(crate) use orchestrator_core::processing::LAG_COUNT_LIMIT;
 /// Records each projection's lag over the owned slots, and the read horizon's stall. Failures
 /// only leave the previous figures in place: lag is a measurement, not a reason to stop.
 pub(super) async fn measure<S: Store>(shared: Arc<Shared<S>>, queries: Vec<LagQuery>) {
-    let mut head: Option<Option<u64>> = None;
-    for query in queries {
+    // The store's last position (one index lookup), for the estimates.
+    let head = shared.store.head().await.unwrap_or_else(|err| {
+        debug!(%err, "Reading the last position failed");
+        None
+    });
+    for mut query in queries {
+        // A projection a batch or more behind would only reach the count's limit: where the last
+        // position is known, ask for the age alone and estimate the count.
+        let skip_count = query.behind && head.is_some();
+        query.request.limit = if skip_count { 0 } else { LAG_COUNT_LIMIT as usize };
         let backlog = match shared.store.backlog(&query.request).await {
             Ok(backlog) => backlog,
             Err(err) => {
@@ -24,15 +32,9 @@ pub(super) async fn measure<S: Store>(shared: Arc<Shared<S>>, queries: Vec<LagQu
                 continue;
             }
         };
-        if backlog.events >= LAG_COUNT_LIMIT && head.is_none() {
-            // Only a count that reached the limit needs the store's last position.
-            head = Some(shared.store.head().await.unwrap_or_else(|err| {
-                debug!(%err, "Reading the last position failed");
-                None
-            }));
-        }
+        let limit = query.request.limit as u64;
         for (projection, parts) in &query.projections {
-            let lag = estimate_lag(backlog.events, LAG_COUNT_LIMIT, head.flatten(), parts);
+            let lag = estimate_lag(backlog.events, limit, head, parts);
             let name = shared.projections[*projection].name();
             shared.metrics.lag(name, lag.events, backlog.oldest_age);
         }

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use orchestrator_core::ports::BoxError;
 use orchestrator_core::processing::{
-    Command, DEFAULT_WINDOW, Input, Outcome, Processing, ProcessingConfig, RetryPolicy, TaskId,
+    Command, Input, Outcome, Processing, ProcessingConfig, RetryPolicy, TaskId,
 };
 use orchestrator_core::{Epoch, ReplicaSetName, Slot, WorkerId};
 use tokio::sync::{Notify, mpsc};
@@ -71,6 +71,8 @@ pub(crate) struct Processor<S: Store> {
     pub(crate) concurrency: usize,
     /// How long a handler may take on one batch (`HANDLER_TIMEOUT`).
     pub(crate) handler_timeout: Duration,
+    /// Memory for shared batches, over all groups (`SHARED_READ_BUFFER_MB`).
+    pub(crate) read_buffer_bytes: usize,
 }
 
 /// What every spawned task shares.
@@ -117,7 +119,7 @@ impl<S: Store> Processor<S> {
             scopes: self.projections.iter().map(|p| p.scope()).collect(),
             batch_size: self.batch_size,
             groups: self.concurrency,
-            window: DEFAULT_WINDOW,
+            window_bytes: self.read_buffer_bytes / self.concurrency.max(1),
             retry: self.retry,
             slot_count: self.store.slot_count(),
         });
