@@ -10,7 +10,7 @@
 //! - `demo`: the README's first command: worker processes on SQLite scaling 1 -> 3 -> 2.
 //! - `cluster up|scale N|status|down`: a local cluster of worker processes (SQLite or PostgreSQL).
 //! - `sim --seed N | --seeds K`: the seeded simulation of real workers with injected faults.
-//! - `sim-demo`: the same story simulated over the in-memory store.
+//! - `sim-demo`: seed 0 of the simulation told as a story (its trace and verdict).
 //! - `bench [--events N] [--runs R]`: benchmarks against plain sqlx references (needs PostgreSQL).
 //! - `chaos --store postgres|sqlite [--workers N] [--events E] [--duration D] [--seed S]
 //!   [--strategy S]`: worker processes under seeded faults, then the exactly-once check.
@@ -55,7 +55,7 @@ enum Task {
     Cluster(cluster::ClusterArgs),
     /// The seeded simulation of real workers with injected faults (`--seed N` or `--seeds K`).
     Sim(PassThrough),
-    /// The cluster story simulated over the in-memory store.
+    /// Seed 0 of the simulation told as a story: its trace and verdict.
     SimDemo,
     /// Benchmarks against plain sqlx references (needs PostgreSQL).
     Bench(PassThrough),
