@@ -437,3 +437,19 @@ fn a_slower_projection_is_served_from_the_window_while_it_fits() {
     assert_eq!(reads, 201, "the slow one took every batch from memory, no read of its own");
     assert_eq!(sorted(h.applied[3].clone()), h.expected(&Scope::all()));
 }
+
+#[test]
+fn a_burst_of_slot_changes_keeps_one_shared_read_in_flight() {
+    let mut h = Harness::new(vec![Scope::all(), Scope::all()], 1, 100, 0);
+    h.start_all();
+    assert_eq!(h.reads.len(), 1);
+    // Slots stopped one by one, each handled before the next arrives, the first read still out.
+    for slot in 0..SLOTS as u32 / 2 {
+        h.feed(Input::Stop { slot: Slot(slot) });
+        assert_eq!(h.reads.len(), 1, "the read in flight is abandoned, not doubled");
+    }
+    assert_eq!(h.reports.len(), SLOTS as usize / 2, "every stop answered at once");
+    h.answer_reads();
+    assert_eq!(h.reads.len(), 1, "then one read of the slots left");
+    assert_eq!(h.reads[0].1.cursors.len(), SLOTS as usize / 2);
+}

@@ -61,6 +61,9 @@ pub(crate) struct ChaosArgs {
     /// The workers' rebalancing strategy.
     #[arg(long, value_enum, default_value_t = Strategy::Incremental)]
     strategy: Strategy,
+    /// The workers' PROCESSING_CONCURRENCY: slot groups each worker processes at the same time.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    processing_concurrency: u16,
 }
 
 /// A run's settings.
@@ -73,6 +76,7 @@ pub(crate) struct Options {
     pub(crate) seed: u64,
     pub(crate) seed_from_clock: bool,
     pub(crate) strategy: Strategy,
+    pub(crate) processing_concurrency: u16,
 }
 
 impl ChaosArgs {
@@ -90,6 +94,7 @@ impl ChaosArgs {
             seed,
             seed_from_clock,
             strategy: self.strategy,
+            processing_concurrency: self.processing_concurrency,
         }
     }
 }
@@ -103,12 +108,13 @@ impl Options {
             format!("{}ms", self.duration.as_millis())
         };
         format!(
-            "cargo xtask chaos --store {} --workers {} --events {} --duration {duration} --seed {} --strategy {}",
+            "cargo xtask chaos --store {} --workers {} --events {} --duration {duration} --seed {} --strategy {} --processing-concurrency {}",
             self.store.name(),
             self.workers,
             self.events,
             self.seed,
-            self.strategy.name()
+            self.strategy.name(),
+            self.processing_concurrency
         )
     }
 }

@@ -78,6 +78,7 @@ pub(super) fn print_summary(
     println!("store:            {} ({database_url})", options.store.name());
     println!("seed:             {}  (replay: {})", options.seed, options.replay());
     println!("strategy:         {}", options.strategy.name());
+    println!("concurrency:      {} slot group(s) per worker", options.processing_concurrency);
     println!(
         "duration:         {:.0}s of faults, {:.1}s in all (appends done at {:.1}s)",
         options.duration.as_secs_f64(),

@@ -80,8 +80,10 @@ impl Chaos<'_> {
     pub(super) fn start_worker(&mut self, why: &str) -> Result<()> {
         self.next_worker += 1;
         let id = format!("chaos-w{}", self.next_worker);
+        let concurrency = self.options.processing_concurrency.to_string();
         let mut args = vec!["demo", "worker", "--worker-id", &id, "--strategy"];
         args.push(self.options.strategy.name());
+        args.extend(["--processing-concurrency", &concurrency]);
         args.extend(WORKER_TIMINGS);
         let child = self
             .procs

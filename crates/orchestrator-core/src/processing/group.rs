@@ -108,6 +108,8 @@ struct Stream {
     /// What the window's batches weigh.
     bytes: usize,
     reading: Option<TaskId>,
+    /// A read started before the last reset, not back yet.
+    abandoned: Option<TaskId>,
     waiting: Option<TaskId>,
     caught_up: bool,
 }
@@ -335,7 +337,10 @@ impl Group {
     }
 
     fn reset_stream(&mut self) {
-        self.stream = Stream::default();
+        // A read still in flight is abandoned, not forgotten: the next shared read waits for it,
+        // so a burst of slot changes never piles reads up on the store.
+        let abandoned = self.stream.reading.or(self.stream.abandoned);
+        self.stream = Stream { abandoned, ..Stream::default() };
         for lane in &mut self.lanes {
             lane.joined = None;
         }
@@ -607,6 +612,7 @@ impl Group {
         let stream = &self.stream;
         if stream.head.is_none()
             || stream.reading.is_some()
+            || stream.abandoned.is_some()
             || stream.waiting.is_some()
             || stream.caught_up
             || self.slots.is_empty()
@@ -693,8 +699,12 @@ impl Group {
         config: &Config,
         out: &mut Out<'_>,
     ) {
+        if self.stream.abandoned == Some(task) {
+            self.stream.abandoned = None; // the stream was reset since
+            return;
+        }
         if self.stream.reading != Some(task) {
-            return; // the stream was reset since
+            return;
         }
         self.stream.reading = None;
         let Some(events) = events else {
