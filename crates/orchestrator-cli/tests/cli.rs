@@ -85,6 +85,24 @@ fn bad_settings_name_the_setting() {
     refuses(&worker(&["--batch-size", "0"]), 1, "invalid batch_size");
     refuses(&worker(&["--strategy", "yolo"]), 1, "invalid --strategy");
     refuses(&worker(&["--handler-max-attempts", "0"]), 1, "invalid handler_max_attempts");
+    refuses(&worker(&["--processing-concurrency", "0"]), 1, "invalid processing_concurrency");
+    refuses(&worker(&["--handler-timeout", "90s"]), 1, "invalid handler_timeout");
+    refuses(&worker(&["--database-pool-size", "2"]), 1, "invalid DATABASE_POOL_SIZE");
+    refuses(&worker(&["--shared-read-buffer-mb", "0"]), 1, "invalid --shared-read-buffer-mb");
+    // PostgreSQL ends a transaction left idle for 60 s: a handler timeout must end first. Checked
+    // before connecting.
+    refuses(
+        &worker(&[
+            "--database-url",
+            "postgres://nobody@127.0.0.1:1/none",
+            "--coordination-timeout",
+            "2m",
+            "--handler-timeout",
+            "60s",
+        ]),
+        1,
+        "invalid handler_timeout: must be shorter than the store's idle-in-transaction limit (60s)",
+    );
     refuses(&orchestrator(&dir, &["--slots", "100", "migrate"]), 1, "invalid --slots");
     refuses(
         &orchestrator(&dir, &["--table-prefix", "x; drop", "migrate"]),

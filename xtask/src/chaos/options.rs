@@ -158,7 +158,7 @@ mod tests {
         assert_eq!(sqlite.strategy, Strategy::Incremental);
         assert_eq!(
             sqlite.replay(),
-            "cargo xtask chaos --store sqlite --workers 3 --events 4000 --duration 30s --seed 1 --strategy incremental"
+            "cargo xtask chaos --store sqlite --workers 3 --events 4000 --duration 30s --seed 1 --strategy incremental --processing-concurrency 1"
         );
         let postgres =
             parse(&["--store", "postgresql", "--duration", "2m", "--strategy", "recreate"])
