@@ -1,4 +1,4 @@
-//! The PostgreSQL adapter's fenced commit run through diesel: each statement of
+//! The PostgreSQL adapter's fenced commit (and its dead letters' writes) run through diesel: each statement of
 //! `orchestrator_postgres::Fencing`, bound with diesel's `sql_query` on the projection's own
 //! connection, inside its transaction.
 
@@ -43,6 +43,15 @@ impl FencingTx for DieselTx {
             query = query.bind::<Text, _>(*param);
         }
         query.execute(self.conn()).await.map(drop).map_err(|e| classify_error(what, e))
+    }
+
+    async fn execute_count(&mut self, what: &str, sql: &str, params: &[&str]) -> StoreResult<u64> {
+        let mut query = diesel::sql_query(sql).into_boxed();
+        for param in params {
+            query = query.bind::<Text, _>(*param);
+        }
+        let count = query.execute(self.conn()).await.map_err(|e| classify_error(what, e))?;
+        Ok(count as u64)
     }
 
     async fn advance_progress(

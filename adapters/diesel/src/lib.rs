@@ -44,8 +44,9 @@ use diesel_async::pooled_connection::bb8::{Pool, PooledConnection};
 use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
 use diesel_async::{AnsiTransactionManager, AsyncConnection, TransactionManager};
 use orchestrator_core::ports::{
-    Appended, Backlog, CheckpointStore, CoordinationStore, EventStore, Fence, HeartbeatAck,
-    ReadRequest, StoreError, StoreResult, UnitOfWorkStore,
+    Appended, Backlog, CheckpointStore, CoordinationStore, DeadLetter, DeadLetterAction,
+    DeadLetterFilter, DeadLetterId, DeadLetterRequest, DeadLetterStore, EventStore, Fence,
+    HeartbeatAck, NewDeadLetter, ReadRequest, StoreError, StoreResult, UnitOfWorkStore,
 };
 use orchestrator_core::{
     Epoch, Event, ExpectedVersion, Generation, GenerationPlan, Incarnation, NewEvent, PartitionKey,
@@ -318,6 +319,79 @@ impl CheckpointStore for DieselStore {
     ) -> StoreResult<()> {
         let checked = self.fencing.reset(&mut tx, replica_set, projection).await;
         self.finish(tx, "reset a projection", checked).await
+    }
+}
+
+/// Dead letters: parking and resolving happen in the projection's transaction, so they run the
+/// PostgreSQL adapter's statements (`Fencing::park`, `Fencing::resolve`) on the diesel connection;
+/// everything else is the PostgreSQL store's.
+#[async_trait]
+impl DeadLetterStore for DieselStore {
+    async fn park(
+        &self,
+        tx: &mut DieselTx,
+        replica_set: &ReplicaSetName,
+        projection: &str,
+        letters: &[NewDeadLetter],
+    ) -> StoreResult<()> {
+        self.fencing.park(tx, replica_set, projection, letters).await
+    }
+
+    async fn parked_keys(
+        &self,
+        replica_set: &ReplicaSetName,
+        projection: &str,
+        slots: &[Slot],
+    ) -> StoreResult<Vec<(Slot, String)>> {
+        self.pg.parked_keys(replica_set, projection, slots).await
+    }
+
+    async fn dead_letters(
+        &self,
+        replica_set: &ReplicaSetName,
+        filter: &DeadLetterFilter,
+    ) -> StoreResult<Vec<DeadLetter>> {
+        self.pg.dead_letters(replica_set, filter).await
+    }
+
+    async fn dead_letter_counts(
+        &self,
+        replica_set: &ReplicaSetName,
+    ) -> StoreResult<BTreeMap<String, u64>> {
+        self.pg.dead_letter_counts(replica_set).await
+    }
+
+    async fn request(
+        &self,
+        replica_set: &ReplicaSetName,
+        filter: &DeadLetterFilter,
+        action: DeadLetterAction,
+    ) -> StoreResult<u64> {
+        self.pg.request(replica_set, filter, action).await
+    }
+
+    async fn requests(&self, replica_set: &ReplicaSetName) -> StoreResult<Vec<DeadLetterRequest>> {
+        self.pg.requests(replica_set).await
+    }
+
+    async fn parked_events(
+        &self,
+        replica_set: &ReplicaSetName,
+        projection: &str,
+        key: &str,
+    ) -> StoreResult<Vec<(DeadLetterId, Event)>> {
+        self.pg.parked_events(replica_set, projection, key).await
+    }
+
+    async fn resolve(
+        &self,
+        tx: &mut DieselTx,
+        replica_set: &ReplicaSetName,
+        projection: &str,
+        key: &str,
+        action: DeadLetterAction,
+    ) -> StoreResult<u64> {
+        self.fencing.resolve(tx, replica_set, projection, key, action).await
     }
 }
 

@@ -12,6 +12,7 @@ use diesel::upsert::excluded;
 use diesel_async::RunQueryDsl;
 use orchestrator_conformance::{Harness, SLOTS, conformance_tests};
 use orchestrator_core::SlotCount;
+use orchestrator_core::ports::DeadLetterId;
 use orchestrator_diesel::testing::TestSchema;
 use orchestrator_diesel::{DieselStore, DieselTx};
 use orchestrator_postgres::PgUnitOfWork;
@@ -71,6 +72,15 @@ impl Harness for DieselHarness {
         let mut tx = orchestrator_core::ports::CheckpointStore::begin(&self.0.store).await.unwrap();
         self.put_row(&mut tx, "foreign", "open").await;
         Some(Box::new(tx))
+    }
+
+    async fn skipped_letters(&self) -> Option<Vec<DeadLetterId>> {
+        Some(
+            sqlx::query_scalar("SELECT id FROM orch_skipped_letters")
+                .fetch_all(&self.0.pg.pool)
+                .await
+                .unwrap(),
+        )
     }
 
     async fn get_row(&self, key: &str) -> Option<String> {

@@ -44,6 +44,7 @@
 #![deny(missing_docs)]
 
 mod clock;
+mod dead_letters;
 mod store;
 mod unit_of_work;
 

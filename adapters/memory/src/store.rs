@@ -40,6 +40,8 @@ pub(crate) struct State {
     replica_sets: BTreeMap<ReplicaSetName, ReplicaSetState>,
     checkpoints: BTreeMap<(ReplicaSetName, String, Slot), Position>,
     tables: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
+    /// Dead letters, their id sequence and the log of skipped ones.
+    pub(crate) dead_letters: crate::dead_letters::Letters,
 }
 
 #[derive(Debug)]
@@ -98,7 +100,7 @@ impl MemoryStore {
 
     /// A transaction for read-model writes, applied at commit.
     pub(crate) fn transaction(&self) -> MemoryTx {
-        MemoryTx { state: Arc::clone(&self.state), writes: Vec::new() }
+        MemoryTx { state: Arc::clone(&self.state), writes: Vec::new(), letters: Vec::new() }
     }
 
     /// Number of events appended.
@@ -407,11 +409,13 @@ impl CoordinationStore for MemoryStore {
     }
 }
 
-/// A transaction on the in-memory store: read-model writes are buffered and applied at commit.
+/// A transaction on the in-memory store: read-model writes (and dead letters parked or resolved)
+/// are buffered and applied at commit.
 #[derive(Debug)]
 pub struct MemoryTx {
     state: Arc<Mutex<State>>,
     writes: Vec<(String, String, Option<Vec<u8>>)>,
+    pub(crate) letters: Vec<crate::dead_letters::LetterOp>,
 }
 
 impl MemoryTx {
@@ -423,6 +427,11 @@ impl MemoryTx {
     /// Deletes a read-model row (at commit).
     pub fn delete(&mut self, table: &str, key: &str) {
         self.writes.push((table.to_owned(), key.to_owned(), None));
+    }
+
+    /// The committed state, locked (for the dead letters' pending counts).
+    pub(crate) fn committed(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Reads a row as this transaction sees it: its own writes over committed state.
@@ -438,6 +447,9 @@ impl MemoryTx {
 
     /// Applies the writes to the committed state (the caller holds its lock).
     pub(crate) fn apply_to(self, state: &mut State) {
+        for op in self.letters {
+            state.dead_letters.apply(op);
+        }
         for (table, key, value) in self.writes {
             let rows = state.tables.entry(table).or_default();
             match value {
@@ -535,6 +547,9 @@ impl CheckpointStore for MemoryStore {
             }
         }
         tx.apply_to(&mut state);
+        // As on the SQL stores, whose reset runs after the transaction's own writes: letters the
+        // transaction parked go too. The log of skipped letters stays, as a record.
+        state.dead_letters.forget(replica_set, projection, false);
         Ok(())
     }
 
@@ -542,6 +557,7 @@ impl CheckpointStore for MemoryStore {
         let mut state = self.lock();
         state.checkpoints.retain(|(rs, p, _), _| !(rs == replica_set && p == projection));
         state.stopped.remove(&(replica_set.clone(), projection.to_owned()));
+        state.dead_letters.forget(replica_set, projection, true);
         Ok(())
     }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use orchestrator_conformance::{Harness, SLOTS, conformance_tests};
 use orchestrator_core::SlotCount;
+use orchestrator_core::ports::DeadLetterId;
 use orchestrator_memory::{ManualClock, MemoryStore, MemoryTx, MemoryUnitOfWork};
 
 struct MemoryHarness {
@@ -41,6 +42,10 @@ impl Harness for MemoryHarness {
 
     async fn put_row_in_unit(&self, unit: &mut MemoryUnitOfWork, key: &str, value: &str) {
         unit.tx().put("rows", key, value.as_bytes().to_vec());
+    }
+
+    async fn skipped_letters(&self) -> Option<Vec<DeadLetterId>> {
+        Some(self.store.skipped_letters().into_iter().map(|(_, letter, _)| letter.id).collect())
     }
 }
 

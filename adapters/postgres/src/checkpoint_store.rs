@@ -172,9 +172,14 @@ impl CheckpointStore for PgStore {
     async fn remove(&self, replica_set: &ReplicaSetName, projection: &str) -> StoreResult<()> {
         let err = |e| classify("remove a projection", e);
         let mut tx = self.pool.begin().await.map_err(err)?;
-        for table in
-            [&self.tables.checkpoints, &self.tables.progress, &self.tables.stopped_projections]
-        {
+        let t = &self.tables;
+        for table in [
+            &t.checkpoints,
+            &t.progress,
+            &t.stopped_projections,
+            &t.dead_letters,
+            &t.skipped_letters,
+        ] {
             sqlx::query(&format!("DELETE FROM {table} WHERE replica_set = $1 AND projection = $2"))
                 .bind(replica_set.as_str())
                 .bind(projection)

@@ -180,7 +180,7 @@ pub(crate) async fn read_stream_on(
 /// The columns of an event as [`event_from_row`] decodes them. The transaction id, event id,
 /// metadata and creation time are sent in PostgreSQL's binary form and decoded here, which costs
 /// the server nothing (converting them to text in SQL halved read throughput).
-const EVENT_COLUMNS: &str = "global_position, transaction_id, bounded_context, aggregate_type, \
+pub(crate) const EVENT_COLUMNS: &str = "global_position, transaction_id, bounded_context, aggregate_type, \
      aggregate_id, aggregate_version, slot, event_id, event_type, event_version, payload, metadata, \
      causation_id, correlation_id, trace_id, created_at, partition_key";
 
@@ -244,7 +244,7 @@ fn raw_i64(row: &PgRow, index: usize) -> StoreResult<i64> {
 }
 
 /// Decodes a row selected with [`EVENT_COLUMNS`], by column index (it runs for every event).
-fn event_from_row(row: &PgRow) -> StoreResult<Event> {
+pub(crate) fn event_from_row(row: &PgRow) -> StoreResult<Event> {
     let get_err = |e| classify("decode an event", e);
     let event_id = raw_column(row, 7)?;
     let event_id =

@@ -1,4 +1,4 @@
-//! The fenced commit and the reset, written once and run on any connection to the store's database.
+//! The fenced commit, the reset and the dead letters' writes, written once and run on any connection to the store's database.
 //!
 //! [`Fencing`] holds the statements (under the store's table names) and the steps between them: the
 //! replica set's row locked `FOR SHARE`, one statement that checks the worker's claims and advances
@@ -60,6 +60,10 @@ pub trait FencingTx: Send {
     /// Runs `sql` with `params` bound as text `$1`, `$2`, ...; returns nothing. `what` names the
     /// operation in error messages.
     async fn execute_text(&mut self, what: &str, sql: &str, params: &[&str]) -> StoreResult<()>;
+
+    /// Runs `sql` with `params` bound as text like [`FencingTx::execute_text`]; returns the number
+    /// of rows it inserted, updated or deleted (its command tag's count).
+    async fn execute_count(&mut self, what: &str, sql: &str, params: &[&str]) -> StoreResult<u64>;
 
     /// Runs [`Fencing`]'s progress upsert: binds `$1` replica set, `$2` projection, `$3` slots
     /// (`int[]`), `$4` commit position and `$5` global position (`bigint`), `$6` epochs
@@ -188,8 +192,9 @@ impl Fencing {
         // the new epochs and are fenced.
         tx.execute_text(RESET, &self.lock_replica_set("FOR UPDATE"), &[replica_set.as_str()])
             .await?;
-        // A reset projection is no longer stopped: it starts over from the first event.
-        for table in [&t.checkpoints, &t.progress, &t.stopped_projections] {
+        // A reset projection is no longer stopped and has no dead letters: it starts over from the
+        // first event. The log of skipped letters stays, as a record.
+        for table in [&t.checkpoints, &t.progress, &t.stopped_projections, &t.dead_letters] {
             tx.execute_text(
                 RESET,
                 &format!("DELETE FROM {table} WHERE replica_set = $1 AND projection = $2"),
@@ -203,6 +208,11 @@ impl Fencing {
             &[replica_set.as_str()],
         )
         .await
+    }
+
+    /// The table names the statements run on.
+    pub(crate) fn tables(&self) -> &Tables {
+        &self.tables
     }
 
     /// A query whose one row and column (`identity`, text) names the database and the slots table
@@ -307,6 +317,15 @@ impl FencingTx for PgTx {
             query = query.bind(*param);
         }
         query.execute(&mut **self).await.map(drop).map_err(|e| classify(what, e))
+    }
+
+    async fn execute_count(&mut self, what: &str, sql: &str, params: &[&str]) -> StoreResult<u64> {
+        let mut query = sqlx::query(sql);
+        for param in params {
+            query = query.bind(*param);
+        }
+        let done = query.execute(&mut **self).await.map_err(|e| classify(what, e))?;
+        Ok(done.rows_affected())
     }
 
     async fn advance_progress(

@@ -17,6 +17,7 @@
 mod change_feed;
 mod checkpoint_store;
 mod coordination_store;
+mod dead_letters;
 mod error;
 mod event_store;
 mod fencing;
@@ -69,6 +70,8 @@ pub(crate) struct Tables {
     checkpoints: String,
     progress: String,
     pub(crate) stopped_projections: String,
+    pub(crate) dead_letters: String,
+    pub(crate) skipped_letters: String,
     /// NOTIFY channel of appends.
     pub(crate) events_channel: String,
     /// NOTIFY channel of coordination changes (payload: the replica set).
@@ -94,6 +97,8 @@ impl PgStore {
             checkpoints: format!("{p}checkpoints"),
             progress: format!("{p}progress"),
             stopped_projections: format!("{p}stopped_projections"),
+            dead_letters: format!("{p}dead_letters"),
+            skipped_letters: format!("{p}skipped_letters"),
             events_channel: format!("{p}events"),
             coordination_channel: format!("{p}coordination"),
         };

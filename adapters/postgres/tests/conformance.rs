@@ -5,6 +5,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use orchestrator_conformance::{Harness, SLOTS, conformance_tests};
 use orchestrator_core::SlotCount;
+use orchestrator_core::ports::DeadLetterId;
 use orchestrator_postgres::testing::TestSchema;
 use orchestrator_postgres::{PgStore, PgTx, PgUnitOfWork};
 
@@ -52,6 +53,15 @@ impl Harness for PgHarness {
             .await
             .unwrap();
         Some(Box::new(tx))
+    }
+
+    async fn skipped_letters(&self) -> Option<Vec<DeadLetterId>> {
+        Some(
+            sqlx::query_scalar("SELECT id FROM orch_skipped_letters")
+                .fetch_all(&self.0.pool)
+                .await
+                .unwrap(),
+        )
     }
 
     async fn get_row(&self, key: &str) -> Option<String> {

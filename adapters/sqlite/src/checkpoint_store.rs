@@ -146,8 +146,10 @@ impl CheckpointStore for SqliteStore {
         projection: &str,
     ) -> StoreResult<()> {
         let err = |e| classify("reset a projection", e);
-        // A reset projection is no longer stopped: it starts over from the first event.
-        for table in [&self.tables.checkpoints, &self.tables.stopped_projections] {
+        // A reset projection is no longer stopped and has no dead letters: it starts over from the
+        // first event. The log of skipped letters stays, as a record.
+        let t = &self.tables;
+        for table in [&t.checkpoints, &t.stopped_projections, &t.dead_letters] {
             sqlx::query(&format!("DELETE FROM {table} WHERE replica_set = ? AND projection = ?"))
                 .bind(replica_set.as_str())
                 .bind(projection)
@@ -164,7 +166,8 @@ impl CheckpointStore for SqliteStore {
     async fn remove(&self, replica_set: &ReplicaSetName, projection: &str) -> StoreResult<()> {
         let err = |e| classify("remove a projection", e);
         let mut tx = self.begin_write("remove a projection").await?;
-        for table in [&self.tables.checkpoints, &self.tables.stopped_projections] {
+        let t = &self.tables;
+        for table in [&t.checkpoints, &t.stopped_projections, &t.dead_letters, &t.skipped_letters] {
             sqlx::query(&format!("DELETE FROM {table} WHERE replica_set = ? AND projection = ?"))
                 .bind(replica_set.as_str())
                 .bind(projection)

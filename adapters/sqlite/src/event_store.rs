@@ -197,11 +197,11 @@ pub(crate) async fn read_stream_on(
 
 /// The columns [`event_from_row`] reads, named: a `SELECT *` prepared on a connection that has not
 /// seen a migration add a column yet would be re-prepared with more columns than sqlx expects.
-const EVENT_COLUMNS: &str = "global_position, bounded_context, aggregate_type, aggregate_id, \
+pub(crate) const EVENT_COLUMNS: &str = "global_position, bounded_context, aggregate_type, aggregate_id, \
      aggregate_version, slot, partition_key, event_id, event_type, event_version, payload, \
      metadata, causation_id, correlation_id, trace_id, created_at";
 
-fn event_from_row(row: &SqliteRow) -> StoreResult<Event> {
+pub(crate) fn event_from_row(row: &SqliteRow) -> StoreResult<Event> {
     let get_err = |e| classify("decode an event", e);
     let id: Vec<u8> = row.try_get("event_id").map_err(get_err)?;
     let event_id = <[u8; 16]>::try_from(id.as_slice()).map(EventId::from_bytes).map_err(|_| {

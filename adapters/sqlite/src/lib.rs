@@ -11,6 +11,7 @@
 
 mod checkpoint_store;
 mod coordination_store;
+mod dead_letters;
 mod error;
 mod event_store;
 mod migrate;
@@ -54,6 +55,8 @@ pub(crate) struct Tables {
     generations: String,
     checkpoints: String,
     stopped_projections: String,
+    dead_letters: String,
+    skipped_letters: String,
 }
 
 impl SqliteStore {
@@ -71,6 +74,8 @@ impl SqliteStore {
             generations: format!("{p}generations"),
             checkpoints: format!("{p}checkpoints"),
             stopped_projections: format!("{p}stopped_projections"),
+            dead_letters: format!("{p}dead_letters"),
+            skipped_letters: format!("{p}skipped_letters"),
         };
         Ok(Self { pool, tables: Arc::new(tables), slot_count })
     }

@@ -17,6 +17,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "stopped_projections",
         include_str!("../../../migrations/sqlite/0004_stopped_projections.sql"),
     ),
+    (5, "dead_letters", include_str!("../../../migrations/sqlite/0005_dead_letters.sql")),
 ];
 
 /// Creates or upgrades every table under `prefix`, and records the event store's slot count

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use orchestrator_conformance::{Harness, SLOTS, conformance_tests};
+use orchestrator_core::ports::DeadLetterId;
 use orchestrator_core::{SlotCount, TablePrefix};
 use orchestrator_sqlite::{SqliteStore, SqliteTx, SqliteUnitOfWork, migrate};
 
@@ -62,6 +63,15 @@ impl Harness for SqliteHarness {
         let mut tx = self.store.pool().begin().await.unwrap();
         sqlx::query("SELECT count(*) FROM orch_events").execute(&mut *tx).await.unwrap();
         Some(Box::new(tx))
+    }
+
+    async fn skipped_letters(&self) -> Option<Vec<DeadLetterId>> {
+        Some(
+            sqlx::query_scalar("SELECT id FROM orch_skipped_letters")
+                .fetch_all(self.store.pool())
+                .await
+                .unwrap(),
+        )
     }
 
     async fn get_row(&self, key: &str) -> Option<String> {

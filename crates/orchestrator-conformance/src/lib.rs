@@ -1,5 +1,5 @@
 //! The adapter conformance suite: one case per contract bullet of the ports in
-//! `orchestrator-core`, run by every adapter (memory, SQLite, PostgreSQL). Every case is mandatory.
+//! `orchestrator-core`, run by every adapter (memory, SQLite, PostgreSQL, diesel). Every case is mandatory.
 //!
 //! An adapter implements [`Harness`] (a fresh, isolated store per case, a way to let the store's
 //! clock advance, and a way to write a read-model row inside a checkpoint transaction), then
@@ -9,17 +9,28 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use orchestrator_core::ports::{CheckpointStore, CoordinationStore, EventStore, UnitOfWorkStore};
+use orchestrator_core::ports::{
+    CheckpointStore, CoordinationStore, DeadLetterId, DeadLetterStore, EventStore, UnitOfWorkStore,
+};
 
 pub mod checkpoints;
 pub mod coordination;
+pub mod dead_letters;
 pub mod events;
 pub mod streams;
 pub mod units_of_work;
 
 /// The store every case runs against.
 pub trait ConformanceStore:
-    EventStore + UnitOfWorkStore + CoordinationStore + CheckpointStore + Clone + Send + Sync + 'static
+    EventStore
+    + UnitOfWorkStore
+    + CoordinationStore
+    + CheckpointStore
+    + DeadLetterStore
+    + Clone
+    + Send
+    + Sync
+    + 'static
 {
 }
 
@@ -28,6 +39,7 @@ impl<T> ConformanceStore for T where
         + UnitOfWorkStore
         + CoordinationStore
         + CheckpointStore
+        + DeadLetterStore
         + Clone
         + Send
         + Sync
@@ -78,6 +90,13 @@ pub trait Harness: Send + Sync + Sized + 'static {
     /// Waits until every event appended so far is visible to readers. Stores whose readers hold
     /// back behind running transactions (PostgreSQL's horizon) wait for them; others return at once.
     async fn settle(&self) {}
+
+    /// The ids in the store's log of skipped dead letters (which the port never reads back), in
+    /// any order. Every adapter's conformance harness reads it (its table, or the memory store's
+    /// log); `None`, the default, is for harnesses built for other tests, and skips that check.
+    async fn skipped_letters(&self) -> Option<Vec<DeadLetterId>> {
+        None
+    }
 
     /// Cleans up after a case that passed (a failed case leaves its data for inspection).
     async fn finish(self) {}
@@ -143,6 +162,15 @@ macro_rules! conformance_tests {
             checkpoints::reset_rebuilds_one_projection_and_fences_running_owners,
             checkpoints::remove_forgets_one_projection,
             checkpoints::stopped_projections_are_recorded_until_resumed,
+            dead_letters::parked_letters_are_kept_only_when_the_commit_succeeds,
+            dead_letters::parking_again_keeps_the_letter_and_adds_attempts,
+            dead_letters::parked_keys_are_listed_per_slot,
+            dead_letters::dead_letters_are_listed_filtered_and_counted,
+            dead_letters::requests_mark_whole_keys,
+            dead_letters::parked_events_are_whole_events_in_position_order,
+            dead_letters::resolve_deletes_one_key_on_commit_and_logs_skips,
+            dead_letters::reset_and_remove_delete_the_projections_letters,
+            dead_letters::dead_letters_are_per_replica_set,
         );
     };
     (@cases $harness:ty; $($module:ident :: $case:ident),* $(,)?) => {

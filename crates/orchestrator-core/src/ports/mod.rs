@@ -3,12 +3,17 @@
 pub mod change_feed;
 pub mod checkpoint;
 pub mod coordination;
+pub mod dead_letter;
 pub mod error;
 pub mod event_store;
 
 pub use change_feed::{Change, ChangeFeed};
 pub use checkpoint::{CheckpointStore, Fence, ProjectionStop, StoppedProjection};
 pub use coordination::{CoordinationStore, GenerationRecord, HeartbeatAck};
+pub use dead_letter::{
+    DeadLetter, DeadLetterAction, DeadLetterFilter, DeadLetterId, DeadLetterRequest,
+    DeadLetterStore, NewDeadLetter,
+};
 pub use error::{BoxError, StoreError, StoreResult};
 pub use event_store::{
     Appended, Backlog, EventStore, ReadRequest, StreamHead, UnitOfWork, UnitOfWorkStore,
