@@ -8,14 +8,20 @@
 //! with faults off and everything started again: every event applied exactly once by every
 //! projection whose scope includes it. A skipped or repeated batch where a lane leaves or joins
 //! the shared read shows up as a missing or doubled event.
+//!
+//! Projection 3 runs the `park` failure policy and fails for good on "poison" events (saying on
+//! which event, or not): nothing of a parked key may be applied while it is parked, and at the
+//! end, with the poison gone and every parked key retried, everything is applied exactly once in
+//! per-key order all the same.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use orchestrator_core::event::Tracing;
-use orchestrator_core::ports::ReadRequest;
+use orchestrator_core::ports::{DeadLetterAction, ReadRequest};
 use orchestrator_core::processing::{
-    Batch, Command, Input, Outcome, Processing, ProcessingConfig, RetryPolicy,
+    Batch, Command, FailurePolicy, Input, Outcome, PolledState, Processing, ProcessingConfig,
+    RetryPolicy,
 };
 use orchestrator_core::{
     Epoch, Event, EventId, Position, Scope, Slot, SlotCount, StreamId, Timestamp,
@@ -59,13 +65,27 @@ enum Pending {
     Read { task: u64, events: Option<Vec<Event>> },
     Load { task: u64, projection: usize, slots: Vec<Slot> },
     Process { task: u64, projection: usize, batch: Batch },
+    Resolve { task: u64, projection: usize, key: String, grants: BTreeMap<Slot, Epoch> },
+    Poll { task: u64 },
     Wait { task: u64 },
 }
 
 impl Pending {
     fn covers(&self, slot: Slot) -> bool {
-        matches!(self, Pending::Process { batch, .. } if batch.checkpoints.contains_key(&slot))
+        match self {
+            Pending::Process { batch, .. } => batch.checkpoints.contains_key(&slot),
+            Pending::Resolve { grants, .. } => grants.contains_key(&slot),
+            _ => false,
+        }
     }
+}
+
+/// The projection with the `park` policy.
+const PARKING: usize = 3;
+
+/// Events the parking projection fails on for good while the poison is on.
+fn poison(event: &Event) -> bool {
+    event.position.global.is_multiple_of(23)
 }
 
 struct World {
@@ -89,6 +109,11 @@ struct World {
     applied_versions: Vec<BTreeMap<u64, u64>>,
     pending: Vec<Pending>,
     violation: Option<String>,
+    /// The model's dead letters: (projection, key) -> parked global positions.
+    letters: BTreeMap<(usize, String), BTreeSet<u64>>,
+    /// Keys an operator asked to retry.
+    requested: BTreeSet<(usize, String)>,
+    poisoned: bool,
 }
 
 fn stream(n: u64) -> StreamId {
@@ -106,6 +131,12 @@ impl World {
             // `window` batches of small events.
             window_bytes: window * batch_size * 300,
             retry: RetryPolicy { max_attempts: 1_000_000, ..RetryPolicy::default() },
+            policies: vec![
+                FailurePolicy::Stop,
+                FailurePolicy::Stop,
+                FailurePolicy::Stop,
+                FailurePolicy::Park,
+            ],
             slot_count: slots,
         });
         Self {
@@ -126,6 +157,41 @@ impl World {
             checkpoints: BTreeMap::new(),
             pending: Vec::new(),
             violation: None,
+            letters: BTreeMap::new(),
+            requested: BTreeSet::new(),
+            poisoned: true,
+        }
+    }
+
+    fn parked_keys(&self, projection: usize, slots: &[Slot]) -> Vec<(Slot, String)> {
+        self.letters
+            .keys()
+            .filter(|(p, _)| *p == projection)
+            .map(|(_, key)| (self.slots.slot_of(key), key.clone()))
+            .filter(|(slot, _)| slots.contains(slot))
+            .collect()
+    }
+
+    fn event_at(&self, global: u64) -> &Event {
+        &self.events[global as usize - 1]
+    }
+
+    /// Applies one event to a projection's read model, checking exactly once and per-key order.
+    fn apply(&mut self, projection: usize, global: u64) {
+        let event = self.event_at(global).clone();
+        let times = self.applied[projection].entry(global).or_default();
+        *times += 1;
+        if *times > 1 {
+            self.fail(format!("projection {projection}: event {} applied twice", event.position));
+        }
+        let n: u64 = event.stream.aggregate_id[4..].parse().unwrap();
+        let previous =
+            self.applied_versions[projection].insert(n, event.aggregate_version).unwrap_or(0);
+        if event.aggregate_version != previous + 1 {
+            self.fail(format!(
+                "projection {projection}: {} v{} applied after v{previous}",
+                event.stream, event.aggregate_version
+            ));
         }
     }
 
@@ -225,7 +291,16 @@ impl World {
                     }
                     self.stopping.remove(&slot);
                 }
-                Command::ProjectionStopped { projection, .. } => {
+                Command::Resolve { task, projection, key, action, grants, .. } => {
+                    if action != DeadLetterAction::Retry {
+                        self.fail(format!("unasked {action:?}"));
+                    }
+                    self.pending.push(Pending::Resolve { task, projection, key, grants });
+                }
+                Command::Poll { task } => self.pending.push(Pending::Poll { task }),
+                Command::RecordStop { projection, .. }
+                | Command::ProjectionStopped { projection }
+                | Command::ProjectionResumed { projection } => {
                     self.fail(format!("projection {projection} stopped"))
                 }
             }
@@ -261,19 +336,81 @@ impl World {
                             .collect(),
                     )
                 };
-                Input::Loaded { task, checkpoints }
+                let parked = self.parked_keys(projection, &slots);
+                Input::Loaded { task, checkpoints, parked }
             }
             Pending::Process { task, projection, batch } => {
                 let outcome = self.process(projection, &batch);
                 Input::Processed { task, outcome }
             }
+            Pending::Resolve { task, projection, key, grants } => {
+                let outcome = self.retry(projection, &key, &grants);
+                Input::Processed { task, outcome }
+            }
+            Pending::Poll { task } => {
+                let state = (!self.faults || !self.rng.chance(5)).then(|| PolledState {
+                    stopped: BTreeSet::new(),
+                    requests: self
+                        .requested
+                        .iter()
+                        .filter(|k| self.letters.contains_key(k))
+                        .map(|(p, key)| {
+                            (*p, self.slots.slot_of(key), key.clone(), DeadLetterAction::Retry)
+                        })
+                        .collect(),
+                });
+                Input::Polled { task, state }
+            }
         };
         self.feed(input);
     }
 
+    /// An operator's retry of a parked key, as the runtime carries it out.
+    fn retry(&mut self, projection: usize, key: &str, grants: &BTreeMap<Slot, Epoch>) -> Outcome {
+        if self.faults && self.rng.chance(4) {
+            return Outcome::StoreFailed;
+        }
+        for (slot, epoch) in grants {
+            if self.owned.get(slot) != Some(epoch) {
+                return Outcome::Fenced { slot: *slot };
+            }
+        }
+        let id = (projection, key.to_owned());
+        let parked: Vec<u64> = self.letters.get(&id).into_iter().flatten().copied().collect();
+        if self.poisoned && parked.iter().any(|g| poison(self.event_at(*g))) {
+            // Failed again: parked again (in a transaction of its own), the request answered.
+            self.requested.remove(&id);
+            return Outcome::HandlerFailed { index: None, timed_out: false, permanent: true };
+        }
+        for global in parked {
+            self.apply(projection, global);
+        }
+        self.letters.remove(&id);
+        self.requested.remove(&id);
+        if self.faults && self.rng.chance(4) {
+            return Outcome::StoreFailed; // written, but the reply was lost
+        }
+        Outcome::Committed
+    }
+
     fn process(&mut self, projection: usize, batch: &Batch) -> Outcome {
+        if projection == PARKING
+            && self.poisoned
+            && let Some(index) = batch.events.iter().position(poison)
+        {
+            let said = self.rng.chance(50);
+            return Outcome::HandlerFailed {
+                index: said.then_some(index),
+                timed_out: !said && self.rng.chance(50),
+                permanent: true,
+            };
+        }
         if self.faults && self.rng.chance(8) {
-            return Outcome::HandlerFailed { index: None, timed_out: self.rng.chance(50) };
+            return Outcome::HandlerFailed {
+                index: None,
+                timed_out: self.rng.chance(50),
+                permanent: false,
+            };
         }
         if self.faults && self.rng.chance(4) {
             return Outcome::StoreFailed;
@@ -289,23 +426,30 @@ impl World {
             }
         }
         for event in batch.events.iter() {
-            let times = self.applied[projection].entry(event.position.global).or_default();
-            *times += 1;
-            if *times > 1 {
+            let id = (projection, event.partition_key.clone());
+            let parked_before = self
+                .letters
+                .get(&id)
+                .and_then(|l| l.first())
+                .is_some_and(|g| *g < event.position.global);
+            if parked_before {
                 self.fail(format!(
-                    "projection {projection}: event {} applied twice",
+                    "projection {projection}: {} applied while its key is parked",
                     event.position
                 ));
             }
-            let n: u64 = event.stream.aggregate_id[4..].parse().unwrap();
-            let previous =
-                self.applied_versions[projection].insert(n, event.aggregate_version).unwrap_or(0);
-            if event.aggregate_version != previous + 1 {
-                self.fail(format!(
-                    "projection {projection}: {} v{} applied after v{previous}",
-                    event.stream, event.aggregate_version
-                ));
+            self.apply(projection, event.position.global);
+        }
+        for parked in &batch.park {
+            let global = parked.event.position.global;
+            if self.applied[projection].contains_key(&global) {
+                self.fail(format!("projection {projection}: {global} parked after it was applied"));
             }
+            if !batch.checkpoints.contains_key(&parked.event.slot) {
+                self.fail(format!("projection {projection}: {global} parked outside the batch"));
+            }
+            let key = (projection, parked.event.partition_key.clone());
+            self.letters.entry(key).or_default().insert(global);
         }
         for (slot, at) in &batch.checkpoints {
             self.checkpoints.insert((projection, *slot), *at);
@@ -347,6 +491,13 @@ impl World {
                     self.start(slot);
                 }
             }
+            30 => self.feed(Input::PollDue),
+            31 => {
+                // An operator retries a parked key while the poison is still there.
+                if let Some(id) = self.letters.keys().nth(self.rng.below(4) as usize).cloned() {
+                    self.requested.insert(id);
+                }
+            }
             29 => {
                 // Someone else took the slot (and gave it back under a new epoch): our commits
                 // for it are fenced until the worker starts it again.
@@ -361,14 +512,20 @@ impl World {
     fn quiesce(&mut self) -> Result<(), String> {
         self.faults = false;
         self.held.clear();
-        for _ in 0..10_000 {
+        // The fix is deployed; the operator retries every parked key.
+        self.poisoned = false;
+        for round in 0..10_000u32 {
+            if round.is_multiple_of(50) {
+                self.requested.extend(self.letters.keys().cloned());
+                self.feed(Input::PollDue);
+            }
             for slot in self.slots.all() {
                 if !self.stopping.contains(&slot) {
                     self.start(slot);
                 }
             }
             if self.pending.is_empty() {
-                if self.all_applied() {
+                if self.all_applied() && self.letters.is_empty() {
                     return Ok(());
                 }
                 self.feed(Input::Wake);
@@ -484,6 +641,7 @@ fn a_batch_handed_to_a_projection_is_shared_by_reference() {
             let input = match task {
                 Pending::Read { task, events } => Input::Read { task, events },
                 Pending::Load { task, projection, slots } => Input::Loaded {
+                    parked: Vec::new(),
                     task,
                     checkpoints: Some(
                         slots
@@ -502,7 +660,9 @@ fn a_batch_handed_to_a_projection_is_shared_by_reference() {
                     ),
                 },
                 Pending::Wait { task } => Input::Elapsed { task },
-                Pending::Process { .. } => unreachable!(),
+                Pending::Process { .. } | Pending::Resolve { .. } | Pending::Poll { .. } => {
+                    unreachable!()
+                }
             };
             world.feed(input);
         }

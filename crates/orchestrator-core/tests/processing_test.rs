@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use orchestrator_core::event::Tracing;
 use orchestrator_core::processing::{
-    Batch, Command, DEFAULT_WINDOW_BYTES, Input, Outcome, Processing, ProcessingConfig,
-    RetryPolicy, TaskId, covering_scope,
+    Batch, Command, DEFAULT_WINDOW_BYTES, FailurePolicy, Input, Outcome, ParkCause, PolledState,
+    Processing, ProcessingConfig, RetryPolicy, TaskId, covering_scope,
 };
 use orchestrator_core::{
     Epoch, Event, EventId, Position, Scope, Slot, SlotCount, StreamId, Timestamp,
@@ -19,6 +19,7 @@ const SLOTS: u64 = 8;
 /// collected; the test answers them in the order it wants.
 struct Harness {
     processing: Processing,
+    config: ProcessingConfig,
     events: Vec<Event>,
     checkpoints: BTreeMap<(usize, Slot), Position>,
     reads: Vec<(TaskId, orchestrator_core::ports::ReadRequest)>,
@@ -61,17 +62,20 @@ impl Harness {
         window_bytes: usize,
     ) -> Self {
         let projections = scopes.len();
-        let processing = Processing::new(ProcessingConfig {
+        let config = ProcessingConfig {
             scopes,
             batch_size,
             groups,
             window_bytes,
             retry: RetryPolicy { max_attempts: 3, ..RetryPolicy::default() },
+            policies: Vec::new(),
             slot_count: SlotCount::new(SLOTS).unwrap(),
-        });
+        };
+        let processing = Processing::new(config.clone());
         let types = ["A", "B"];
         Self {
             processing,
+            config,
             events: (1..=events).map(|g| event(g, types[(g % 2) as usize])).collect(),
             checkpoints: BTreeMap::new(),
             reads: Vec::new(),
@@ -81,6 +85,24 @@ impl Harness {
             reports: Vec::new(),
             applied: vec![Vec::new(); projections],
         }
+    }
+
+    /// Sets the projections' failure policies (before anything started).
+    fn policies(&mut self, policies: Vec<FailurePolicy>) {
+        self.config.policies = policies;
+        self.processing = Processing::new(self.config.clone());
+    }
+
+    /// A poll of the store that finds `state`.
+    fn poll(&mut self, state: PolledState) {
+        self.feed(Input::PollDue);
+        let index = self
+            .reports
+            .iter()
+            .rposition(|r| matches!(r, Command::Poll { .. }))
+            .expect("a poll is asked for");
+        let Command::Poll { task } = self.reports.remove(index) else { unreachable!() };
+        self.feed(Input::Polled { task, state: Some(state) });
     }
 
     fn feed(&mut self, input: Input) {
@@ -124,7 +146,7 @@ impl Harness {
                 .iter()
                 .map(|s| (*s, self.checkpoints.get(&(projection, *s)).copied().unwrap_or_default()))
                 .collect();
-            self.feed(Input::Loaded { task, checkpoints: Some(checkpoints) });
+            self.feed(Input::Loaded { task, checkpoints: Some(checkpoints), parked: Vec::new() });
         }
     }
 
@@ -328,7 +350,7 @@ fn a_failing_projection_stops_alone_and_the_others_go_on() {
         assert_eq!(p, 1);
         h.feed(Input::Processed {
             task,
-            outcome: Outcome::HandlerFailed { index: Some(4), timed_out: false },
+            outcome: Outcome::HandlerFailed { index: Some(4), timed_out: false, permanent: false },
         });
         if attempt < 3 {
             let wait = h.waits.pop().expect("a backoff before the retry");
@@ -336,10 +358,11 @@ fn a_failing_projection_stops_alone_and_the_others_go_on() {
             assert_eq!(h.loads.len(), 1, "the retry starts from the stored checkpoints");
         }
     }
-    let stopped: Vec<_> =
-        h.reports.iter().filter(|r| matches!(r, Command::ProjectionStopped { .. })).collect();
-    assert_eq!(stopped.len(), 1);
-    let Command::ProjectionStopped { projection, event, attempts, .. } = stopped[0] else {
+    assert!(h.reports.contains(&Command::ProjectionStopped { projection: 1 }));
+    let records: Vec<_> =
+        h.reports.iter().filter(|r| matches!(r, Command::RecordStop { .. })).cloned().collect();
+    assert_eq!(records.len(), 1, "the stop is recorded in the store, for every worker");
+    let Command::RecordStop { task, projection, event, attempts, .. } = &records[0] else {
         unreachable!()
     };
     assert_eq!((*projection, *attempts), (1, 3));
@@ -348,10 +371,154 @@ fn a_failing_projection_stops_alone_and_the_others_go_on() {
         h.events[4].position,
         "the event the handler named"
     );
+    // The store was down: the record is asked for again, the same, after a backoff.
+    h.reports.clear();
+    h.feed(Input::Recorded { task: *task, ok: false });
+    let wait = h.waits.pop().expect("a backoff before recording again");
+    h.feed(Input::Elapsed { task: wait });
+    let Some(Command::RecordStop { task, projection: 1, attempts: 3, .. }) = h.reports.pop() else {
+        panic!("the record is retried: {:?}", h.reports)
+    };
+    h.feed(Input::Recorded { task, ok: true });
     assert!(h.processing.is_stopped(1));
     h.run_to_end();
     assert_eq!(h.applied[0].len(), 100, "the other projection finished");
     assert!(h.applied[1].is_empty());
+
+    // The stop record is still there: nothing changes. Then `projection resume` deletes it.
+    h.poll(PolledState { stopped: [1].into(), requests: Vec::new() });
+    assert!(h.processing.is_stopped(1));
+    h.poll(PolledState::default());
+    assert!(!h.processing.is_stopped(1));
+    assert!(h.reports.contains(&Command::ProjectionResumed { projection: 1 }));
+    h.run_to_end();
+    assert_eq!(h.applied[1].len(), 100, "resumed from the failing event, once each");
+}
+
+#[test]
+fn a_stop_recorded_by_another_worker_stops_the_projection_here_and_a_resume_restarts_it() {
+    let mut h = Harness::new(vec![Scope::all(), Scope::all()], 1, 10, 100);
+    h.start_all();
+    h.answer_loads();
+    h.poll(PolledState { stopped: [0].into(), requests: Vec::new() });
+    assert!(h.processing.is_stopped(0));
+    assert!(h.reports.contains(&Command::ProjectionStopped { projection: 0 }));
+    assert!(
+        !h.reports.iter().any(|r| matches!(r, Command::RecordStop { .. })),
+        "recorded elsewhere already"
+    );
+    h.run_to_end();
+    assert_eq!(h.applied[1].len(), 100);
+    assert!(h.applied[0].len() <= 10, "at most the batch in flight when it stopped");
+    h.poll(PolledState::default());
+    h.run_to_end();
+    assert_eq!(h.applied[0].len(), 100);
+}
+
+#[test]
+fn a_poll_issued_before_the_stop_was_recorded_does_not_resume_it() {
+    let mut h = Harness::new(vec![Scope::all()], 1, 10, 20);
+    h.start_all();
+    h.answer_loads();
+    h.answer_reads();
+    h.processing.handle(Input::PollDue);
+    h.drain();
+    let Some(Command::Poll { task: poll }) = h.reports.pop() else { panic!("a poll") };
+    let (task, _, _) = h.processes.pop().unwrap();
+    h.feed(Input::Processed {
+        task,
+        outcome: Outcome::HandlerFailed { index: Some(0), timed_out: false, permanent: true },
+    });
+    let Some(Command::RecordStop { task: record, .. }) =
+        h.reports.iter().find(|r| matches!(r, Command::RecordStop { .. })).cloned()
+    else {
+        panic!("a permanent error stops at once: {:?}", h.reports)
+    };
+    h.feed(Input::Recorded { task: record, ok: true });
+    // The poll read the store before the record: it says "not stopped", which is stale.
+    h.feed(Input::Polled { task: poll, state: Some(PolledState::default()) });
+    assert!(h.processing.is_stopped(0));
+}
+
+#[test]
+fn park_sets_the_failing_key_aside_and_the_rest_of_the_batch_goes_on() {
+    let mut h = Harness::new(vec![Scope::all()], 1, 1000, 40);
+    h.policies(vec![FailurePolicy::Park]);
+    h.start_all();
+    h.answer_loads();
+    h.answer_reads();
+    let (task, _, batch) = h.processes.pop().unwrap();
+    let poison = batch.events[5].clone();
+    h.feed(Input::Processed {
+        task,
+        outcome: Outcome::HandlerFailed { index: Some(5), timed_out: false, permanent: true },
+    });
+    let (_, _, again) = h.processes.last().expect("the batch goes again at once");
+    assert_eq!(again.checkpoints, batch.checkpoints, "the same stretch");
+    let key = &poison.partition_key;
+    assert!(again.park.iter().all(|p| &p.event.partition_key == key));
+    assert_eq!(again.park[0].event.position, poison.position);
+    assert!(matches!(again.park[0].cause, ParkCause::Failed { task: t, attempts: 1 } if t == task));
+    let later =
+        batch.events.iter().filter(|e| &e.partition_key == key && e.position > poison.position);
+    assert_eq!(again.park.len(), 1 + later.count(), "the key's later events parked behind it");
+    assert!(
+        again.events.iter().all(|e| &e.partition_key != key || e.position < poison.position),
+        "nothing of the key from the failing event on is applied"
+    );
+    assert_eq!(again.events.len() + again.park.len(), batch.events.len());
+}
+
+#[test]
+fn park_without_the_failing_index_goes_one_event_at_a_time() {
+    let mut h = Harness::new(vec![Scope::all()], 1, 1000, 12);
+    h.policies(vec![FailurePolicy::Park]);
+    h.start_all();
+    h.answer_loads();
+    h.answer_reads();
+    let (task, _, batch) = h.processes.pop().unwrap();
+    h.feed(Input::Processed {
+        task,
+        outcome: Outcome::HandlerFailed { index: None, timed_out: true, permanent: false },
+    });
+    // Attempts are exhausted at 3: two backoffs first.
+    for _ in 0..2 {
+        let wait = h.waits.pop().expect("a backoff");
+        h.feed(Input::Elapsed { task: wait });
+        h.answer_loads();
+        h.answer_reads();
+        let (task, _, _) = h.processes.pop().unwrap();
+        h.feed(Input::Processed {
+            task,
+            outcome: Outcome::HandlerFailed { index: None, timed_out: true, permanent: false },
+        });
+    }
+    let mut singles = 0;
+    while let Some((task, _, single)) = h.processes.pop() {
+        if single.events.is_empty() && single.park.is_empty() {
+            assert_eq!(single.checkpoints, batch.checkpoints, "the batch's own end, last");
+            h.feed(Input::Processed { task, outcome: Outcome::Committed });
+            break;
+        }
+        assert_eq!(single.events.len() + single.park.len(), 1, "one event at a time");
+        singles += 1;
+        let event = single.events.first().cloned();
+        if event.as_ref().is_some_and(|e| e.position == batch.events[3].position) {
+            h.feed(Input::Processed {
+                task,
+                outcome: Outcome::HandlerFailed {
+                    index: Some(0),
+                    timed_out: false,
+                    permanent: false,
+                },
+            });
+            let (_, _, parked) = h.processes.last().unwrap();
+            assert_eq!(parked.park.len(), 1, "the one that failed is parked, at once");
+        } else {
+            h.feed(Input::Processed { task, outcome: Outcome::Committed });
+        }
+    }
+    assert!(singles >= batch.events.len());
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Why a worker stopped.
 
-use orchestrator_core::ports::{BoxError, StoreError};
-use orchestrator_core::{Position, WorkerId};
+use orchestrator_core::WorkerId;
+use orchestrator_core::ports::StoreError;
 use thiserror::Error;
 
 use crate::settings::InvalidSetting;
@@ -16,25 +16,6 @@ pub enum RunError {
     /// The store refused the worker for good (schema missing, slot count mismatch, bad credentials).
     #[error("cannot join the replica set: {0}")]
     Store(#[source] StoreError),
-    /// A projection's handler kept failing on an event; the worker left the replica set.
-    #[error(
-        "projection {projection} stopped at position {position} (aggregate {aggregate}, event type {event_type}) after {attempts} attempts: {source}"
-    )]
-    ProjectionFailed {
-        /// The projection.
-        projection: String,
-        /// Position of the failing event (the first of the batch if the handler did not say).
-        position: Position,
-        /// The failing event's stream.
-        aggregate: String,
-        /// The failing event's type.
-        event_type: String,
-        /// Attempts made.
-        attempts: u32,
-        /// The handler's last error.
-        #[source]
-        source: BoxError,
-    },
     /// Another process registered under this worker id; this one stopped.
     #[error("worker id {0} was registered again by another process; this one stopped")]
     Superseded(WorkerId),

@@ -31,24 +31,34 @@ pub mod status;
 mod telemetry;
 mod worker;
 
-use orchestrator_core::ports::{CheckpointStore, CoordinationStore, EventStore};
+use orchestrator_core::ports::{CheckpointStore, CoordinationStore, DeadLetterStore, EventStore};
 
 pub use clock::SystemClock;
 pub use error::RunError;
 pub use lifecycle::{ResetError, WaitError, reset_projection, wait_for_projection};
-pub use projection::{HandlerError, Projection};
-pub use settings::{InvalidSetting, RetryPolicy, Settings, parse_duration, parse_strategy};
+pub use projection::{HandlerError, Permanent, Projection};
+pub use settings::{
+    FailurePolicy, InvalidSetting, RetryPolicy, Settings, parse_duration, parse_failure_policy,
+    parse_strategy,
+};
 pub use signal::shutdown_signal;
 pub use telemetry::{Server, Telemetry, TelemetryError};
 pub use worker::Orchestrator;
 
 /// A store the runtime can run on: every port, cheap to clone (a pool handle).
 pub trait Store:
-    EventStore + CoordinationStore + CheckpointStore + Clone + Send + Sync + 'static
+    EventStore + CoordinationStore + CheckpointStore + DeadLetterStore + Clone + Send + Sync + 'static
 {
 }
 
 impl<T> Store for T where
-    T: EventStore + CoordinationStore + CheckpointStore + Clone + Send + Sync + 'static
+    T: EventStore
+        + CoordinationStore
+        + CheckpointStore
+        + DeadLetterStore
+        + Clone
+        + Send
+        + Sync
+        + 'static
 {
 }

@@ -58,6 +58,9 @@ pub(crate) struct Metrics {
     projection_errors: Counter<u64>,
     handler_timeouts: Counter<u64>,
     commits_fenced: Counter<u64>,
+    events_parked: Counter<u64>,
+    projection_stopped: Gauge<u64>,
+    dead_letters: Gauge<u64>,
     active_workers: Gauge<u64>,
     current_generation: Gauge<u64>,
     current_generation_partitions: Gauge<u64>,
@@ -134,6 +137,18 @@ impl Metrics {
             commits_fenced: counter(
                 "commits_fenced_total",
                 "Commits refused because a slot had moved to another owner, per projection",
+            ),
+            events_parked: counter(
+                "events_parked_total",
+                "Events this worker parked as dead letters (failure policy park), per projection",
+            ),
+            projection_stopped: gauge(
+                "projection_stopped",
+                "1 while the projection is stopped in the replica set (failure policy stop), else 0",
+            ),
+            dead_letters: gauge(
+                "dead_letters",
+                "Parked events of the projection in the replica set, as the store holds them",
             ),
             active_workers: gauge("active_workers", "Live workers registered in the replica set"),
             current_generation: gauge("current_generation", "The replica set's current generation"),
@@ -250,6 +265,17 @@ impl Metrics {
         self.commits_fenced.add(1, &self.projection_labels(projection));
     }
 
+    pub(crate) fn parked(&self, projection: &str, events: usize) {
+        self.events_parked.add(events as u64, &self.projection_labels(projection));
+    }
+
+    /// What the store says of a projection: whether it is stopped, and its dead letters.
+    pub(crate) fn failures(&self, projection: &str, stopped: bool, dead_letters: u64) {
+        let labels = self.projection_labels(projection);
+        self.projection_stopped.record(u64::from(stopped), &labels);
+        self.dead_letters.record(dead_letters, &labels);
+    }
+
     pub(crate) fn lag(&self, projection: &str, events: u64, oldest: Option<Duration>) {
         let labels = self.projection_labels(projection);
         self.lag_events.record(events, &labels);
@@ -281,10 +307,12 @@ impl Metrics {
                 &self.projection_errors,
                 &self.handler_timeouts,
                 &self.commits_fenced,
+                &self.events_parked,
             ] {
                 counter.add(0, &labels);
             }
             self.lag(projection, 0, None);
+            self.failures(projection, false, 0);
         }
         self.owned_slots.record(0, &labels);
         self.horizon_stall.record(0.0, &labels);

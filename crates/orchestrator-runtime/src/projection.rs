@@ -2,7 +2,44 @@
 
 use async_trait::async_trait;
 use orchestrator_core::ports::BoxError;
+use orchestrator_core::processing::FailurePolicy;
 use orchestrator_core::{Event, Scope};
+
+/// An error retrying cannot fix (an event the handler cannot decode, a rule the event breaks):
+/// return it, or anything whose source chain holds one, and the projection's failure policy
+/// applies at once instead of after the retries.
+///
+/// ```
+/// # use orchestrator_core::ports::BoxError;
+/// use orchestrator_runtime::Permanent;
+/// fn amount(payload: &[u8]) -> Result<u64, BoxError> {
+///     let text = std::str::from_utf8(payload).map_err(Permanent::new)?;
+///     Ok(text.parse().map_err(Permanent::new)?)
+/// }
+/// assert!(amount(b"12x").unwrap_err().downcast_ref::<Permanent>().is_some());
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Permanent(#[source] pub BoxError);
+
+impl Permanent {
+    /// Marks `error` as permanent.
+    pub fn new(error: impl Into<BoxError>) -> Self {
+        Self(error.into())
+    }
+
+    /// Whether `error` or one of its sources is [`Permanent`].
+    pub fn is_in(error: &(dyn std::error::Error + 'static)) -> bool {
+        let mut current = Some(error);
+        while let Some(error) = current {
+            if error.is::<Permanent>() {
+                return true;
+            }
+            current = error.source();
+        }
+        false
+    }
+}
 
 /// A handler failed on one event of a batch (or somewhere in it, when `index` is `None`).
 #[derive(Debug)]
@@ -17,6 +54,17 @@ impl HandlerError {
     /// A failure on the event at `index` of the batch.
     pub fn at(index: usize, source: impl Into<BoxError>) -> Self {
         Self { index: Some(index), source: source.into() }
+    }
+
+    /// A failure somewhere in the batch: with the `park` policy, the batch is then retried one
+    /// event at a time to find the event.
+    pub fn somewhere(source: impl Into<BoxError>) -> Self {
+        Self { index: None, source: source.into() }
+    }
+
+    /// Whether the handler said retrying cannot help ([`Permanent`]).
+    pub fn is_permanent(&self) -> bool {
+        Permanent::is_in(&*self.source)
     }
 }
 
@@ -69,9 +117,16 @@ impl HandlerError {
 /// `&mut **tx`; one implementation generic over sqlx's `Database` serves both
 /// (`examples/bank-ledger/src/balances.rs`).
 ///
-/// Events arrive in order within each aggregate. A failing batch is retried with backoff (the
-/// transaction rolled back each time); after the last attempt the projection stops, naming the
-/// event, and no checkpoint moves past it.
+/// Events arrive in order within each partition key (so within each aggregate).
+///
+/// Failures: a failing batch is rolled back and retried with backoff; an error that is the
+/// store's (a connection lost, a serialization failure, a server restarting, raised by the
+/// handler's own queries too) is retried for as long as it lasts and never counts as an attempt.
+/// When the attempts run out, or the handler returns a [`Permanent`] error, the projection's
+/// failure policy ([`Projection::failure_policy`], else `FAILURE_POLICY`) decides: `stop` stops
+/// the projection on every worker, naming the event, until `orchestrator projection resume`;
+/// `park` sets the event and every later event of its partition key aside as dead letters
+/// (`orchestrator dlq`) and goes on with the rest.
 #[async_trait]
 pub trait Projection<Tx: Send>: Send + Sync {
     /// Unique name; checkpoints are kept under it.
@@ -80,6 +135,11 @@ pub trait Projection<Tx: Send>: Send + Sync {
     /// The events this projection wants; others are not delivered (and still count as processed).
     fn scope(&self) -> Scope {
         Scope::all()
+    }
+
+    /// Its failure policy, when it differs from the worker's `FAILURE_POLICY`.
+    fn failure_policy(&self) -> Option<FailurePolicy> {
+        None
     }
 
     /// Handles one event.

@@ -6,7 +6,7 @@ use std::time::Duration;
 pub use orchestrator_core::parse_duration;
 /// How a failing handler is retried before its projection stops (`HANDLER_MAX_ATTEMPTS`; the
 /// waits double from 100 ms up to 5 s).
-pub use orchestrator_core::processing::RetryPolicy;
+pub use orchestrator_core::processing::{FailurePolicy, RetryPolicy};
 use orchestrator_core::{
     InvalidName, ReplicaSetName, SlotCount, Strategy, TablePrefix, Timing, WorkerId, quote,
 };
@@ -47,6 +47,10 @@ pub struct Settings {
     pub strategy: Strategy,
     /// Handler retries.
     pub retry: RetryPolicy,
+    /// What a projection does with an event its handler failed on for good (`FAILURE_POLICY`,
+    /// `stop` or `park`, default `stop`); a projection may say otherwise
+    /// ([`Projection::failure_policy`](crate::Projection::failure_policy)).
+    pub failure_policy: FailurePolicy,
     /// How long an idle worker waits before looking for new events again (`POLL_INTERVAL`, default
     /// 100 ms, the seed processor's; a store that can notify wakes it sooner).
     pub idle_poll: Duration,
@@ -85,6 +89,7 @@ impl Settings {
             table_prefix: TablePrefix::default(),
             strategy: Strategy::default(),
             retry: RetryPolicy::default(),
+            failure_policy: FailurePolicy::Stop,
             idle_poll: Duration::from_millis(100),
             processing_concurrency: 1,
             handler_timeout: None,
@@ -199,7 +204,7 @@ impl Settings {
     ///
     /// `REPLICA_SET`, `WORKER_ID`, `HEARTBEAT_INTERVAL`, `STALE_WORKER_TIMEOUT`,
     /// `COORDINATION_TIMEOUT`, `POLL_INTERVAL`, `REGISTRATION_WAIT`, `BATCH_SIZE`, `SLOTS`,
-    /// `TABLE_PREFIX`, `STRATEGY`, `HANDLER_MAX_ATTEMPTS`, `PROCESSING_CONCURRENCY`,
+    /// `TABLE_PREFIX`, `STRATEGY`, `FAILURE_POLICY`, `HANDLER_MAX_ATTEMPTS`, `PROCESSING_CONCURRENCY`,
     /// `HANDLER_TIMEOUT`, `DATABASE_POOL_SIZE`, `SHARED_READ_BUFFER_MB`. Durations are written `5s`, `500ms`, `1m`.
     pub fn from_env() -> Result<Self, InvalidSetting> {
         Self::from_lookup(|key| std::env::var(key).ok())
@@ -239,6 +244,10 @@ impl Settings {
         if let Some(text) = lookup("STRATEGY") {
             settings.strategy =
                 parse_strategy(&text).map_err(|rule| InvalidSetting::new("STRATEGY", rule))?;
+        }
+        if let Some(text) = lookup("FAILURE_POLICY") {
+            settings.failure_policy = parse_failure_policy(&text)
+                .map_err(|rule| InvalidSetting::new("FAILURE_POLICY", rule))?;
         }
         if let Some(text) = lookup("HANDLER_MAX_ATTEMPTS") {
             settings.retry.max_attempts = parse_number("HANDLER_MAX_ATTEMPTS", &text)? as u32;
@@ -289,6 +298,13 @@ pub fn parse_strategy(text: &str) -> Result<Strategy, String> {
         "incremental" => Ok(Strategy::Incremental),
         other => Err(format!("{} is not a strategy: use recreate or incremental", quote(other))),
     }
+}
+
+/// A failure policy by name: `stop` or `park`.
+pub fn parse_failure_policy(text: &str) -> Result<FailurePolicy, String> {
+    let text = text.trim().to_ascii_lowercase();
+    FailurePolicy::parse(&text)
+        .ok_or_else(|| format!("{} is not a failure policy: use stop or park", quote(&text)))
 }
 
 /// `<host>-<pid>` from `HOSTNAME` (the pod name in Kubernetes), else `worker-<pid>-<nanos>`.
@@ -368,6 +384,10 @@ mod tests {
             (&[("HEARTBEAT_INTERVAL", "-1s")], "invalid HEARTBEAT_INTERVAL"),
             (&[("TABLE_PREFIX", "x; drop")], "invalid TABLE_PREFIX"),
             (&[("STRATEGY", "yolo")], "invalid STRATEGY"),
+            (
+                &[("FAILURE_POLICY", "retry")],
+                "invalid FAILURE_POLICY: \"retry\" is not a failure policy",
+            ),
             (
                 &[("PROCESSING_CONCURRENCY", "0")],
                 "invalid processing_concurrency: must be between 1 and the slot count (256), got 0",

@@ -138,6 +138,7 @@ impl<S: Store> Orchestrator<S> {
             batch_size: settings.batch_size,
             idle_poll: settings.idle_poll,
             retry: settings.retry,
+            failure_policy: settings.failure_policy,
             wake: self.wake.clone(),
             metrics: metrics.clone(),
             lag_interval: settings.timing.heartbeat_interval,
@@ -177,7 +178,6 @@ impl<S: Store> Orchestrator<S> {
         });
         let mut shutdown = std::pin::pin!(shutdown);
         let mut stopping = false;
-        let mut stopped_projection: Option<RunError> = None;
         driver.feed(clock.now(), Input::Start).await;
         while !driver.engine.has_left() {
             if driver.outcome.is_err() && !stopping {
@@ -201,11 +201,6 @@ impl<S: Store> Orchestrator<S> {
                         tracing::debug!(%slot, "Slot lost; observing the new ownership");
                         driver.feed(clock.now(), Input::SlotLost(slot)).await;
                     }
-                    // The projection stopped in this worker; the others go on, and `run`
-                    // reports it when the worker leaves.
-                    Some(Report::ProjectionStopped(err)) => {
-                        stopped_projection.get_or_insert(err);
-                    }
                     None => break,
                 },
                 () = coordination_changed.notified() => driver.observe(clock.now()).await,
@@ -225,7 +220,7 @@ impl<S: Store> Orchestrator<S> {
         }
         metrics.state(WorkerState::Stopped);
         health.stopped();
-        driver.finish().and(stopped_projection.map_or(Ok(()), Err))
+        driver.finish()
     }
 }
 

@@ -1,5 +1,7 @@
 //! What a user would try, on every adapter: one worker, workers joining, a graceful leave, a crash,
-//! a failing handler (its projection stops, the others and the worker go on), two replica sets
+//! a failing handler under both failure policies (`stop`: its projection stops on every worker,
+//! the others and the workers go on, until resumed; `park`: its key's events are set aside and
+//! retried after a fix), two replica sets
 //! side by side. Every scenario appends events while the cluster changes and ends by checking that each projection applied every event exactly once, in
 //! per-aggregate order.
 
@@ -9,7 +11,6 @@ use std::time::Duration;
 
 use orchestrator_core::ports::CheckpointStore;
 use orchestrator_core::{ReplicaSetName, Strategy};
-use orchestrator_runtime::RunError;
 use support::{Cluster, Harness, fast_settings};
 
 const WITHIN: Duration = Duration::from_secs(30);
@@ -68,48 +69,63 @@ async fn a_crashed_worker_is_replaced_after_the_stale_timeout<H: Harness>(strate
     cluster.stop_all().await;
 }
 
-async fn a_failing_handler_stops_its_projection_at_the_event<H: Harness>() {
+/// Waits until `check` holds (polling every 25 ms), or fails after `within`.
+async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = tokio::time::Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < within, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The `stop` policy: a projection that fails for good on one event stops on every worker,
+/// recorded in the store; the workers and their other projection go on; after a fix (a new
+/// release of the handler) and `projection resume`, it goes on from the failing event.
+async fn a_failing_handler_stops_its_projection_on_every_worker<H: Harness>() {
     let Some(mut cluster) = Cluster::<H>::start(Strategy::default()).await else { return };
+    let rs = ReplicaSetName::new("main-projections").unwrap();
     cluster.append(60).await;
     let failing = 37;
-    // "audit" fails for good on one event; "audit_b", in the same worker, must not notice.
+    // "audit" fails on one event (every attempt); "audit_b", in the same workers, must not notice.
     cluster.projections = vec!["audit_b".into()];
-    let projections = vec![
-        cluster.harness.audit("audit", "w1", Some(failing)),
-        cluster.harness.audit("audit_b", "w1", None),
-    ];
-    cluster
-        .spawn("w1", fast_settings("main-projections", "w1", Strategy::default()), projections)
-        .await;
+    for id in ["w1", "w2"] {
+        let projections = vec![
+            cluster.harness.audit("audit", id, Some(failing)),
+            cluster.harness.audit("audit_b", id, None),
+        ];
+        cluster
+            .spawn(id, fast_settings("main-projections", id, Strategy::default()), projections)
+            .await;
+    }
     cluster.wait_all_applied(WITHIN).await;
-    // Long enough for the three attempts (10 ms and 20 ms apart) to run out; then more events,
-    // which the healthy projection of the same worker still applies.
+    let store = cluster.harness.store();
+    eventually(WITHIN, "the stop is recorded", || async {
+        !store.stopped_projections(&rs).await.unwrap().is_empty()
+    })
+    .await;
+    let stopped = store.stopped_projections(&rs).await.unwrap();
+    assert_eq!(stopped.len(), 1);
+    let stop = &stopped[0].stop;
+    assert_eq!(
+        (stop.projection.as_str(), stop.position.global, stop.event_type.as_str()),
+        ("audit", failing, "Deposited")
+    );
+    assert_eq!(stop.aggregate, format!("bank/Account/acct-{}", failing % 20));
+    assert!(stop.error.contains("projection configured to fail at 37"), "{}", stop.error);
+    // Both workers stay, the healthy projection goes on; the stopped one is not retried in a loop
+    // by whoever owns the slot.
     tokio::time::sleep(Duration::from_secs(1)).await;
     cluster.append(20).await;
     cluster.wait_all_applied(WITHIN).await;
-    // The worker stayed; leaving, it reports the projection that stopped.
-    let err = cluster.leave("w1").await.unwrap_err();
-    let RunError::ProjectionFailed {
-        projection, position, aggregate, event_type, attempts, ..
-    } = &err
-    else {
-        panic!("unexpected error {err}");
-    };
-    assert_eq!(
-        (projection.as_str(), position.global, event_type.as_str(), *attempts),
-        ("audit", failing, "Deposited", 3)
-    );
-    assert_eq!(aggregate, &format!("bank/Account/acct-{}", failing % 20));
-    assert!(err.to_string().contains("projection configured to fail at 37"), "{err}");
     // No checkpoint moved past the failing event, and it never took effect.
-    let store = cluster.harness.store();
     let slot = orchestrator_core::SlotCount::new(support::SLOTS)
         .unwrap()
         .slot_of(&format!("acct-{}", failing % 20));
-    let checkpoints = store
-        .load(&ReplicaSetName::new("main-projections").unwrap(), "audit", &[slot])
-        .await
-        .unwrap();
+    let checkpoints = store.load(&rs, "audit", &[slot]).await.unwrap();
     assert!(
         checkpoints[&slot].global < failing,
         "checkpoint {} passed the failing event",
@@ -117,7 +133,108 @@ async fn a_failing_handler_stops_its_projection_at_the_event<H: Harness>() {
     );
     let rows = cluster.harness.audit_rows("audit").await;
     assert!(rows.iter().all(|r| r.global != failing));
-    cluster.harness.finish().await;
+    // The workers leave cleanly: a stopped projection is not the worker's failure.
+    cluster.leave("w1").await.unwrap();
+    cluster.leave("w2").await.unwrap();
+    // The fix is deployed (a handler that no longer fails) and the projection resumed.
+    assert!(store.resume_projection(&rs, "audit").await.unwrap());
+    cluster.projections = vec!["audit".into(), "audit_b".into()];
+    let projections = vec![
+        cluster.harness.audit("audit", "w3", None),
+        cluster.harness.audit("audit_b", "w3", None),
+    ];
+    cluster
+        .spawn("w3", fast_settings("main-projections", "w3", Strategy::default()), projections)
+        .await;
+    cluster.wait_all_applied(WITHIN).await;
+    cluster.stop_all().await;
+}
+
+/// A projection stopped while its workers run starts again on `projection resume`, without a
+/// restart: the workers see the record gone at their next heartbeat interval.
+async fn a_resumed_projection_goes_on_in_running_workers<H: Harness>() {
+    let Some(mut cluster) = Cluster::<H>::start(Strategy::default()).await else { return };
+    let rs = ReplicaSetName::new("main-projections").unwrap();
+    cluster.join("w1").await;
+    cluster.append(40).await;
+    cluster.wait_all_applied(WITHIN).await;
+    let store = cluster.harness.store();
+    // An operator (or another worker) records a stop: this worker stops the projection too.
+    let stop = orchestrator_core::ports::ProjectionStop {
+        projection: "audit".into(),
+        position: orchestrator_core::Position::global(1),
+        aggregate: "bank/Account/acct-1".into(),
+        event_type: "Deposited".into(),
+        error: "stopped by hand".into(),
+    };
+    store.stop_projection(&rs, &stop).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.append(20).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(cluster.harness.audit_rows("audit").await.len(), 40, "stopped: nothing applied");
+    assert!(store.resume_projection(&rs, "audit").await.unwrap());
+    cluster.wait_all_applied(WITHIN).await;
+    cluster.stop_all().await;
+}
+
+/// The `park` policy: the failing event and every later event of its key go to the dead letters,
+/// everything else is applied; after a fix, `dlq retry` applies the parked events exactly once
+/// and in order, and the key's later events follow.
+async fn a_failing_event_is_parked_and_retried_after_a_fix<H: Harness>() {
+    use orchestrator_core::ports::{DeadLetterAction, DeadLetterFilter, DeadLetterStore};
+    let Some(mut cluster) = Cluster::<H>::start(Strategy::default()).await else { return };
+    let rs = ReplicaSetName::new("main-projections").unwrap();
+    cluster.append(60).await;
+    let failing = 37;
+    let key = format!("acct-{}", failing % 20);
+    let mut settings = fast_settings("main-projections", "w1", Strategy::default());
+    settings.failure_policy = orchestrator_runtime::FailurePolicy::Park;
+    let projections = vec![cluster.harness.audit("audit", "w1", Some(failing))];
+    cluster.spawn("w1", settings.clone(), projections).await;
+    let store = cluster.harness.store();
+    // Events 37 and 57 are acct-17's from the failing one on: parked; the other 58 applied.
+    let parked_of = |letters: &[orchestrator_core::ports::DeadLetter]| {
+        letters.iter().map(|l| l.position.global).collect::<Vec<_>>()
+    };
+    eventually(WITHIN, "the failing key parked", || async {
+        parked_of(&store.dead_letters(&rs, &DeadLetterFilter::default()).await.unwrap()) == [37, 57]
+    })
+    .await;
+    eventually(WITHIN, "the rest applied", || async {
+        cluster.harness.audit_rows("audit").await.len() == 58
+    })
+    .await;
+    let letters = store.dead_letters(&rs, &DeadLetterFilter::default()).await.unwrap();
+    assert!(letters.iter().all(|l| l.key == key && l.projection == "audit"));
+    assert!(
+        letters[0].error.contains("projection configured to fail at 37"),
+        "{}",
+        letters[0].error
+    );
+    assert_eq!(letters[0].attempts, 3);
+    // Later events of the key are parked behind it, those of other keys applied.
+    cluster.append(20).await;
+    eventually(WITHIN, "acct-17's event 77 parked", || async {
+        store.dead_letters(&rs, &DeadLetterFilter::default()).await.unwrap().len() == 3
+    })
+    .await;
+    eventually(WITHIN, "the rest applied", || async {
+        cluster.harness.audit_rows("audit").await.len() == 77
+    })
+    .await;
+    let rows = cluster.harness.audit_rows("audit").await;
+    assert!(rows.iter().all(|r| r.aggregate != key || r.global < failing));
+    cluster.leave("w1").await.unwrap();
+    // The fix: a handler that no longer fails; then the retry, carried out by the worker.
+    let projections = vec![cluster.harness.audit("audit", "w2", None)];
+    settings.worker_id = orchestrator_core::WorkerId::new("w2").unwrap();
+    cluster.spawn("w2", settings, projections).await;
+    let filter = DeadLetterFilter { projection: Some("audit".into()), ..Default::default() };
+    assert_eq!(store.request(&rs, &filter, DeadLetterAction::Retry).await.unwrap(), 3);
+    cluster.projections = vec!["audit".into()];
+    cluster.wait_all_applied(WITHIN).await;
+    assert!(store.dead_letters(&rs, &DeadLetterFilter::default()).await.unwrap().is_empty());
+    cluster.stop_all().await;
 }
 
 async fn two_replica_sets_run_side_by_side<H: Harness>() {
@@ -226,7 +343,17 @@ macro_rules! scenarios {
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn failing_handler() {
-                a_failing_handler_stops_its_projection_at_the_event::<$harness>().await;
+                a_failing_handler_stops_its_projection_on_every_worker::<$harness>().await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn resume_while_running() {
+                a_resumed_projection_goes_on_in_running_workers::<$harness>().await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn park_and_retry() {
+                a_failing_event_is_parked_and_retried_after_a_fix::<$harness>().await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

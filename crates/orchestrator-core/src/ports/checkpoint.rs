@@ -86,6 +86,16 @@ pub trait CheckpointStore: Send + Sync {
     /// Opens a transaction.
     async fn begin(&self) -> StoreResult<Self::Tx>;
 
+    /// Whether an error a handler returned is the store's own trouble (a connection lost, a
+    /// serialization failure, a server restarting), raised by the handler's queries on the
+    /// transaction: the runtime retries it for as long as it lasts and never counts it as a
+    /// handler attempt. The default finds a retryable [`StoreError`](crate::ports::StoreError)
+    /// in the error's source chain; SQL adapters also recognise their driver's errors.
+    #[allow(unused_parens)] // mockall's expansion of the parenthesised trait object
+    fn is_store_failure(&self, error: &(dyn std::error::Error + 'static)) -> bool {
+        crate::ports::error::has_retryable_store_error(error)
+    }
+
     /// Checks the fence, advances checkpoints and commits the transaction.
     async fn commit(
         &self,

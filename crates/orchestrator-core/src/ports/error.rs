@@ -155,6 +155,19 @@ pub enum StoreError {
     },
 }
 
+/// Whether `error` or one of its sources is a retryable [`StoreError`] (the default of
+/// [`CheckpointStore::is_store_failure`](crate::ports::CheckpointStore::is_store_failure)).
+pub fn has_retryable_store_error(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if error.downcast_ref::<StoreError>().is_some_and(StoreError::is_retryable) {
+            return true;
+        }
+        current = error.source();
+    }
+    false
+}
+
 impl StoreError {
     /// Whether retrying the same call later may succeed.
     pub fn is_retryable(&self) -> bool {

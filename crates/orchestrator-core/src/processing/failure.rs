@@ -1,5 +1,5 @@
 //! What follows a failed step of a lane: retry after a backoff, drop a slot that is someone
-//! else's, or stop the projection in this worker.
+//! else's, or give up on the event and apply the projection's failure policy.
 
 use std::time::Duration;
 
@@ -40,6 +40,38 @@ impl RetryPolicy {
     }
 }
 
+/// What a projection does with an event its handler failed on for good (a permanent error, or
+/// the attempts ran out): `FAILURE_POLICY`, per projection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailurePolicy {
+    /// The projection stops on every worker of the replica set, recorded in the store, until
+    /// `orchestrator projection resume`; the workers and their other projections go on.
+    #[default]
+    Stop,
+    /// The event and every later event of its partition key are parked as dead letters; the rest
+    /// goes on.
+    Park,
+}
+
+impl FailurePolicy {
+    /// How settings spell it (`stop`, `park`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailurePolicy::Stop => "stop",
+            FailurePolicy::Park => "park",
+        }
+    }
+
+    /// The policy named `text` (`stop`, `park`).
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "stop" => Some(FailurePolicy::Stop),
+            "park" => Some(FailurePolicy::Park),
+            _ => None,
+        }
+    }
+}
+
 /// What went wrong with one step of a lane.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
@@ -48,6 +80,8 @@ pub enum Failure {
     Handler {
         /// Whether it was the timeout.
         timed_out: bool,
+        /// The handler said retrying will not help.
+        permanent: bool,
     },
     /// A store call failed (read, begin, commit, load): nothing definite is known about it.
     Store,
@@ -80,9 +114,8 @@ pub enum AfterFailure {
         /// The slot.
         slot: Slot,
     },
-    /// The attempts ran out: the projection stops in this worker; its other lanes stop at their
-    /// next batch boundary, every other projection goes on.
-    StopProjection {
+    /// The error is permanent or the attempts ran out: the projection's failure policy applies.
+    GiveUp {
         /// Attempts made.
         attempts: u32,
     },
@@ -91,10 +124,10 @@ pub enum AfterFailure {
 /// Decides what follows `failure`, after `attempts` failed handler attempts in a row before it.
 pub fn after_failure(failure: Failure, attempts: u32, policy: &RetryPolicy) -> AfterFailure {
     match failure {
-        Failure::Handler { .. } => {
+        Failure::Handler { permanent, .. } => {
             let attempts = attempts.saturating_add(1);
-            if attempts >= policy.max_attempts {
-                AfterFailure::StopProjection { attempts }
+            if permanent || attempts >= policy.max_attempts {
+                AfterFailure::GiveUp { attempts }
             } else {
                 AfterFailure::Retry { after: policy.backoff(attempts), attempts }
             }
@@ -111,19 +144,34 @@ mod tests {
     #[test]
     fn handler_failures_back_off_then_stop_the_projection() {
         let policy = RetryPolicy { max_attempts: 3, ..RetryPolicy::default() };
-        let handler = Failure::Handler { timed_out: false };
+        let handler = Failure::Handler { timed_out: false, permanent: false };
         assert_eq!(
             after_failure(handler, 0, &policy),
             AfterFailure::Retry { after: Duration::from_millis(100), attempts: 1 }
         );
         assert_eq!(
-            after_failure(Failure::Handler { timed_out: true }, 1, &policy),
+            after_failure(Failure::Handler { timed_out: true, permanent: false }, 1, &policy),
             AfterFailure::Retry { after: Duration::from_millis(200), attempts: 2 }
         );
+        assert_eq!(after_failure(handler, 2, &policy), AfterFailure::GiveUp { attempts: 3 });
+    }
+
+    #[test]
+    fn a_permanent_error_gives_up_at_once() {
+        let permanent = Failure::Handler { timed_out: false, permanent: true };
         assert_eq!(
-            after_failure(handler, 2, &policy),
-            AfterFailure::StopProjection { attempts: 3 }
+            after_failure(permanent, 0, &RetryPolicy::default()),
+            AfterFailure::GiveUp { attempts: 1 }
         );
+    }
+
+    #[test]
+    fn policies_parse_by_name() {
+        for policy in [FailurePolicy::Stop, FailurePolicy::Park] {
+            assert_eq!(FailurePolicy::parse(policy.as_str()), Some(policy));
+        }
+        assert_eq!(FailurePolicy::parse("retry"), None);
+        assert_eq!(FailurePolicy::default(), FailurePolicy::Stop);
     }
 
     #[test]

@@ -3,12 +3,14 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
-use super::failure::{AfterFailure, Failure, after_failure};
+use super::failure::{AfterFailure, Failure, FailurePolicy, after_failure};
 use super::lag::{Density, LagPart};
-use super::{Batch, Command, Config, FailedEvent, Outcome, TaskId, event_size};
+use super::{
+    Batch, Command, Config, FailedEvent, Outcome, ParkCause, ParkedEvent, TaskId, event_size,
+};
 use crate::event::{Event, Position};
 use crate::ids::Epoch;
-use crate::ports::ReadRequest;
+use crate::ports::{DeadLetterAction, ReadRequest};
 use crate::slot::Slot;
 
 /// Batches the shared stream reads ahead of its fastest lane.
@@ -25,6 +27,9 @@ pub(crate) enum Task {
     Process { group: usize, lane: usize },
     LaneWait { group: usize, lane: usize },
     Reload { group: usize, lane: usize },
+    Poll,
+    Record,
+    RecordWait { projection: usize },
 }
 
 /// Where commands go, with the task registry.
@@ -32,10 +37,12 @@ pub(crate) struct Out<'a> {
     pub(crate) next_task: &'a mut TaskId,
     pub(crate) tasks: &'a mut BTreeMap<TaskId, Task>,
     pub(crate) commands: &'a mut Vec<Command>,
+    /// See `Processing::completions`.
+    pub(crate) completions: &'a mut u64,
 }
 
 impl Out<'_> {
-    fn task(&mut self, kind: Task) -> TaskId {
+    pub(crate) fn task(&mut self, kind: Task) -> TaskId {
         let id = *self.next_task;
         *self.next_task += 1;
         self.tasks.insert(id, kind);
@@ -44,6 +51,28 @@ impl Out<'_> {
 
     pub(crate) fn emit(&mut self, command: Command) {
         self.commands.push(command);
+    }
+}
+
+/// A batch whose step failed, for what follows.
+#[derive(Debug)]
+pub(crate) struct FailedBatch {
+    task: TaskId,
+    /// Index in `applied` of the event the handler failed on, if it said.
+    index: Option<usize>,
+    events: Arc<Vec<Event>>,
+    applied: Arc<Vec<Event>>,
+    checkpoints: BTreeMap<Slot, Position>,
+}
+
+impl FailedBatch {
+    fn failed_event(&self) -> Option<FailedEvent> {
+        let event = self.applied.get(self.index.unwrap_or(0).min(self.applied.len().max(1) - 1))?;
+        Some(FailedEvent {
+            position: event.position,
+            stream: event.stream.clone(),
+            event_type: event.event_type.clone(),
+        })
     }
 }
 
@@ -61,6 +90,14 @@ pub(crate) struct StopInfo {
 struct Pending {
     epoch: Epoch,
     loaded: Vec<Option<Position>>,
+    /// Keys of the slot with dead letters, per projection, as loaded with the checkpoints.
+    parked: Vec<Vec<String>>,
+}
+
+impl Pending {
+    fn new(epoch: Epoch, lanes: usize) -> Self {
+        Self { epoch, loaded: vec![None; lanes], parked: vec![Vec::new(); lanes] }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,8 +163,18 @@ enum LaneState {
     Busy {
         task: TaskId,
         checkpoints: BTreeMap<Slot, Position>,
+        /// Every event of the batch, those being parked included.
         events: Arc<Vec<Event>>,
+        /// The events handed to the handler.
+        applied: Arc<Vec<Event>>,
         sample: (u64, u64),
+    },
+    /// Retrying or skipping a parked key.
+    Resolving {
+        task: TaskId,
+        slot: Slot,
+        key: String,
+        action: DeadLetterAction,
     },
     Waiting {
         task: TaskId,
@@ -153,11 +200,38 @@ struct Lane {
     /// The last read that served it returned a full batch: at least a batch of events was
     /// ahead, so a lag count would reach its limit and only the estimate says more.
     behind: bool,
+    /// Its projection was resumed: it reloads its cursors before going on.
+    needs_reload: bool,
+    /// Parked partition keys of its slots: key -> (slot, position from which its events are
+    /// parked; `START` for keys parked in the store).
+    parked: BTreeMap<String, (Slot, Position)>,
+    /// Events given up on in the batch being retried, until their park commits: position ->
+    /// (the failed command, attempts).
+    gave_up: BTreeMap<Position, (TaskId, u32)>,
+    /// A batch the handler failed on without saying which event: retried one event at a time.
+    isolating: Option<Isolation>,
+    /// Retries and skips to carry out: key -> (slot, action).
+    requests: BTreeMap<String, (Slot, DeadLetterAction)>,
+    /// The completion count when each key was last resolved here (a poll issued before cannot
+    /// bring its request back).
+    resolved: BTreeMap<String, u64>,
+}
+
+/// A failed batch being retried one event at a time to find the event that fails.
+#[derive(Debug)]
+struct Isolation {
+    events: Arc<Vec<Event>>,
+    /// The batch's checkpoints, committed once every event is through.
+    checkpoints: BTreeMap<Slot, Position>,
 }
 
 impl Lane {
     fn covers(&self, slot: Slot) -> bool {
-        matches!(&self.state, LaneState::Busy { checkpoints, .. } if checkpoints.contains_key(&slot))
+        match &self.state {
+            LaneState::Busy { checkpoints, .. } => checkpoints.contains_key(&slot),
+            LaneState::Resolving { slot: resolving, .. } => *resolving == slot,
+            _ => false,
+        }
     }
 
     fn is_idle(&self) -> bool {
@@ -212,6 +286,12 @@ impl Group {
                     density: Density::default(),
                     stopping: false,
                     behind: false,
+                    needs_reload: false,
+                    parked: BTreeMap::new(),
+                    gave_up: BTreeMap::new(),
+                    isolating: None,
+                    requests: BTreeMap::new(),
+                    resolved: BTreeMap::new(),
                 })
                 .collect(),
             stream: Stream::default(),
@@ -279,7 +359,7 @@ impl Group {
             Some(current) if *current == epoch => {}
             Some(_) => self.deactivate(slot, Dropping::Restart(epoch)),
             None => {
-                self.pending.insert(slot, Pending { epoch, loaded: vec![None; self.lanes.len()] });
+                self.pending.insert(slot, Pending::new(epoch, self.lanes.len()));
             }
         }
     }
@@ -313,9 +393,42 @@ impl Group {
         let lane = &mut self.lanes[lane];
         lane.stopping = true;
         lane.joined = None;
+        lane.isolating = None;
+        lane.requests.clear();
         if lane.is_idle() {
             lane.state = LaneState::Stopped;
         }
+    }
+
+    /// The projection runs again: the lane reloads its cursors (the failing event comes first).
+    pub(crate) fn resume_lane(&mut self, lane: usize) {
+        let lane = &mut self.lanes[lane];
+        lane.stopping = false;
+        lane.attempts = 0;
+        if matches!(lane.state, LaneState::Stopped) {
+            lane.state = LaneState::Idle;
+            lane.needs_reload = true;
+        }
+    }
+
+    /// An operator asked to retry or skip a parked key of one of this group's slots.
+    pub(crate) fn request(
+        &mut self,
+        lane: usize,
+        slot: Slot,
+        key: String,
+        action: DeadLetterAction,
+        issued: u64,
+    ) {
+        if !self.slots.contains_key(&slot) {
+            return;
+        }
+        let lane = &mut self.lanes[lane];
+        let resolving = matches!(&lane.state, LaneState::Resolving { key: k, .. } if *k == key);
+        if resolving || lane.resolved.get(&key).is_some_and(|at| *at > issued) {
+            return;
+        }
+        lane.requests.insert(key, (slot, action));
     }
 
     /// Takes a slot out of every lane (those with a batch in flight covering it keep it until the
@@ -332,6 +445,8 @@ impl Group {
             if let LaneState::Reloading { slots, .. } = &mut lane.state {
                 slots.remove(&slot);
             }
+            lane.parked.retain(|_, (s, _)| *s != slot);
+            lane.requests.retain(|_, (s, _)| *s != slot);
         }
         self.reset_stream();
     }
@@ -396,8 +511,14 @@ impl Group {
         for slot in ready {
             let pending = self.pending.remove(&slot).expect("ready slots are pending");
             self.slots.insert(slot, pending.epoch);
-            for (lane, at) in self.lanes.iter_mut().zip(pending.loaded) {
+            for ((lane, at), parked) in
+                self.lanes.iter_mut().zip(pending.loaded).zip(pending.parked)
+            {
                 lane.cursors.insert(slot, at.expect("loaded"));
+                lane.parked.retain(|_, (s, _)| *s != slot);
+                for key in parked {
+                    lane.parked.insert(key, (slot, Position::START));
+                }
             }
         }
         self.reset_stream();
@@ -427,8 +548,7 @@ impl Group {
                     gone.push(slot);
                 }
                 Dropping::Restart(epoch) => {
-                    self.pending
-                        .insert(slot, Pending { epoch, loaded: vec![None; self.lanes.len()] });
+                    self.pending.insert(slot, Pending::new(epoch, self.lanes.len()));
                 }
             }
         }
@@ -466,8 +586,25 @@ impl Group {
                 self.lanes[lane].joined = None;
                 return;
             }
+            if std::mem::take(&mut self.lanes[lane].needs_reload) {
+                self.lanes[lane].joined = None;
+                self.reload(lane, out);
+                continue;
+            }
             if self.slots.is_empty() {
                 return;
+            }
+            if let Some(key) = self.lanes[lane].requests.keys().next().cloned() {
+                self.resolve(lane, key, out);
+                return;
+            }
+            if self.lanes[lane].isolating.is_some() {
+                // Off the shared read until the batch is through: its cursors move on their own.
+                self.lanes[lane].joined = None;
+                if self.isolate_next(lane, out) {
+                    return;
+                }
+                continue;
             }
             if let Some(seq) = self.lanes[lane].joined {
                 if let Some(index) = self.window_index(seq) {
@@ -504,6 +641,7 @@ impl Group {
                 let lane = &self.lanes[*l];
                 lane.is_idle()
                     && !lane.stopping
+                    && lane.isolating.is_none()
                     && lane.joined.is_none()
                     && lane.cursors.len() == self.slots.len()
             })
@@ -571,6 +709,8 @@ impl Group {
         false
     }
 
+    /// Hands a batch to a lane: the events of parked keys go to the dead letters, the others to
+    /// the handler, in one transaction with the checkpoints.
     fn dispatch(
         &mut self,
         lane: usize,
@@ -581,14 +721,94 @@ impl Group {
     ) {
         let grants: BTreeMap<Slot, Epoch> =
             checkpoints.keys().map(|slot| (*slot, self.slots[slot])).collect();
+        let l = &self.lanes[lane];
+        let (applied, park) = if l.parked.is_empty() {
+            (events.clone(), Vec::new())
+        } else {
+            let mut applied = Vec::with_capacity(events.len());
+            let mut park = Vec::new();
+            for event in events.iter() {
+                match l.parked.get(&event.partition_key) {
+                    Some((_, since)) if event.position >= *since => {
+                        let cause = match l.gave_up.get(&event.position) {
+                            Some((task, attempts)) => {
+                                ParkCause::Failed { task: *task, attempts: *attempts }
+                            }
+                            None => ParkCause::Behind { since: *since },
+                        };
+                        park.push(ParkedEvent { event: event.clone(), cause });
+                    }
+                    _ => applied.push(event.clone()),
+                }
+            }
+            (Arc::new(applied), park)
+        };
         let task = out.task(Task::Process { group: self.index, lane });
         out.emit(Command::Process {
             task,
             projection: lane,
-            batch: Batch { events: events.clone(), checkpoints: checkpoints.clone(), grants },
+            batch: Batch {
+                events: applied.clone(),
+                park,
+                checkpoints: checkpoints.clone(),
+                grants,
+            },
         });
-        let sample = (events.len() as u64, span);
-        self.lanes[lane].state = LaneState::Busy { task, checkpoints, events, sample };
+        let sample = (applied.len() as u64, span);
+        self.lanes[lane].state = LaneState::Busy { task, checkpoints, events, applied, sample };
+    }
+
+    /// Carries out an operator's retry or skip of a parked key, as the lane's next step.
+    fn resolve(&mut self, lane: usize, key: String, out: &mut Out<'_>) {
+        let (slot, action) = self.lanes[lane].requests.remove(&key).expect("requested");
+        let Some(epoch) = self.slots.get(&slot).copied() else { return };
+        let at = self.lanes[lane].cursors.get(&slot).copied().unwrap_or_default();
+        let task = out.task(Task::Process { group: self.index, lane });
+        out.emit(Command::Resolve {
+            task,
+            projection: lane,
+            key: key.clone(),
+            action,
+            checkpoints: BTreeMap::from([(slot, at)]),
+            grants: BTreeMap::from([(slot, epoch)]),
+        });
+        self.lanes[lane].state = LaneState::Resolving { task, slot, key, action };
+    }
+
+    /// The next step of a batch retried one event at a time: the first event not through yet,
+    /// or, once all are, the batch's own checkpoints. Returns whether it dispatched something.
+    fn isolate_next(&mut self, lane: usize, out: &mut Out<'_>) -> bool {
+        let l = &self.lanes[lane];
+        let isolation = l.isolating.as_ref().expect("isolating");
+        let through = |event: &Event| {
+            !self.slots.contains_key(&event.slot)
+                || l.cursors.get(&event.slot).is_none_or(|at| event.position <= *at)
+        };
+        let scope: BTreeMap<Slot, Position> = l
+            .cursors
+            .iter()
+            .filter(|(slot, _)| {
+                isolation.checkpoints.contains_key(slot) && self.slots.contains_key(slot)
+            })
+            .map(|(slot, at)| (*slot, *at))
+            .collect();
+        if let Some(event) = isolation.events.iter().find(|e| !through(e)).cloned() {
+            let checkpoints = checkpoints_to(&scope, event.position);
+            self.dispatch(lane, Arc::new(vec![event]), checkpoints, 0, out);
+            return true;
+        }
+        let rest: BTreeMap<Slot, Position> = isolation
+            .checkpoints
+            .iter()
+            .filter(|(slot, to)| scope.get(slot).is_some_and(|at| at < to))
+            .map(|(slot, to)| (*slot, *to))
+            .collect();
+        self.lanes[lane].isolating = None;
+        if rest.is_empty() {
+            return false;
+        }
+        self.dispatch(lane, Arc::new(Vec::new()), rest, 0, out);
+        true
     }
 
     fn solo_read(&mut self, lane: usize, config: &Config, out: &mut Out<'_>) {
@@ -663,6 +883,7 @@ impl Group {
         projection: usize,
         task: TaskId,
         checkpoints: Option<BTreeMap<Slot, Position>>,
+        parked: Vec<(Slot, String)>,
         config: &Config,
         out: &mut Out<'_>,
     ) {
@@ -672,9 +893,21 @@ impl Group {
         match checkpoints {
             Some(checkpoints) => {
                 self.loading[projection] = Load::Idle;
+                let mut fresh = BTreeSet::new();
                 for (slot, at) in checkpoints {
-                    if let Some(pending) = self.pending.get_mut(&slot) {
-                        pending.loaded[projection].get_or_insert(at);
+                    if let Some(pending) = self.pending.get_mut(&slot)
+                        && pending.loaded[projection].is_none()
+                    {
+                        pending.loaded[projection] = Some(at);
+                        pending.parked[projection].clear();
+                        fresh.insert(slot);
+                    }
+                }
+                for (slot, key) in parked {
+                    if let Some(pending) = self.pending.get_mut(&slot)
+                        && fresh.contains(&slot)
+                    {
+                        pending.parked[projection].push(key);
                     }
                 }
             }
@@ -812,11 +1045,14 @@ impl Group {
         config: &Config,
         out: &mut Out<'_>,
     ) -> Option<StopInfo> {
-        let LaneState::Busy { task: current, .. } = &self.lanes[lane].state else { return None };
-        if *current != task {
-            return None;
+        match &self.lanes[lane].state {
+            LaneState::Busy { task: current, .. } if *current == task => {}
+            LaneState::Resolving { task: current, .. } if *current == task => {
+                return self.on_resolved(lane, outcome, config, out);
+            }
+            _ => return None,
         }
-        let LaneState::Busy { checkpoints, events, sample, .. } =
+        let LaneState::Busy { checkpoints, events, applied, sample, .. } =
             std::mem::replace(&mut self.lanes[lane].state, LaneState::Idle)
         else {
             unreachable!("checked")
@@ -831,25 +1067,66 @@ impl Group {
             }
             l.cursors.retain(|slot, _| slots.contains_key(slot));
             l.attempts = 0;
+            l.gave_up.clear();
             l.density.record(sample.0, sample.1);
             return None;
         }
         l.cursors.retain(|slot, _| slots.contains_key(slot));
         let (failure, index) = match outcome {
-            Outcome::HandlerFailed { index, timed_out } => (Failure::Handler { timed_out }, index),
+            // One event at a time, a failure names its event and is not retried again.
+            Outcome::HandlerFailed { timed_out, .. } if l.isolating.is_some() => {
+                (Failure::Handler { timed_out, permanent: true }, Some(0))
+            }
+            Outcome::HandlerFailed { index, timed_out, permanent } => {
+                (Failure::Handler { timed_out, permanent }, index)
+            }
             Outcome::Fenced { slot } => (Failure::Fenced { slot }, None),
             Outcome::Regression { slot } => (Failure::Regression { slot }, None),
             Outcome::StoreFailed | Outcome::Committed => (Failure::Store, None),
         };
-        let event = (!events.is_empty()).then(|| {
-            let event = &events[index.unwrap_or(0).min(events.len() - 1)];
-            FailedEvent {
-                position: event.position,
-                stream: event.stream.clone(),
-                event_type: event.event_type.clone(),
+        let batch = FailedBatch { task, index, events, applied, checkpoints };
+        self.fail(lane, failure, Some(batch), config, out)
+    }
+
+    /// A retry or skip of a parked key ended.
+    fn on_resolved(
+        &mut self,
+        lane: usize,
+        outcome: Outcome,
+        config: &Config,
+        out: &mut Out<'_>,
+    ) -> Option<StopInfo> {
+        let LaneState::Resolving { slot, key, action, .. } =
+            std::mem::replace(&mut self.lanes[lane].state, LaneState::Idle)
+        else {
+            unreachable!("checked by the caller")
+        };
+        let slots = &self.slots;
+        let l = &mut self.lanes[lane];
+        l.cursors.retain(|slot, _| slots.contains_key(slot));
+        let failure = match outcome {
+            Outcome::Committed => {
+                l.parked.remove(&key);
+                *out.completions += 1;
+                l.resolved.insert(key, *out.completions);
+                return None;
             }
-        });
-        self.fail(lane, failure, Some((task, event)), config, out)
+            // The runtime parked the events again with the new error; the key stays parked.
+            Outcome::HandlerFailed { .. } => {
+                *out.completions += 1;
+                l.resolved.insert(key, *out.completions);
+                return None;
+            }
+            Outcome::Fenced { slot } => Failure::Fenced { slot },
+            Outcome::Regression { slot } => Failure::Regression { slot },
+            Outcome::StoreFailed => {
+                if self.slots.contains_key(&slot) {
+                    l.requests.insert(key, (slot, action));
+                }
+                Failure::Store
+            }
+        };
+        self.fail(lane, failure, None, config, out)
     }
 
     /// What follows a failed step of a lane.
@@ -857,7 +1134,7 @@ impl Group {
         &mut self,
         lane: usize,
         failure: Failure,
-        batch: Option<(TaskId, Option<FailedEvent>)>,
+        batch: Option<FailedBatch>,
         config: &Config,
         out: &mut Out<'_>,
     ) -> Option<StopInfo> {
@@ -876,15 +1153,55 @@ impl Group {
                 self.reload(lane, out);
                 None
             }
-            AfterFailure::StopProjection { attempts } => {
+            AfterFailure::GiveUp { attempts } => {
+                if config.policies[lane] == FailurePolicy::Park
+                    && let Some(batch) = batch
+                {
+                    self.park(lane, batch, attempts, out);
+                    return None;
+                }
                 let l = &mut self.lanes[lane];
                 l.attempts = attempts;
                 l.state = LaneState::Stopped;
                 l.stopping = true;
-                let (task, event) = batch.unwrap_or((0, None));
+                l.isolating = None;
+                let (task, event) = match batch {
+                    Some(batch) => (batch.task, batch.failed_event()),
+                    None => (0, None),
+                };
                 Some(StopInfo { projection: lane, task, event, attempts })
             }
         }
+    }
+
+    /// The `park` policy: the failing event's key is parked from that event on and the batch goes
+    /// again at once (its transaction was rolled back, nothing of it committed), the key's events
+    /// to the dead letters; when the handler did not say which event failed, the batch goes again
+    /// one event at a time to find it.
+    fn park(&mut self, lane: usize, batch: FailedBatch, attempts: u32, out: &mut Out<'_>) {
+        let l = &mut self.lanes[lane];
+        l.attempts = 0;
+        match batch.index {
+            Some(index) if !batch.applied.is_empty() => {
+                let event = &batch.applied[index.min(batch.applied.len() - 1)];
+                l.parked.entry(event.partition_key.clone()).or_insert((event.slot, event.position));
+                l.gave_up.insert(event.position, (batch.task, attempts));
+            }
+            _ => {
+                l.isolating =
+                    Some(Isolation { events: batch.events, checkpoints: batch.checkpoints });
+                return;
+            }
+        }
+        let slots = &self.slots;
+        let checkpoints: BTreeMap<Slot, Position> =
+            batch.checkpoints.into_iter().filter(|(slot, _)| slots.contains_key(slot)).collect();
+        if checkpoints.is_empty() {
+            return;
+        }
+        let events: Vec<Event> =
+            batch.events.iter().filter(|e| checkpoints.contains_key(&e.slot)).cloned().collect();
+        self.dispatch(lane, Arc::new(events), checkpoints, 0, out);
     }
 
     fn reload(&mut self, lane: usize, out: &mut Out<'_>) {
@@ -911,6 +1228,7 @@ impl Group {
         lane: usize,
         task: TaskId,
         checkpoints: Option<BTreeMap<Slot, Position>>,
+        parked: Vec<(Slot, String)>,
         config: &Config,
         out: &mut Out<'_>,
     ) -> Option<StopInfo> {
@@ -936,6 +1254,14 @@ impl Group {
             cursors.insert(*slot, at);
         }
         l.cursors = cursors;
+        // What the store holds replaces what a failed commit may have parked in memory only.
+        l.parked.retain(|_, (slot, _)| !requested.contains(slot));
+        for (slot, key) in parked {
+            if requested.contains(&slot) {
+                l.parked.insert(key, (slot, Position::START));
+            }
+        }
+        l.gave_up.clear();
         None
     }
 }

@@ -23,13 +23,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use self::failure::{AfterFailure, Failure, RetryPolicy, after_failure};
+pub use self::failure::{AfterFailure, Failure, FailurePolicy, RetryPolicy, after_failure};
 pub use self::lag::{Density, LAG_COUNT_LIMIT, LagEstimate, LagPart, estimate_lag};
 
 use self::group::{Group, Out, StopInfo, Task};
 use crate::event::{Event, Position, Scope, StreamId};
 use crate::ids::Epoch;
-use crate::ports::ReadRequest;
+use crate::ports::{DeadLetterAction, ReadRequest};
 use crate::slot::{Slot, SlotCount};
 
 /// Identifies one command the runtime executes, and the input that answers it.
@@ -71,6 +71,8 @@ pub struct ProcessingConfig {
     pub window_bytes: usize,
     /// Handler retries and backoffs.
     pub retry: RetryPolicy,
+    /// Each projection's failure policy, in the order of `scopes` (missing: `stop`).
+    pub policies: Vec<FailurePolicy>,
     /// Slot count of the replica set.
     pub slot_count: SlotCount,
 }
@@ -97,6 +99,9 @@ pub enum Input {
         task: TaskId,
         /// The checkpoint of each requested slot.
         checkpoints: Option<BTreeMap<Slot, Position>>,
+        /// The partition keys of those slots with dead letters of the projection (ignored when
+        /// `checkpoints` is `None`).
+        parked: Vec<(Slot, String)>,
     },
     /// A [`Command::Read`] returned (`None`: it failed).
     Read {
@@ -120,6 +125,32 @@ pub enum Input {
     /// New events may have been appended (a notification, or the poll interval passed): readers
     /// that had reached the end read again.
     Wake,
+    /// Time to look at what the store says of the projections (every heartbeat interval):
+    /// answered by a [`Command::Poll`] unless one is in flight.
+    PollDue,
+    /// A [`Command::Poll`] returned (`None`: it failed; the next one is due at the next interval).
+    Polled {
+        /// The command's task.
+        task: TaskId,
+        /// What the store says.
+        state: Option<PolledState>,
+    },
+    /// A [`Command::RecordStop`] returned.
+    Recorded {
+        /// The command's task.
+        task: TaskId,
+        /// Whether the store has the record.
+        ok: bool,
+    },
+}
+
+/// What the store says of a worker's projections, read by a [`Command::Poll`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolledState {
+    /// The projections recorded as stopped (by number).
+    pub stopped: std::collections::BTreeSet<usize>,
+    /// Retries and skips of parked keys asked for: (projection, the key's slot, key, action).
+    pub requests: Vec<(usize, Slot, String, DeadLetterAction)>,
 }
 
 /// How a [`Command::Process`] ended.
@@ -128,12 +159,15 @@ pub enum Outcome {
     /// The handler's writes and the checkpoints committed.
     Committed,
     /// The handler failed on the event at `index` (if known), or did not return in time; the
-    /// transaction was rolled back.
+    /// transaction was rolled back. For a [`Command::Resolve`] retry, the runtime has parked the
+    /// key's events again with the new error.
     HandlerFailed {
         /// Index in the batch of the failing event.
         index: Option<usize>,
         /// Whether the handler timeout expired.
         timed_out: bool,
+        /// The handler said the error is permanent: no retry helps.
+        permanent: bool,
     },
     /// The commit was refused: `slot` is someone else's.
     Fenced {
@@ -149,17 +183,46 @@ pub enum Outcome {
     StoreFailed,
 }
 
-/// One batch for one projection: handle `events` in a transaction, then commit `checkpoints`
-/// under the fence of `grants`.
+/// One batch for one projection: handle `events` in a transaction, park `park` in it, then commit
+/// `checkpoints` under the fence of `grants`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Batch {
-    /// The events, in order (empty: nothing of the projection's scope; commit the checkpoints
-    /// only, without calling the handler).
+    /// The events to apply, in order (empty: nothing to apply; commit the checkpoints (and park
+    /// `park`) only, without calling the handler).
     pub events: Arc<Vec<Event>>,
+    /// Events of parked keys, to write as dead letters in the same transaction.
+    pub park: Vec<ParkedEvent>,
     /// Every slot the batch advances, with its new checkpoint.
     pub checkpoints: BTreeMap<Slot, Position>,
     /// The epoch of each slot in `checkpoints`, as granted when the batch was handed out.
     pub grants: BTreeMap<Slot, Epoch>,
+}
+
+/// An event to park, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParkedEvent {
+    /// The event.
+    pub event: Event,
+    /// Why it is parked.
+    pub cause: ParkCause,
+}
+
+/// Why an event is parked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParkCause {
+    /// Its handler gave up on it: the error is the one of this [`Command::Process`].
+    Failed {
+        /// The failed command (the runtime kept its error).
+        task: TaskId,
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// An earlier event of its key is parked (at `since`, or already in the store when
+    /// `since` is [`Position::START`]).
+    Behind {
+        /// Where its key was parked.
+        since: Position,
+    },
 }
 
 /// The event a projection stopped at.
@@ -213,16 +276,56 @@ pub enum Command {
     SlotStopped(Slot),
     /// A commit was refused for this slot; nothing covers it any more.
     SlotLost(Slot),
-    /// A projection's handler failed `attempts` times in a row: it stopped in this worker.
-    ProjectionStopped {
+    /// A projection gave up on an event under the `stop` policy: record the stop in the store
+    /// ([`CheckpointStore::stop_projection`](crate::ports::CheckpointStore::stop_projection)),
+    /// so that every worker stops it; answered by [`Input::Recorded`].
+    RecordStop {
+        /// Answer with this task.
+        task: TaskId,
         /// The projection's number.
         projection: usize,
-        /// The [`Command::Process`] whose failure stopped it.
-        task: TaskId,
+        /// The [`Command::Process`] whose failure stopped it (the runtime kept its error).
+        failed: TaskId,
         /// The event it failed on (the first of the batch when the handler did not say).
         event: Option<FailedEvent>,
         /// Attempts made.
         attempts: u32,
+    },
+    /// Read the recorded stops and the pending dead-letter requests: [`Input::Polled`].
+    Poll {
+        /// Answer with this task.
+        task: TaskId,
+    },
+    /// Carry out a retry or skip of a parked key in one fenced transaction: for a retry, load the
+    /// key's parked events, run the handler on them; then resolve the key's letters and commit
+    /// `checkpoints` (unchanged positions) under `grants`: [`Input::Processed`]. When a retry's
+    /// handler fails, park the events again with the new error (in a transaction of its own,
+    /// fenced the same way) and answer `HandlerFailed`.
+    Resolve {
+        /// Answer with this task.
+        task: TaskId,
+        /// The projection's number.
+        projection: usize,
+        /// The key.
+        key: String,
+        /// What to do.
+        action: DeadLetterAction,
+        /// The key's slot at the lane's cursor.
+        checkpoints: BTreeMap<Slot, Position>,
+        /// The slot's epoch.
+        grants: BTreeMap<Slot, Epoch>,
+    },
+    /// A projection stopped in this worker (it gave up on an event, or the store says it
+    /// stopped elsewhere): its lanes stop at their next batch boundary.
+    ProjectionStopped {
+        /// The projection's number.
+        projection: usize,
+    },
+    /// A stopped projection was resumed (its stop record is gone): its lanes reload their
+    /// checkpoints and go on from the failing event.
+    ProjectionResumed {
+        /// The projection's number.
+        projection: usize,
     },
 }
 
@@ -267,7 +370,24 @@ pub(crate) struct Config {
     pub(crate) batch_size: usize,
     pub(crate) window_bytes: usize,
     pub(crate) retry: RetryPolicy,
+    pub(crate) policies: Vec<FailurePolicy>,
     pub(crate) slot_count: SlotCount,
+}
+
+/// Where a projection stands in this worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopState {
+    Running,
+    /// It gave up on an event; the stop is being recorded in the store.
+    Recording {
+        task: TaskId,
+        failed: TaskId,
+        attempts: u32,
+    },
+    /// Stopped, as the store says (or this worker recorded) since completion `since`.
+    Stopped {
+        since: u64,
+    },
 }
 
 /// The processing state machine of one worker (see the module docs).
@@ -279,7 +399,14 @@ pub struct Processing {
     tasks: BTreeMap<TaskId, Task>,
     next_task: TaskId,
     commands: Vec<Command>,
-    stopped: Vec<bool>,
+    stopped: Vec<StopState>,
+    /// The event of each projection's pending stop record.
+    stop_events: BTreeMap<usize, Option<FailedEvent>>,
+    /// Counts store writes that change what a poll reads (stop records, resolved keys): a poll
+    /// issued before one of them completed cannot undo it.
+    completions: u64,
+    /// The poll in flight, with the completion count when it was issued.
+    polling: Option<(TaskId, u64)>,
 }
 
 impl Processing {
@@ -295,6 +422,9 @@ impl Processing {
             batch_size: config.batch_size.max(1),
             window_bytes: config.window_bytes,
             retry: config.retry,
+            policies: (0..projections)
+                .map(|p| config.policies.get(p).copied().unwrap_or_default())
+                .collect(),
             slot_count: config.slot_count,
         };
         Self {
@@ -304,7 +434,10 @@ impl Processing {
             tasks: BTreeMap::new(),
             next_task: 1,
             commands: Vec::new(),
-            stopped: vec![false; projections],
+            stopped: vec![StopState::Running; projections],
+            stop_events: BTreeMap::new(),
+            completions: 0,
+            polling: None,
         }
     }
 
@@ -315,6 +448,7 @@ impl Processing {
             next_task: &mut self.next_task,
             tasks: &mut self.tasks,
             commands: &mut self.commands,
+            completions: &mut self.completions,
         };
         match input {
             Input::Start { slot, epoch } => {
@@ -343,20 +477,50 @@ impl Processing {
                     group.wake();
                 }
             }
-            Input::Loaded { task, checkpoints } => match out.tasks.remove(&task) {
+            Input::Loaded { task, checkpoints, parked } => match out.tasks.remove(&task) {
                 Some(Task::PendingLoad { group, projection }) => self.groups[group]
-                    .on_pending_loaded(projection, task, checkpoints, &self.config, &mut out),
+                    .on_pending_loaded(
+                        projection,
+                        task,
+                        checkpoints,
+                        parked,
+                        &self.config,
+                        &mut out,
+                    ),
                 Some(Task::Reload { group, lane }) => {
                     stops.extend(self.groups[group].on_reloaded(
                         lane,
                         task,
                         checkpoints,
+                        parked,
                         &self.config,
                         &mut out,
                     ));
                 }
                 _ => {}
             },
+            Input::PollDue => {
+                if self.polling.is_none() {
+                    let task = out.task(Task::Poll);
+                    out.emit(Command::Poll { task });
+                    self.polling = Some((task, *out.completions));
+                }
+            }
+            Input::Polled { task, state } => {
+                out.tasks.remove(&task);
+                if let Some((current, issued)) = self.polling
+                    && current == task
+                {
+                    self.polling = None;
+                    if let Some(state) = state {
+                        self.on_polled(state, issued);
+                    }
+                }
+            }
+            Input::Recorded { task, ok } => {
+                out.tasks.remove(&task);
+                self.on_recorded(task, ok);
+            }
             Input::Read { task, events } => match out.tasks.remove(&task) {
                 Some(Task::SharedRead { group }) => {
                     self.groups[group].on_shared_read(task, events, &self.config, &mut out)
@@ -391,6 +555,7 @@ impl Processing {
                 Some(Task::LaneWait { group, lane }) => {
                     self.groups[group].on_lane_wait_elapsed(lane, task, &mut out)
                 }
+                Some(Task::RecordWait { projection }) => self.retry_record(projection),
                 _ => {}
             },
         }
@@ -417,9 +582,9 @@ impl Processing {
         self.tasks.len()
     }
 
-    /// Whether a projection stopped in this worker.
+    /// Whether a projection is stopped in this worker (or its stop is being recorded).
     pub fn is_stopped(&self, projection: usize) -> bool {
-        self.stopped.get(projection).copied().unwrap_or(false)
+        self.stopped.get(projection).is_some_and(|s| *s != StopState::Running)
     }
 
     /// The slots being processed (started, checkpoints loaded), by group.
@@ -464,19 +629,96 @@ impl Processing {
         queries
     }
 
+    /// A lane gave up under the `stop` policy: every lane of the projection stops, and the stop
+    /// is recorded so that every worker stops it.
     fn stop_projection(&mut self, stop: StopInfo) {
-        if self.stopped[stop.projection] {
+        if self.stopped[stop.projection] != StopState::Running {
             return;
         }
-        self.stopped[stop.projection] = true;
-        self.commands.push(Command::ProjectionStopped {
-            projection: stop.projection,
-            task: stop.task,
-            event: stop.event,
-            attempts: stop.attempts,
+        self.halt(stop.projection);
+        self.stop_events.insert(stop.projection, stop.event);
+        self.record_stop(stop.projection, stop.task, stop.attempts);
+    }
+
+    fn record_stop(&mut self, projection: usize, failed: TaskId, attempts: u32) {
+        let task = self.next_task;
+        self.next_task += 1;
+        self.tasks.insert(task, Task::Record);
+        self.stopped[projection] = StopState::Recording { task, failed, attempts };
+        self.commands.push(Command::RecordStop {
+            task,
+            projection,
+            failed,
+            event: self.stop_events.get(&projection).cloned().flatten(),
+            attempts,
         });
+    }
+
+    fn halt(&mut self, projection: usize) {
+        self.commands.push(Command::ProjectionStopped { projection });
         for group in &mut self.groups {
-            group.stop_lane(stop.projection);
+            group.stop_lane(projection);
+        }
+    }
+
+    fn on_recorded(&mut self, task: TaskId, ok: bool) {
+        let Some(projection) = self.stopped.iter().position(
+            |s| matches!(s, StopState::Recording { task: current, .. } if *current == task),
+        ) else {
+            return;
+        };
+        let StopState::Recording { failed, attempts, .. } = self.stopped[projection] else {
+            unreachable!("found above")
+        };
+        if ok {
+            self.completions += 1;
+            self.stopped[projection] = StopState::Stopped { since: self.completions };
+            self.stop_events.remove(&projection);
+        } else {
+            // The store is unreachable: ask again after the store backoff.
+            let wait = self.next_task;
+            self.next_task += 1;
+            self.tasks.insert(wait, Task::RecordWait { projection });
+            self.stopped[projection] = StopState::Recording { task: wait, failed, attempts };
+            self.commands
+                .push(Command::Wait { task: wait, delay: self.config.retry.store_backoff() });
+        }
+    }
+
+    fn retry_record(&mut self, projection: usize) {
+        if let StopState::Recording { failed, attempts, .. } = self.stopped[projection] {
+            self.record_stop(projection, failed, attempts);
+        }
+    }
+
+    /// What the store says: stops recorded elsewhere stop here too, a stop gone (resumed) starts
+    /// the projection again, and dead-letter requests go to the lanes owning their keys.
+    fn on_polled(&mut self, state: PolledState, issued: u64) {
+        for projection in 0..self.stopped.len() {
+            let recorded = state.stopped.contains(&projection);
+            match self.stopped[projection] {
+                StopState::Running if recorded => {
+                    self.completions += 1;
+                    self.stopped[projection] = StopState::Stopped { since: self.completions };
+                    self.halt(projection);
+                }
+                StopState::Stopped { since } if !recorded && since <= issued => {
+                    self.stopped[projection] = StopState::Running;
+                    self.commands.push(Command::ProjectionResumed { projection });
+                    for group in &mut self.groups {
+                        group.resume_lane(projection);
+                    }
+                }
+                _ => {}
+            }
+        }
+        for (projection, slot, key, action) in state.requests {
+            if self.is_stopped(projection) || projection >= self.stopped.len() {
+                continue;
+            }
+            if let Some(group) = self.slot_group.get(&slot) {
+                self.groups[*group].request(projection, slot, key, action, issued);
+            }
         }
     }
 
@@ -485,6 +727,7 @@ impl Processing {
             next_task: &mut self.next_task,
             tasks: &mut self.tasks,
             commands: &mut self.commands,
+            completions: &mut self.completions,
         };
         for group in &mut self.groups {
             for slot in group.poll(&self.config, &mut out) {

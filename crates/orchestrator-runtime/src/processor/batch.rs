@@ -1,10 +1,13 @@
-//! One batch of one projection: begin, the handler (bounded by the handler timeout), the fenced
-//! commit. Its outcome goes back to the state machine, which decides what follows.
+//! One batch of one projection: begin, the handler (bounded by the handler timeout), the batch's
+//! dead letters, the fenced commit. Its outcome goes back to the state machine, which decides
+//! what follows.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use orchestrator_core::ports::{CheckpointStore, Fence, StoreError};
+use orchestrator_core::ports::{BoxError, CheckpointStore, Fence, NewDeadLetter, StoreError};
 use orchestrator_core::processing::{Batch, Input, Outcome, TaskId};
+use orchestrator_core::{Epoch, Position, Slot};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -16,8 +19,9 @@ pub(super) async fn process<S: Store>(
     task: TaskId,
     projection: usize,
     batch: Batch,
+    letters: Vec<NewDeadLetter>,
 ) -> Done {
-    let (outcome, error) = run(&shared, projection, &batch).await;
+    let (outcome, error) = run(&shared, projection, &batch, &letters).await;
     (Input::Processed { task, outcome }, error)
 }
 
@@ -25,7 +29,8 @@ async fn run<S: Store>(
     shared: &Shared<S>,
     projection: usize,
     batch: &Batch,
-) -> (Outcome, Option<orchestrator_core::ports::BoxError>) {
+    letters: &[NewDeadLetter],
+) -> (Outcome, Option<BoxError>) {
     let handler = &shared.projections[projection];
     let name = handler.name();
     let metrics = &shared.metrics;
@@ -44,9 +49,17 @@ async fn run<S: Store>(
             .await
         {
             Ok(Ok(())) => {}
+            Ok(Err(failure)) if shared.store.is_store_failure(&*failure.source) => {
+                // The handler's own query met the store's trouble: not the handler's fault, so
+                // not an attempt.
+                drop(tx);
+                warn!(projection = name, error = %failure.source, "The store failed under the handler; retrying");
+                return (Outcome::StoreFailed, None);
+            }
             Ok(Err(failure)) => {
                 drop(tx);
                 metrics.handler_failed(name);
+                let permanent = failure.is_permanent();
                 let index = failure.index.map(|i| i.min(events.len() - 1));
                 let event = &events[index.unwrap_or(0)];
                 warn!(
@@ -55,9 +68,11 @@ async fn run<S: Store>(
                     aggregate = %event.stream,
                     event_type = %event.event_type,
                     error = %failure.source,
+                    permanent,
                     "Projection handler failed"
                 );
-                return (Outcome::HandlerFailed { index, timed_out: false }, Some(failure.source));
+                let outcome = Outcome::HandlerFailed { index, timed_out: false, permanent };
+                return (outcome, Some(failure.source));
             }
             Err(_) => {
                 // Dropping the transaction rolls the batch back; the handler's future is dropped
@@ -75,41 +90,76 @@ async fn run<S: Store>(
                 );
                 let error = format!("the handler did not return within {timeout:?}");
                 return (
-                    Outcome::HandlerFailed { index: None, timed_out: true },
+                    Outcome::HandlerFailed { index: None, timed_out: true, permanent: false },
                     Some(error.into()),
                 );
             }
         }
     }
-    let fence = Fence {
-        replica_set: shared.replica_set.clone(),
-        worker: shared.worker.clone(),
-        grants: batch.grants.clone(),
-    };
-    let committed = {
-        let _one_at_a_time = shared.commit_locks[projection].lock().await;
-        CheckpointStore::commit(&shared.store, tx, &fence, name, &batch.checkpoints).await
-    };
-    match committed {
-        Ok(()) => {
+    if !letters.is_empty() {
+        if let Err(err) = shared.store.park(&mut tx, &shared.replica_set, name, letters).await {
+            warn!(%err, projection = name, "Parking events failed; retrying");
+            return (Outcome::StoreFailed, None);
+        }
+    }
+    match commit(shared, projection, tx, &batch.checkpoints, &batch.grants).await {
+        Outcome::Committed => {
             let took = started.elapsed();
             metrics.batch_committed(name, events.len(), took);
+            if !letters.is_empty() {
+                metrics.parked(name, letters.len());
+                for letter in letters {
+                    warn!(
+                        projection = name,
+                        position = %letter.position,
+                        key = %letter.key,
+                        aggregate = %letter.stream,
+                        event_type = %letter.event_type,
+                        error = %letter.error,
+                        "Event parked as a dead letter (failure policy park); see `orchestrator dlq list`"
+                    );
+                }
+            }
             debug!(projection = name, events = events.len(), elapsed = ?took, "Batch committed");
             (Outcome::Committed, None)
         }
+        refused => (refused, None),
+    }
+}
+
+/// Commits `tx` with `checkpoints` under the fence of `grants`: `Committed`, or why not.
+pub(super) async fn commit<S: Store>(
+    shared: &Shared<S>,
+    projection: usize,
+    tx: <S as CheckpointStore>::Tx,
+    checkpoints: &BTreeMap<Slot, Position>,
+    grants: &BTreeMap<Slot, Epoch>,
+) -> Outcome {
+    let name = shared.projections[projection].name();
+    let fence = Fence {
+        replica_set: shared.replica_set.clone(),
+        worker: shared.worker.clone(),
+        grants: grants.clone(),
+    };
+    let committed = {
+        let _one_at_a_time = shared.commit_locks[projection].lock().await;
+        CheckpointStore::commit(&shared.store, tx, &fence, name, checkpoints).await
+    };
+    match committed {
+        Ok(()) => Outcome::Committed,
         Err(StoreError::Fenced { slot, .. }) => {
-            metrics.commit_fenced(name);
+            shared.metrics.commit_fenced(name);
             warn!(projection = name, %slot, "Commit fenced: the slot has a new owner");
-            (Outcome::Fenced { slot }, None)
+            Outcome::Fenced { slot }
         }
         Err(StoreError::CheckpointRegression { slot, .. }) => {
-            metrics.commit_fenced(name);
+            shared.metrics.commit_fenced(name);
             warn!(projection = name, %slot, "Commit refused: the slot's checkpoint is ahead of this worker");
-            (Outcome::Regression { slot }, None)
+            Outcome::Regression { slot }
         }
         Err(err) => {
             warn!(%err, projection = name, "Event processing failed; retrying");
-            (Outcome::StoreFailed, None)
+            Outcome::StoreFailed
         }
     }
 }

@@ -11,24 +11,25 @@
 //! machine, which answers `SlotStopped` only once no batch in flight covers the slot.
 
 mod batch;
+mod dead_letters;
 mod lag;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use orchestrator_core::ports::BoxError;
+use orchestrator_core::ports::{BoxError, CheckpointStore, NewDeadLetter, ProjectionStop};
 use orchestrator_core::processing::{
-    Command, Input, Outcome, Processing, ProcessingConfig, RetryPolicy, TaskId,
+    Command, FailurePolicy, Input, Outcome, ParkCause, Processing, ProcessingConfig, RetryPolicy,
+    TaskId,
 };
 use orchestrator_core::{Epoch, ReplicaSetName, Slot, WorkerId};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 use crate::Store;
-use crate::error::RunError;
 use crate::metrics::Metrics;
 use crate::projection::Projection;
 
@@ -49,8 +50,6 @@ pub(crate) enum Report {
     Stopped(Slot),
     /// A commit was refused: the slot belongs to someone else now (or was processed further).
     Lost(Slot),
-    /// A projection failed for good and stopped in this worker; the others go on.
-    ProjectionStopped(RunError),
 }
 
 /// The processing task's settings and store.
@@ -63,6 +62,8 @@ pub(crate) struct Processor<S: Store> {
     pub(crate) batch_size: usize,
     pub(crate) idle_poll: Duration,
     pub(crate) retry: RetryPolicy,
+    /// The worker's `FAILURE_POLICY`, for projections that do not say otherwise.
+    pub(crate) failure_policy: FailurePolicy,
     pub(crate) wake: Arc<Notify>,
     pub(crate) metrics: Arc<Metrics>,
     /// How often the lag of the owned slots is measured.
@@ -96,6 +97,8 @@ enum Kind {
     Read,
     Process,
     Wait,
+    Poll,
+    Record,
 }
 
 /// A finished task: the input for the state machine, and the handler's error if it failed.
@@ -121,6 +124,11 @@ impl<S: Store> Processor<S> {
             groups: self.concurrency,
             window_bytes: self.read_buffer_bytes / self.concurrency.max(1),
             retry: self.retry,
+            policies: self
+                .projections
+                .iter()
+                .map(|p| p.failure_policy().unwrap_or(self.failure_policy))
+                .collect(),
             slot_count: self.store.slot_count(),
         });
         let shared = Arc::new(Shared {
@@ -137,6 +145,7 @@ impl<S: Store> Processor<S> {
             tasks: JoinSet::new(),
             running: BTreeMap::new(),
             errors: BTreeMap::new(),
+            stop_errors: BTreeMap::new(),
             reports,
         };
         let mut lag_at = Instant::now();
@@ -154,7 +163,10 @@ impl<S: Store> Processor<S> {
                     let measure = lag::measure(executor.shared.clone(), queries);
                     measuring = Some(AbortOnDrop(tokio::spawn(measure)));
                 }
+                // Stops recorded by other workers, resumes, and dead-letter requests.
+                machine.handle(Input::PollDue);
                 lag_at = Instant::now() + self.lag_interval;
+                continue;
             }
             if machine.waiting_for_events() {
                 poll_at.get_or_insert_with(|| Instant::now() + self.idle_poll);
@@ -206,8 +218,10 @@ struct Executor<S: Store> {
     tasks: JoinSet<Done>,
     running: BTreeMap<tokio::task::Id, (TaskId, Kind)>,
     /// The handler error of each failed batch, until the state machine says whether it stopped
-    /// the projection.
+    /// the projection or parked the event.
     errors: BTreeMap<TaskId, BoxError>,
+    /// The error of each projection whose stop is being recorded.
+    stop_errors: BTreeMap<usize, String>,
     reports: mpsc::UnboundedSender<Report>,
 }
 
@@ -235,11 +249,21 @@ impl<S: Store> Executor<S> {
             Command::Load { task, projection, slots } => {
                 self.spawn(task, Kind::Load, async move {
                     let name = shared.projections[projection].name();
-                    let loaded = shared.store.load(&shared.replica_set, name, &slots).await;
-                    if let Err(err) = &loaded {
-                        warn!(%err, projection = name, "Loading checkpoints failed; retrying");
-                    }
-                    (Input::Loaded { task, checkpoints: loaded.ok() }, None)
+                    let (store, rs) = (&shared.store, &shared.replica_set);
+                    let loaded = match store.load(rs, name, &slots).await {
+                        Ok(checkpoints) => {
+                            store.parked_keys(rs, name, &slots).await.map(|k| (checkpoints, k))
+                        }
+                        Err(err) => Err(err),
+                    };
+                    let (checkpoints, parked) = match loaded {
+                        Ok((checkpoints, parked)) => (Some(checkpoints), parked),
+                        Err(err) => {
+                            warn!(%err, projection = name, "Loading checkpoints failed; retrying");
+                            (None, Vec::new())
+                        }
+                    };
+                    (Input::Loaded { task, checkpoints, parked }, None)
                 });
             }
             Command::Read { task, request } => {
@@ -252,7 +276,60 @@ impl<S: Store> Executor<S> {
                 });
             }
             Command::Process { task, projection, batch } => {
-                self.spawn(task, Kind::Process, batch::process(shared, task, projection, batch));
+                let letters = self.letters(&batch.park);
+                let work = batch::process(shared, task, projection, batch, letters);
+                self.spawn(task, Kind::Process, work);
+            }
+            Command::Resolve { task, projection, key, action, checkpoints, grants } => {
+                let resolve = dead_letters::Resolve { key, action, checkpoints, grants };
+                let work = dead_letters::resolve(shared, task, projection, resolve);
+                self.spawn(task, Kind::Process, work);
+            }
+            Command::Poll { task } => {
+                self.spawn(task, Kind::Poll, async move {
+                    let state = dead_letters::poll(&shared).await;
+                    (Input::Polled { task, state }, None)
+                });
+            }
+            Command::RecordStop { task, projection, failed, event, attempts } => {
+                let error = match self.errors.remove(&failed) {
+                    Some(error) => error.to_string(),
+                    None => self.stop_errors.get(&projection).cloned().unwrap_or_default(),
+                };
+                self.stop_errors.insert(projection, error.clone());
+                let name = self.shared.projections[projection].name().to_owned();
+                let (position, aggregate, event_type) = match event {
+                    Some(e) => (e.position, e.stream.to_string(), e.event_type),
+                    None => (Default::default(), String::new(), String::new()),
+                };
+                error!(
+                    projection = %name,
+                    %position,
+                    %aggregate,
+                    %event_type,
+                    attempts,
+                    %error,
+                    "Projection stopped on every worker (failure policy stop); the workers go on with the others. Fix the cause, then run `orchestrator projection resume {name}`"
+                );
+                self.spawn(task, Kind::Record, async move {
+                    let stop = ProjectionStop { projection: name, position, aggregate, event_type, error };
+                    let recorded =
+                        CheckpointStore::stop_projection(&shared.store, &shared.replica_set, &stop)
+                            .await;
+                    if let Err(err) = &recorded {
+                        warn!(%err, projection = %stop.projection, "Recording the stop failed; retrying");
+                    }
+                    (Input::Recorded { task, ok: recorded.is_ok() }, None)
+                });
+            }
+            Command::ProjectionStopped { projection } => {
+                let name = self.shared.projections[projection].name();
+                info!(projection = name, "Projection stopped in this worker");
+            }
+            Command::ProjectionResumed { projection } => {
+                self.stop_errors.remove(&projection);
+                let name = self.shared.projections[projection].name();
+                info!(projection = name, "Projection resumed: going on from its checkpoints");
             }
             Command::Wait { task, delay } => {
                 self.spawn(task, Kind::Wait, async move {
@@ -266,25 +343,40 @@ impl<S: Store> Executor<S> {
             Command::SlotLost(slot) => {
                 let _ = self.reports.send(Report::Lost(slot));
             }
-            Command::ProjectionStopped { projection, task, event, attempts } => {
-                let name = self.shared.projections[projection].name().to_owned();
-                let source = self.errors.remove(&task).unwrap_or_else(|| "unknown failure".into());
-                let (position, aggregate, event_type) = match event {
-                    Some(e) => (e.position, e.stream.to_string(), e.event_type),
-                    None => (Default::default(), String::new(), String::new()),
-                };
-                let err = RunError::ProjectionFailed {
-                    projection: name,
-                    position,
-                    aggregate,
-                    event_type,
-                    attempts,
-                    source,
-                };
-                error!(%err, "Projection stopped; the worker goes on with the others");
-                let _ = self.reports.send(Report::ProjectionStopped(err));
-            }
         }
+    }
+
+    /// The dead letters of a batch's parked events, with the error each is parked for.
+    fn letters(&self, park: &[orchestrator_core::processing::ParkedEvent]) -> Vec<NewDeadLetter> {
+        park.iter()
+            .map(|parked| {
+                let event = &parked.event;
+                let (error, attempts) = match parked.cause {
+                    ParkCause::Failed { task, attempts } => (
+                        self.errors
+                            .get(&task)
+                            .map_or_else(|| "the handler failed".to_owned(), ToString::to_string),
+                        attempts,
+                    ),
+                    ParkCause::Behind { since } if since == Default::default() => {
+                        ("parked behind an earlier dead letter of its partition key".to_owned(), 0)
+                    }
+                    ParkCause::Behind { since } => (
+                        format!("parked behind the event at position {since} of its partition key"),
+                        0,
+                    ),
+                };
+                NewDeadLetter {
+                    position: event.position,
+                    slot: event.slot,
+                    key: event.partition_key.clone(),
+                    stream: event.stream.clone(),
+                    event_type: event.event_type.clone(),
+                    error,
+                    attempts,
+                }
+            })
+            .collect()
     }
 
     /// The input a finished task answers with; a panicked one counts as failed.
@@ -299,12 +391,18 @@ impl<S: Store> Executor<S> {
             Err(err) => {
                 error!(%err, "A processing task panicked; counted as a failed attempt");
                 let input = match kind {
-                    Kind::Load => Input::Loaded { task, checkpoints: None },
+                    Kind::Load => Input::Loaded { task, checkpoints: None, parked: Vec::new() },
                     Kind::Read => Input::Read { task, events: None },
                     Kind::Wait => Input::Elapsed { task },
+                    Kind::Poll => Input::Polled { task, state: None },
+                    Kind::Record => Input::Recorded { task, ok: false },
                     Kind::Process => Input::Processed {
                         task,
-                        outcome: Outcome::HandlerFailed { index: None, timed_out: false },
+                        outcome: Outcome::HandlerFailed {
+                            index: None,
+                            timed_out: false,
+                            permanent: false,
+                        },
                     },
                 };
                 (input, Some(format!("the handler panicked: {err}").into()))

@@ -1,0 +1,188 @@
+//! What the store says of the projections (stops, dead-letter requests), and carrying out a retry
+//! or skip of a parked key, as the state machine asks.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use orchestrator_core::ports::{BoxError, CheckpointStore, DeadLetterAction, NewDeadLetter};
+use orchestrator_core::processing::{Input, Outcome, PolledState, TaskId};
+use orchestrator_core::{Epoch, Event, Position, Slot};
+use tracing::{info, warn};
+
+use super::batch::commit;
+use super::{Done, Shared};
+use crate::Store;
+
+/// Reads the recorded stops, the pending requests and the dead-letter counts; records the
+/// `projection_stopped` and `dead_letters` gauges. `None` when the store failed.
+pub(super) async fn poll<S: Store>(shared: &Shared<S>) -> Option<PolledState> {
+    let (store, rs) = (&shared.store, &shared.replica_set);
+    let read = async {
+        let stopped = CheckpointStore::stopped_projections(store, rs).await?;
+        let requests = store.requests(rs).await?;
+        let counts = store.dead_letter_counts(rs).await?;
+        Ok::<_, orchestrator_core::ports::StoreError>((stopped, requests, counts))
+    };
+    let (stopped, requests, counts) = match read.await {
+        Ok(read) => read,
+        Err(err) => {
+            warn!(%err, "Reading stopped projections and dead-letter requests failed");
+            return None;
+        }
+    };
+    let number = |name: &str| shared.projections.iter().position(|p| p.name() == name);
+    let mut state = PolledState::default();
+    for stop in &stopped {
+        if let Some(projection) = number(&stop.stop.projection) {
+            state.stopped.insert(projection);
+        }
+    }
+    for request in requests {
+        if let Some(projection) = number(&request.projection) {
+            state.requests.push((projection, request.slot, request.key, request.action));
+        }
+    }
+    for (projection, handler) in shared.projections.iter().enumerate() {
+        let letters = counts.get(handler.name()).copied().unwrap_or(0);
+        shared.metrics.failures(handler.name(), state.stopped.contains(&projection), letters);
+    }
+    Some(state)
+}
+
+/// A retry or skip to carry out.
+pub(super) struct Resolve {
+    pub(super) key: String,
+    pub(super) action: DeadLetterAction,
+    pub(super) checkpoints: BTreeMap<Slot, Position>,
+    pub(super) grants: BTreeMap<Slot, Epoch>,
+}
+
+/// One fenced transaction: for a retry, the key's parked events through the handler; then the
+/// key's letters resolved and the checkpoint (unchanged) committed. A retry whose handler fails
+/// parks the events again with the new error, fenced the same way.
+pub(super) async fn resolve<S: Store>(
+    shared: Arc<Shared<S>>,
+    task: TaskId,
+    projection: usize,
+    resolve: Resolve,
+) -> Done {
+    let outcome = run(&shared, projection, &resolve).await;
+    (Input::Processed { task, outcome }, None)
+}
+
+async fn run<S: Store>(shared: &Shared<S>, projection: usize, resolve: &Resolve) -> Outcome {
+    let handler = &shared.projections[projection];
+    let name = handler.name();
+    let (store, rs, key) = (&shared.store, &shared.replica_set, resolve.key.as_str());
+    let parked = match resolve.action {
+        DeadLetterAction::Retry => match store.parked_events(rs, name, key).await {
+            Ok(parked) => parked,
+            Err(err) => {
+                warn!(%err, projection = name, key, "Loading parked events failed; retrying");
+                return Outcome::StoreFailed;
+            }
+        },
+        DeadLetterAction::Skip => Vec::new(),
+    };
+    let events: Vec<Event> = parked.into_iter().map(|(_, event)| event).collect();
+    let mut tx = match store.begin().await {
+        Ok(tx) => tx,
+        Err(err) => {
+            warn!(%err, projection = name, "Resolving dead letters failed; retrying");
+            return Outcome::StoreFailed;
+        }
+    };
+    if !events.is_empty() {
+        let handled =
+            tokio::time::timeout(shared.handler_timeout, handler.handle_batch(&mut tx, &events))
+                .await;
+        let failure: Option<BoxError> = match handled {
+            Ok(Ok(())) => None,
+            Ok(Err(failure)) if store.is_store_failure(&*failure.source) => {
+                warn!(projection = name, error = %failure.source, "The store failed under the handler; retrying");
+                return Outcome::StoreFailed;
+            }
+            Ok(Err(failure)) => Some(failure.source),
+            Err(_) => Some(
+                format!("the handler did not return within {:?}", shared.handler_timeout).into(),
+            ),
+        };
+        if let Some(error) = failure {
+            drop(tx);
+            shared.metrics.handler_failed(name);
+            warn!(projection = name, key, %error, "Retrying dead letters failed; they stay parked");
+            return park_again(shared, projection, resolve, &events, &error.to_string()).await;
+        }
+    }
+    let resolved = match store.resolve(&mut tx, rs, name, key, resolve.action).await {
+        Ok(resolved) => resolved,
+        Err(err) => {
+            warn!(%err, projection = name, "Resolving dead letters failed; retrying");
+            return Outcome::StoreFailed;
+        }
+    };
+    let outcome = commit(shared, projection, tx, &resolve.checkpoints, &resolve.grants).await;
+    if outcome == Outcome::Committed {
+        match resolve.action {
+            DeadLetterAction::Retry => {
+                shared.metrics.batch_committed(name, events.len(), std::time::Duration::ZERO);
+                info!(
+                    projection = name,
+                    key,
+                    events = events.len(),
+                    "Dead letters retried and applied; the key is unparked"
+                );
+            }
+            DeadLetterAction::Skip => {
+                info!(
+                    projection = name,
+                    key,
+                    letters = resolved,
+                    "Dead letters skipped (recorded); the key is unparked"
+                );
+            }
+        }
+    }
+    outcome
+}
+
+/// A failed retry: the key's events parked again with the new error and one more attempt, the
+/// request cleared, in a fenced transaction of its own.
+async fn park_again<S: Store>(
+    shared: &Shared<S>,
+    projection: usize,
+    resolve: &Resolve,
+    events: &[Event],
+    error: &str,
+) -> Outcome {
+    let name = shared.projections[projection].name();
+    let letters: Vec<NewDeadLetter> = events
+        .iter()
+        .map(|event| NewDeadLetter {
+            position: event.position,
+            slot: event.slot,
+            key: event.partition_key.clone(),
+            stream: event.stream.clone(),
+            event_type: event.event_type.clone(),
+            error: error.to_owned(),
+            attempts: 1,
+        })
+        .collect();
+    let mut tx = match shared.store.begin().await {
+        Ok(tx) => tx,
+        Err(err) => {
+            warn!(%err, projection = name, "Parking events again failed; retrying");
+            return Outcome::StoreFailed;
+        }
+    };
+    if let Err(err) = shared.store.park(&mut tx, &shared.replica_set, name, &letters).await {
+        warn!(%err, projection = name, "Parking events again failed; retrying");
+        return Outcome::StoreFailed;
+    }
+    match commit(shared, projection, tx, &resolve.checkpoints, &resolve.grants).await {
+        Outcome::Committed => {
+            Outcome::HandlerFailed { index: None, timed_out: false, permanent: true }
+        }
+        refused => refused,
+    }
+}
