@@ -5,6 +5,7 @@
 
 mod db;
 mod demo;
+mod dlq;
 mod reset;
 mod status;
 mod verify;
@@ -17,6 +18,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::error::{ContextKind, ContextValue};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use orchestrator_core::ports::DeadLetterAction;
 use orchestrator_core::{ReplicaSetName, SlotCount, TablePrefix, WorkerId, quote};
 use orchestrator_runtime::{
     Orchestrator, Settings, Telemetry, parse_duration, parse_strategy, shutdown_signal,
@@ -76,6 +78,64 @@ enum Command {
     /// Manage projections.
     #[command(subcommand)]
     Projection(ProjectionCommand),
+    /// Dead letters: events parked by projections whose failure policy is `park`, per partition
+    /// key.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// List the dead letters (id, projection, key, position, event type, attempts, last failure,
+    /// pending request, error).
+    List(DlqListArgs),
+    /// Every field of one dead letter, and its event's payload and metadata.
+    Show(DlqShowArgs),
+    /// Apply parked events again, in order: one letter's whole key, or every key of a projection
+    /// (or one of its keys). The worker owning each key's slot does it within a heartbeat interval.
+    Retry(DlqTargetArgs),
+    /// Drop parked events (recorded in the log of skipped letters), whole keys at a time like
+    /// retry; the key's later events are then applied normally.
+    Skip(DlqTargetArgs),
+}
+
+#[derive(Debug, Args)]
+struct DlqListArgs {
+    /// Only this projection's letters.
+    #[arg(long)]
+    projection: Option<String>,
+    /// Print a JSON array: id, projection, key, aggregate_id, position, event_type, error,
+    /// attempts, first_failed_at, last_failed_at (RFC 3339, UTC), requested (null, retry or skip).
+    #[arg(long)]
+    json: bool,
+    /// Replica set the projections run in.
+    #[arg(long, env = "REPLICA_SET", default_value = "main-projections")]
+    replica_set: String,
+}
+
+#[derive(Debug, Args)]
+struct DlqShowArgs {
+    /// The dead letter's id (see `dlq list`).
+    id: i64,
+    /// Replica set the projections run in.
+    #[arg(long, env = "REPLICA_SET", default_value = "main-projections")]
+    replica_set: String,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["id", "projection"])))]
+struct DlqTargetArgs {
+    /// One dead letter's id: its whole key is marked (a key always moves as a whole).
+    id: Option<i64>,
+    /// Every key of this projection.
+    #[arg(long, conflicts_with = "id")]
+    projection: Option<String>,
+    /// Only this key of --projection.
+    #[arg(long, requires = "projection")]
+    key: Option<String>,
+    /// Replica set the projections run in.
+    #[arg(long, env = "REPLICA_SET", default_value = "main-projections")]
+    replica_set: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -361,6 +421,36 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Dlq(command) => {
+            let replica_set = |name: &str| {
+                ReplicaSetName::new(name.to_owned())
+                    .map_err(|e| anyhow::anyhow!("invalid --replica-set: {e}"))
+            };
+            match command {
+                DlqCommand::List(args) => {
+                    let replica_set = replica_set(&args.replica_set)?;
+                    let db = db::open(&url, &prefix, slots).await?;
+                    dlq::list(&db, &replica_set, args.projection.as_deref(), args.json).await
+                }
+                DlqCommand::Show(args) => {
+                    let replica_set = replica_set(&args.replica_set)?;
+                    let db = db::open(&url, &prefix, slots).await?;
+                    dlq::show(&db, &replica_set, args.id).await
+                }
+                DlqCommand::Retry(args) => {
+                    let (replica_set, target) =
+                        (replica_set(&args.replica_set)?, dlq_target(&args)?);
+                    let db = db::open(&url, &prefix, slots).await?;
+                    dlq::request(&db, &replica_set, &target, DeadLetterAction::Retry).await
+                }
+                DlqCommand::Skip(args) => {
+                    let (replica_set, target) =
+                        (replica_set(&args.replica_set)?, dlq_target(&args)?);
+                    let db = db::open(&url, &prefix, slots).await?;
+                    dlq::request(&db, &replica_set, &target, DeadLetterAction::Skip).await
+                }
+            }
+        }
         Command::Projection(ProjectionCommand::Resume(args)) => {
             let replica_set = ReplicaSetName::new(args.replica_set.clone())
                 .map_err(|e| anyhow::anyhow!("invalid --replica-set: {e}"))?;
@@ -418,6 +508,20 @@ async fn run(cli: Cli) -> Result<()> {
             };
             run_worker(db, settings, &telemetry, handler_delay).await
         }
+    }
+}
+
+/// What `dlq retry` or `dlq skip` names: an id, or a projection (and maybe a key).
+fn dlq_target(args: &DlqTargetArgs) -> Result<dlq::Target> {
+    match (&args.id, &args.projection) {
+        (Some(id), _) => Ok(dlq::Target::Id(*id)),
+        (None, Some(name)) if name.trim().is_empty() => {
+            anyhow::bail!("the projection name is empty")
+        }
+        (None, Some(name)) => {
+            Ok(dlq::Target::Projection { name: name.clone(), key: args.key.clone() })
+        }
+        (None, None) => anyhow::bail!("name a dead letter by its id, or pass --projection"),
     }
 }
 

@@ -111,14 +111,14 @@ fn render_table(status: &ReplicaSetStatus) -> String {
     if !status.projections.is_empty() {
         let _ = writeln!(
             out,
-            "\n{:<32} {:>12} {:>12}  STATE",
-            "PROJECTION", "LAG EVENTS", "LAG SECONDS"
+            "\n{:<32} {:>12} {:>12} {:>12}  STATE",
+            "PROJECTION", "LAG EVENTS", "LAG SECONDS", "DEAD LETTERS"
         );
         for lag in &status.projections {
             let _ = writeln!(
                 out,
-                "{:<32} {:>12} {:>12.1}  {}",
-                lag.name, lag.lag_events, lag.lag_seconds, lag.state
+                "{:<32} {:>12} {:>12.1} {:>12}  {}",
+                lag.name, lag.lag_events, lag.lag_seconds, lag.dead_letters, lag.state
             );
             if let Some(stopped) = &lag.stopped {
                 let _ = writeln!(

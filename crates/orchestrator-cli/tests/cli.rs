@@ -316,3 +316,265 @@ fn long_bad_values_are_quoted_briefly() {
         assert!(stderr.len() < 400, "{shown:?}: {stderr}");
     }
 }
+
+/// Parks dead letters in the SQLite file at `url` through the store's API, as a worker whose
+/// projections use the `park` policy would: `balances` parks acct-1's two events (its key's first
+/// failure, then one parked behind it) and acct-2's one (a binary payload), committing its
+/// checkpoints; `ledger` parks acct-1's first event in a commit without checkpoints, so it has
+/// dead letters but no checkpoint.
+async fn park_letters(url: &str) {
+    use orchestrator_core::ports::{
+        CheckpointStore, CoordinationStore, DeadLetterStore, EventStore, Fence, NewDeadLetter,
+        ReadRequest,
+    };
+    use orchestrator_core::{
+        Epoch, EventId, ExpectedVersion, Generation, GenerationPlan, NewEvent, Position,
+        ReplicaSetName, Scope, SlotAction, SlotChange, StreamId, TablePrefix, WorkerId,
+    };
+    use orchestrator_sqlite::SqliteStore;
+
+    let pool = SqliteStore::connect_pool(url, 2).await.unwrap();
+    let store = SqliteStore::open(pool, TablePrefix::default()).await.unwrap();
+    let event = |n: u128, payload: &[u8]| {
+        let mut event =
+            NewEvent::new(EventId::from_bytes(n.to_be_bytes()), "Deposited", payload.to_vec());
+        event.metadata = r#"{"user":"ann"}"#.to_owned();
+        event
+    };
+    let (one, two) =
+        (StreamId::new("bank", "Account", "acct-1"), StreamId::new("bank", "Account", "acct-2"));
+    let first = event(1, br#"{"amount":5}"#);
+    store
+        .append(&one, ExpectedVersion::NoStream, vec![first, event(2, br#"{"amount":7}"#)])
+        .await
+        .unwrap();
+    store
+        .append(&two, ExpectedVersion::NoStream, vec![event(3, &[0xff, 0x00, 0x01])])
+        .await
+        .unwrap();
+    let cursors = store.slot_count().all().map(|s| (s, Position::START)).collect();
+    let events =
+        store.read(&ReadRequest { cursors, scope: Scope::all(), limit: 10 }).await.unwrap();
+    assert_eq!(events.len(), 3);
+
+    let rs = ReplicaSetName::new("main-projections").unwrap();
+    let w1 = WorkerId::new("w1").unwrap();
+    let incarnation = store.register(&rs, store.slot_count(), &w1).await.unwrap();
+    store.heartbeat(&rs, &w1, incarnation, Duration::from_secs(60)).await.unwrap();
+    let plan = GenerationPlan {
+        expected: Generation::ZERO,
+        generation: Generation(1),
+        leader: w1.clone(),
+        leader_incarnation: incarnation,
+        members: vec![w1.clone()],
+        changes: store
+            .slot_count()
+            .all()
+            .map(|slot| SlotChange {
+                slot,
+                epoch: Epoch::ZERO,
+                action: SlotAction::Grant { to: w1.clone() },
+            })
+            .collect(),
+        evict: Vec::new(),
+    };
+    store.create_generation(&rs, &plan).await.unwrap();
+    let fence = Fence {
+        replica_set: rs.clone(),
+        worker: w1,
+        grants: events.iter().map(|e| (e.slot, Epoch(1))).collect(),
+    };
+    let letter = |e: &orchestrator_core::Event, error: &str, attempts| NewDeadLetter {
+        position: e.position,
+        slot: e.slot,
+        key: e.partition_key.clone(),
+        stream: e.stream.clone(),
+        event_type: e.event_type.clone(),
+        error: error.to_owned(),
+        attempts,
+    };
+    let letters = [
+        letter(&events[0], "insufficient funds", 3),
+        letter(&events[1], "parked behind an earlier letter of its key", 0),
+        letter(&events[2], "cannot decode the payload", 3),
+    ];
+    let mut tx = store.begin().await.unwrap();
+    store.park(&mut tx, &rs, "balances", &letters).await.unwrap();
+    let last = events.iter().map(|e| e.position).max().unwrap();
+    let checkpoints = events.iter().map(|e| (e.slot, last)).collect();
+    store.commit(tx, &fence, "balances", &checkpoints).await.unwrap();
+    let mut tx = store.begin().await.unwrap();
+    store.park(&mut tx, &rs, "ledger", &letters[..1]).await.unwrap();
+    store.commit(tx, &fence, "ledger", &Default::default()).await.unwrap();
+    store.pool().close().await;
+}
+
+fn stdout(output: &Output) -> String {
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "stdout: {text} stderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    text
+}
+
+#[test]
+fn dlq_lists_shows_and_marks_dead_letters_and_status_counts_them() {
+    let dir = temp_dir("dlq");
+    let url = format!("sqlite:{}", dir.join("dlq.db").display());
+    let run = |args: &[&str]| {
+        let mut all = vec!["--database-url", url.as_str()];
+        all.extend_from_slice(args);
+        orchestrator(&dir, &all)
+    };
+    stdout(&run(&["migrate"]));
+    assert_eq!(
+        stdout(&run(&["dlq", "list"])).trim(),
+        "replica set main-projections has no dead letters"
+    );
+    tokio::runtime::Runtime::new().unwrap().block_on(park_letters(&url));
+
+    // The JSON form: exactly the documented fields, times in RFC 3339 UTC.
+    let listed: serde_json::Value =
+        serde_json::from_str(&stdout(&run(&["dlq", "list", "--json"]))).unwrap();
+    let listed = listed.as_array().unwrap().clone();
+    assert_eq!(listed.len(), 4);
+    let fields: Vec<&str> = listed[0].as_object().unwrap().keys().map(String::as_str).collect();
+    let mut expected = vec![
+        "id",
+        "projection",
+        "key",
+        "aggregate_id",
+        "position",
+        "event_type",
+        "error",
+        "attempts",
+        "first_failed_at",
+        "last_failed_at",
+        "requested",
+    ];
+    expected.sort();
+    let mut fields = fields;
+    fields.sort();
+    assert_eq!(fields, expected);
+    let first =
+        listed.iter().find(|l| l["projection"] == "balances" && l["position"] == 1).unwrap();
+    assert_eq!(first["key"], "acct-1");
+    assert_eq!(first["aggregate_id"], "acct-1");
+    assert_eq!(first["event_type"], "Deposited");
+    assert_eq!(first["error"], "insufficient funds");
+    assert_eq!(first["attempts"], 3);
+    assert_eq!(first["requested"], serde_json::Value::Null);
+    for time in ["first_failed_at", "last_failed_at"] {
+        let text = first[time].as_str().unwrap();
+        assert!(text.len() == 24 && text.ends_with('Z') && text.as_bytes()[10] == b'T', "{text}");
+        humantime::parse_rfc3339(text).unwrap();
+    }
+    let id_of = |projection: &str, position: u64| {
+        listed.iter().find(|l| l["projection"] == projection && l["position"] == position).unwrap()
+            ["id"]
+            .as_i64()
+            .unwrap()
+    };
+    let ledger: serde_json::Value =
+        serde_json::from_str(&stdout(&run(&["dlq", "list", "--projection", "ledger", "--json"])))
+            .unwrap();
+    assert_eq!(ledger.as_array().unwrap().len(), 1);
+
+    let table = stdout(&run(&["dlq", "list"]));
+    assert!(table.starts_with("    ID  PROJECTION"), "{table}");
+    assert!(table.contains("insufficient funds") && table.contains("ledger"), "{table}");
+    assert!(table.trim_end().ends_with("4 dead letters of 3 keys"), "{table}");
+
+    // show: every field, the payload as text, or base64 when it is not UTF-8.
+    let shown = stdout(&run(&["dlq", "show", &id_of("balances", 1).to_string()]));
+    for needle in [
+        "insufficient funds",
+        "bank/Account/acct-1",
+        r#"{"amount":5}"#,
+        r#"{"user":"ann"}"#,
+        "attempts         3",
+    ] {
+        assert!(shown.contains(needle), "{needle:?} in {shown}");
+    }
+    let binary = stdout(&run(&["dlq", "show", &id_of("balances", 3).to_string()]));
+    assert!(binary.contains("(base64, 3 bytes) /wAB"), "{binary}");
+    refuses(&run(&["dlq", "show", "9999"]), 1, "no dead letter 9999");
+    refuses(&run(&["dlq", "show", "seven"]), 2, "seven");
+
+    // retry by id marks the whole key; skip by projection and key; one line each.
+    let retried = stdout(&run(&["dlq", "retry", &id_of("balances", 2).to_string()]));
+    assert_eq!(retried.lines().count(), 1, "{retried}");
+    assert!(
+        retried.starts_with("marked 2 dead letters of 1 key (balances) for retry"),
+        "{retried}"
+    );
+    assert!(retried.contains("within a heartbeat interval"), "{retried}");
+    let skipped = stdout(&run(&["dlq", "skip", "--projection", "balances", "--key", "acct-2"]));
+    assert!(skipped.starts_with("marked 1 dead letter of 1 key (balances) for skip"), "{skipped}");
+    let listed: serde_json::Value =
+        serde_json::from_str(&stdout(&run(&["dlq", "list", "--json"]))).unwrap();
+    let requested: Vec<(i64, serde_json::Value)> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["position"].as_i64().unwrap() * 10 + i64::from(l["projection"] == "ledger"),
+                l["requested"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        requested,
+        vec![
+            (10, "retry".into()),
+            (11, serde_json::Value::Null),
+            (20, "retry".into()),
+            (30, "skip".into())
+        ]
+    );
+    let all = stdout(&run(&["dlq", "retry", "--projection", "ledger"]));
+    assert!(all.starts_with("marked 1 dead letter of 1 key (ledger) for retry"), "{all}");
+
+    // Nothing matching: one line and a non-zero exit.
+    refuses(&run(&["dlq", "retry", "9999"]), 1, "no dead letter 9999");
+    refuses(
+        &run(&["dlq", "skip", "--projection", "nope"]),
+        1,
+        "projection \"nope\" of replica set main-projections has no dead letters",
+    );
+    refuses(
+        &run(&["dlq", "skip", "--projection", "balances", "--key", "nobody"]),
+        1,
+        "no dead letters of key \"nobody\"",
+    );
+    refuses(&run(&["dlq", "retry"]), 2, "--projection");
+    refuses(&run(&["dlq", "retry", "1", "--projection", "balances"]), 2, "--projection");
+    refuses(&run(&["dlq", "skip", "--key", "acct-1"]), 2, "--projection");
+    refuses(&run(&["dlq", "list", "--replica-set", "Bad Name"]), 1, "invalid --replica-set");
+
+    // status counts them, also for a projection with dead letters but no checkpoint.
+    let table = stdout(&run(&["status"]));
+    assert!(table.contains("DEAD LETTERS"), "{table}");
+    let line = |name: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name} in {table}"))
+            .to_owned()
+    };
+    assert!(
+        line("balances").split_whitespace().eq(["balances", "0", "0.0", "3", "running"]),
+        "{table}"
+    );
+    assert!(line("ledger").split_whitespace().nth(3) == Some("1"), "{table}");
+    let status: serde_json::Value =
+        serde_json::from_str(&stdout(&run(&["status", "--json"]))).unwrap();
+    let projections = status[0]["projections"].as_array().unwrap();
+    let count = |name: &str| {
+        projections.iter().find(|p| p["name"] == name).unwrap()["dead_letters"].clone()
+    };
+    assert_eq!((count("balances"), count("ledger")), (3.into(), 1.into()));
+}

@@ -18,7 +18,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use orchestrator_core::ports::{
-    CheckpointStore, CoordinationStore, EventStore, GenerationRecord, ReadRequest,
+    CheckpointStore, CoordinationStore, DeadLetterStore, EventStore, GenerationRecord, ReadRequest,
     StoppedProjection, StoreError, StoreResult,
 };
 use orchestrator_core::{ReplicaSetName, Scope, Slot, Snapshot, Strategy};
@@ -170,7 +170,7 @@ pub async fn read_status<S>(
     lag: LagCount,
 ) -> StoreResult<ReplicaSetStatus>
 where
-    S: EventStore + CheckpointStore + CoordinationStore,
+    S: EventStore + CheckpointStore + CoordinationStore + DeadLetterStore,
 {
     let snapshot = store.snapshot(replica_set).await?;
     let generations = store.recent_generations(replica_set, HISTORY).await?;
@@ -178,8 +178,9 @@ where
     Ok(picture(&snapshot, &generations, projections, strategy))
 }
 
-/// The backlog of every projection with checkpoints in the replica set, or stopped in it.
-async fn lags<S: EventStore + CheckpointStore>(
+/// The backlog of every projection with checkpoints in the replica set, stopped in it or with dead
+/// letters in it.
+async fn lags<S: EventStore + CheckpointStore + DeadLetterStore>(
     store: &S,
     replica_set: &ReplicaSetName,
     lag: LagCount,
@@ -190,9 +191,13 @@ async fn lags<S: EventStore + CheckpointStore>(
         LagCount::UpTo(cap) => usize::try_from(cap).unwrap_or(usize::MAX),
     };
     let stopped = store.stopped_projections(replica_set).await?;
+    // One query for every projection's count, per reading.
+    let dead_letters = store.dead_letter_counts(replica_set).await?;
     let mut names = store.projections(replica_set).await?;
-    // A projection that stopped on its first event has no checkpoint yet, and still shows.
+    // A projection that stopped on its first event, or parked everything it was given, may have
+    // no checkpoint yet, and still shows.
     names.extend(stopped.iter().map(|s| s.stop.projection.clone()));
+    names.extend(dead_letters.keys().cloned());
     names.sort();
     names.dedup();
     let mut lags = Vec::new();
@@ -209,7 +214,7 @@ async fn lags<S: EventStore + CheckpointStore>(
             lag_seconds: (seconds * 1000.0).round() / 1000.0,
             state: if stopped_at.is_some() { "stopped" } else { "running" },
             stopped: stopped_at,
-            dead_letters: dead_letters(&name),
+            dead_letters: dead_letters.get(&name).copied().unwrap_or(0),
             name,
         });
     }
@@ -224,13 +229,6 @@ fn stopped_at(stopped: &StoppedProjection) -> StoppedAt {
         error: stopped.stop.error.clone(),
         age_ms: u64::try_from(stopped.age.as_millis()).unwrap_or(u64::MAX),
     }
-}
-
-/// HOOK for the `park` failure policy (dead letters): the stores keep no dead letters yet, so every
-/// projection has none. When they do, count them here (once per refresh, per projection); the
-/// page already draws the count.
-fn dead_letters(_projection: &str) -> u64 {
-    0
 }
 
 fn picture(
@@ -301,7 +299,7 @@ struct StoreSource<S> {
 #[async_trait]
 impl<S> Source for StoreSource<S>
 where
-    S: EventStore + CheckpointStore + CoordinationStore + 'static,
+    S: EventStore + CheckpointStore + CoordinationStore + DeadLetterStore + 'static,
 {
     fn replica_set(&self) -> &ReplicaSetName {
         &self.replica_set
@@ -345,7 +343,7 @@ impl StatusPage {
     /// Shows `replica_set`, read from `store` (replacing what was shown of it before).
     pub fn show<S>(&self, store: S, replica_set: ReplicaSetName, strategy: Strategy)
     where
-        S: EventStore + CheckpointStore + CoordinationStore + 'static,
+        S: EventStore + CheckpointStore + CoordinationStore + DeadLetterStore + 'static,
     {
         let mut sources = self.inner.sources.lock().unwrap_or_else(|e| e.into_inner());
         sources.retain(|s| s.replica_set() != &replica_set);

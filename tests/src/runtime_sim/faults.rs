@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use orchestrator_core::ports::{
-    Appended, Backlog, CheckpointStore, CoordinationStore, EventStore, Fence, HeartbeatAck,
-    ProjectionStop, ReadRequest, StoppedProjection, StoreError, StoreResult,
+    Appended, Backlog, CheckpointStore, CoordinationStore, DeadLetter, DeadLetterAction,
+    DeadLetterFilter, DeadLetterId, DeadLetterRequest, DeadLetterStore, EventStore, Fence,
+    HeartbeatAck, NewDeadLetter, ProjectionStop, ReadRequest, StoppedProjection, StoreError,
+    StoreResult,
 };
 use orchestrator_core::{
     Epoch, Event, ExpectedVersion, Generation, GenerationPlan, Incarnation, NewEvent, PartitionKey,
@@ -327,5 +329,71 @@ impl CheckpointStore for Faulty {
     }
     async fn resume_projection(&self, rs: &ReplicaSetName, projection: &str) -> StoreResult<bool> {
         self.inner.resume_projection(rs, projection).await
+    }
+}
+
+/// Dead letters: the worker's reads (`parked_keys`, `requests`, `parked_events`) fail and freeze
+/// like `load`; parking and resolving are writes in a transaction whose commit carries the faults;
+/// the operator's calls (list, counts, request) are not the worker's and go straight through.
+#[async_trait]
+impl DeadLetterStore for Faulty {
+    async fn park(
+        &self,
+        tx: &mut MemoryTx,
+        rs: &ReplicaSetName,
+        projection: &str,
+        letters: &[NewDeadLetter],
+    ) -> StoreResult<()> {
+        self.inner.park(tx, rs, projection, letters).await
+    }
+    async fn parked_keys(
+        &self,
+        rs: &ReplicaSetName,
+        projection: &str,
+        slots: &[Slot],
+    ) -> StoreResult<Vec<(Slot, String)>> {
+        self.call().await?;
+        self.inner.parked_keys(rs, projection, slots).await
+    }
+    async fn dead_letters(
+        &self,
+        rs: &ReplicaSetName,
+        filter: &DeadLetterFilter,
+    ) -> StoreResult<Vec<DeadLetter>> {
+        self.inner.dead_letters(rs, filter).await
+    }
+    async fn dead_letter_counts(&self, rs: &ReplicaSetName) -> StoreResult<BTreeMap<String, u64>> {
+        self.inner.dead_letter_counts(rs).await
+    }
+    async fn request(
+        &self,
+        rs: &ReplicaSetName,
+        filter: &DeadLetterFilter,
+        action: DeadLetterAction,
+    ) -> StoreResult<u64> {
+        self.inner.request(rs, filter, action).await
+    }
+    async fn requests(&self, rs: &ReplicaSetName) -> StoreResult<Vec<DeadLetterRequest>> {
+        self.call().await?;
+        self.inner.requests(rs).await
+    }
+    async fn parked_events(
+        &self,
+        rs: &ReplicaSetName,
+        projection: &str,
+        key: &str,
+    ) -> StoreResult<Vec<(DeadLetterId, Event)>> {
+        self.call().await?;
+        self.inner.parked_events(rs, projection, key).await
+    }
+    async fn resolve(
+        &self,
+        tx: &mut MemoryTx,
+        rs: &ReplicaSetName,
+        projection: &str,
+        key: &str,
+        action: DeadLetterAction,
+    ) -> StoreResult<u64> {
+        self.inner.resolve(tx, rs, projection, key, action).await
     }
 }

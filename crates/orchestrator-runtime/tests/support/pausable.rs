@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use orchestrator_core::ports::{
-    Appended, Backlog, CheckpointStore, CoordinationStore, EventStore, Fence, HeartbeatAck,
-    ProjectionStop, ReadRequest, StoppedProjection, StoreResult,
+    Appended, Backlog, CheckpointStore, CoordinationStore, DeadLetter, DeadLetterAction,
+    DeadLetterFilter, DeadLetterId, DeadLetterRequest, DeadLetterStore, EventStore, Fence,
+    HeartbeatAck, NewDeadLetter, ProjectionStop, ReadRequest, StoppedProjection, StoreResult,
 };
 use orchestrator_core::{
     Epoch, Event, ExpectedVersion, Generation, GenerationPlan, Incarnation, NewEvent, PartitionKey,
@@ -181,5 +182,67 @@ impl<S: CheckpointStore> CheckpointStore for Pausable<S> {
     }
     async fn resume_projection(&self, rs: &ReplicaSetName, projection: &str) -> StoreResult<bool> {
         self.inner.resume_projection(rs, projection).await
+    }
+}
+
+/// Dead letters go straight through: parking and resolving happen inside a transaction, whose
+/// `begin` or `commit` is where a frozen worker waits.
+#[async_trait]
+impl<S: DeadLetterStore> DeadLetterStore for Pausable<S> {
+    async fn park(
+        &self,
+        tx: &mut S::Tx,
+        rs: &ReplicaSetName,
+        projection: &str,
+        letters: &[NewDeadLetter],
+    ) -> StoreResult<()> {
+        self.inner.park(tx, rs, projection, letters).await
+    }
+    async fn parked_keys(
+        &self,
+        rs: &ReplicaSetName,
+        projection: &str,
+        slots: &[Slot],
+    ) -> StoreResult<Vec<(Slot, String)>> {
+        self.inner.parked_keys(rs, projection, slots).await
+    }
+    async fn dead_letters(
+        &self,
+        rs: &ReplicaSetName,
+        filter: &DeadLetterFilter,
+    ) -> StoreResult<Vec<DeadLetter>> {
+        self.inner.dead_letters(rs, filter).await
+    }
+    async fn dead_letter_counts(&self, rs: &ReplicaSetName) -> StoreResult<BTreeMap<String, u64>> {
+        self.inner.dead_letter_counts(rs).await
+    }
+    async fn request(
+        &self,
+        rs: &ReplicaSetName,
+        filter: &DeadLetterFilter,
+        action: DeadLetterAction,
+    ) -> StoreResult<u64> {
+        self.inner.request(rs, filter, action).await
+    }
+    async fn requests(&self, rs: &ReplicaSetName) -> StoreResult<Vec<DeadLetterRequest>> {
+        self.inner.requests(rs).await
+    }
+    async fn parked_events(
+        &self,
+        rs: &ReplicaSetName,
+        projection: &str,
+        key: &str,
+    ) -> StoreResult<Vec<(DeadLetterId, Event)>> {
+        self.inner.parked_events(rs, projection, key).await
+    }
+    async fn resolve(
+        &self,
+        tx: &mut S::Tx,
+        rs: &ReplicaSetName,
+        projection: &str,
+        key: &str,
+        action: DeadLetterAction,
+    ) -> StoreResult<u64> {
+        self.inner.resolve(tx, rs, projection, key, action).await
     }
 }
