@@ -131,7 +131,10 @@ pub struct DeadLetterRequest {
 ///   returns how many it deleted; with `Skip` it also records each dropped letter (id, projection,
 ///   key, position, event type, error, when) in the store's log of skipped letters, which nothing
 ///   ever reads back into processing.
-/// - `reset` and `remove` of [`CheckpointStore`] delete the projection's letters too.
+/// - `reset` and `remove` of [`CheckpointStore`] delete the projection's letters too (`reset` also
+///   those its own transaction parked); `remove` also forgets the projection's log of skipped
+///   letters, `reset` keeps it as a record.
+/// - Everything is per replica set: no call sees or changes another replica set's letters.
 #[async_trait]
 pub trait DeadLetterStore: CheckpointStore {
     /// Parks events in `tx`.
