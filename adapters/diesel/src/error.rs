@@ -24,37 +24,54 @@ const TRANSIENT: &[&str] = &[
 /// diesel queries next to the store and want the same retry decisions.
 pub fn classify(what: &str, err: Error) -> StoreError {
     let message = format!("{what}: {err}");
-    match &err {
-        Error::DatabaseError(kind, info) => match kind {
+    if is_transient(&err) {
+        return StoreError::unavailable(message, err);
+    }
+    let Error::DatabaseError(DatabaseErrorKind::Unknown, info) = &err else {
+        return StoreError::other(message, err);
+    };
+    let text = info.message();
+    if text.contains("does not exist") && !text.contains("savepoint") {
+        StoreError::Misconfigured {
+            message: format!(
+                "{message} (the schema is missing or old: run `orchestrator migrate`)"
+            ),
+            source: Some(err.into()),
+        }
+    } else if text.contains("authentication failed") || text.contains("permission denied") {
+        StoreError::Misconfigured { message, source: Some(err.into()) }
+    } else {
+        StoreError::other(message, err)
+    }
+}
+
+/// Whether retrying may succeed: a lost or closed connection, a serialization failure, one of the
+/// transient server errors of [`TRANSIENT`], or a transaction state lost with a cancelled query
+/// (the pool drops that connection; another one may work).
+fn is_transient(err: &Error) -> bool {
+    match err {
+        Error::DatabaseError(
             DatabaseErrorKind::UnableToSendCommand
             | DatabaseErrorKind::ClosedConnection
-            | DatabaseErrorKind::SerializationFailure => StoreError::unavailable(message, err),
-            DatabaseErrorKind::Unknown => {
-                let text = info.message();
-                if TRANSIENT.iter().any(|t| text.contains(t)) {
-                    StoreError::unavailable(message, err)
-                } else if text.contains("does not exist") && !text.contains("savepoint") {
-                    StoreError::Misconfigured {
-                        message: format!(
-                            "{message} (the schema is missing or old: run `orchestrator migrate`)"
-                        ),
-                        source: Some(err.into()),
-                    }
-                } else if text.contains("authentication failed")
-                    || text.contains("permission denied")
-                {
-                    StoreError::Misconfigured { message, source: Some(err.into()) }
-                } else {
-                    StoreError::other(message, err)
-                }
-            }
-            _ => StoreError::other(message, err),
-        },
-        // The connection's transaction state was lost (a query cancelled mid-flight): the pool
-        // drops that connection; another one may work.
-        Error::BrokenTransactionManager => StoreError::unavailable(message, err),
-        _ => StoreError::other(message, err),
+            | DatabaseErrorKind::SerializationFailure,
+            _,
+        ) => true,
+        Error::DatabaseError(DatabaseErrorKind::Unknown, info) => {
+            TRANSIENT.iter().any(|t| info.message().contains(t))
+        }
+        Error::BrokenTransactionManager => true,
+        _ => false,
     }
+}
+
+/// Whether `error` or one of its sources is a transient store failure: a retryable
+/// `StoreError`, or a diesel error [`classify`] would call `Unavailable` (a handler's own diesel
+/// query meeting a lost connection or a serialization failure).
+pub(crate) fn is_store_failure(error: &(dyn std::error::Error + 'static)) -> bool {
+    orchestrator_core::ports::has_retryable_store_error(error)
+        || orchestrator_core::ports::any_in_chain(error, |e| {
+            e.downcast_ref::<Error>().is_some_and(is_transient)
+        })
 }
 
 /// Classifies a failure to establish a connection.

@@ -260,6 +260,10 @@ impl CheckpointStore for DieselStore {
         self.pg.load(replica_set, projection, slots).await
     }
 
+    fn is_store_failure(&self, error: &(dyn std::error::Error + 'static)) -> bool {
+        crate::error::is_store_failure(error)
+    }
+
     async fn begin(&self) -> StoreResult<DieselTx> {
         let what = "begin a transaction";
         let mut conn = self.pool.get_owned().await.map_err(|e| error::classify_pool(what, e))?;

@@ -59,6 +59,10 @@ impl CheckpointStore for PgStore {
         Ok(loaded)
     }
 
+    fn is_store_failure(&self, error: &(dyn std::error::Error + 'static)) -> bool {
+        crate::error::is_store_failure(error)
+    }
+
     async fn begin(&self) -> StoreResult<PgTx> {
         self.pool.begin().await.map_err(|e| classify("begin a transaction", e))
     }

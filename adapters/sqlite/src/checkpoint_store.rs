@@ -46,6 +46,10 @@ impl CheckpointStore for SqliteStore {
         Ok(loaded)
     }
 
+    fn is_store_failure(&self, error: &(dyn std::error::Error + 'static)) -> bool {
+        crate::error::is_store_failure(error)
+    }
+
     async fn begin(&self) -> StoreResult<SqliteTx> {
         self.begin_write("begin a transaction").await
     }

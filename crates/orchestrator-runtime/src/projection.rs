@@ -30,14 +30,7 @@ impl Permanent {
 
     /// Whether `error` or one of its sources is [`Permanent`].
     pub fn is_in(error: &(dyn std::error::Error + 'static)) -> bool {
-        let mut current = Some(error);
-        while let Some(error) = current {
-            if error.is::<Permanent>() {
-                return true;
-            }
-            current = error.source();
-        }
-        false
+        orchestrator_core::ports::any_in_chain(error, |e| e.is::<Permanent>())
     }
 }
 

@@ -158,9 +158,17 @@ pub enum StoreError {
 /// Whether `error` or one of its sources is a retryable [`StoreError`] (the default of
 /// [`CheckpointStore::is_store_failure`](crate::ports::CheckpointStore::is_store_failure)).
 pub fn has_retryable_store_error(error: &(dyn std::error::Error + 'static)) -> bool {
+    any_in_chain(error, |e| e.downcast_ref::<StoreError>().is_some_and(StoreError::is_retryable))
+}
+
+/// Whether `error` or one of its sources satisfies `test`.
+pub fn any_in_chain(
+    error: &(dyn std::error::Error + 'static),
+    test: impl Fn(&(dyn std::error::Error + 'static)) -> bool,
+) -> bool {
     let mut current = Some(error);
     while let Some(error) = current {
-        if error.downcast_ref::<StoreError>().is_some_and(StoreError::is_retryable) {
+        if test(error) {
             return true;
         }
         current = error.source();

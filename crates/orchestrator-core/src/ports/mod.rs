@@ -14,7 +14,7 @@ pub use dead_letter::{
     DeadLetter, DeadLetterAction, DeadLetterFilter, DeadLetterId, DeadLetterRequest,
     DeadLetterStore, NewDeadLetter,
 };
-pub use error::{BoxError, StoreError, StoreResult, has_retryable_store_error};
+pub use error::{BoxError, StoreError, StoreResult, any_in_chain, has_retryable_store_error};
 pub use event_store::{
     Appended, Backlog, EventStore, ReadRequest, StreamHead, UnitOfWork, UnitOfWorkStore,
     append_in_unit_of_work, check_append, check_declared,
