@@ -500,6 +500,58 @@ mod tests {
         assert_eq!(json["generations"][0]["members"], serde_json::json!(["a", "b"]));
     }
 
+    /// Dead letters are counted per projection (one query), and a projection that has letters or
+    /// a stop but no checkpoint yet is listed.
+    #[tokio::test]
+    async fn projections_show_their_dead_letters_with_or_without_a_checkpoint() {
+        use orchestrator_core::ports::{
+            CheckpointStore, CoordinationStore, DeadLetterStore, EventStore, Fence, NewDeadLetter,
+            ProjectionStop,
+        };
+        use orchestrator_core::{EventId, ExpectedVersion, NewEvent, Position, StreamId};
+        use orchestrator_memory::{ManualClock, MemoryStore};
+
+        let store = MemoryStore::new(SlotCount::new(4).unwrap(), Arc::new(ManualClock::default()));
+        let rs = ReplicaSetName::new("rs").unwrap();
+        let stream = StreamId::new("bank", "Account", "acct-1");
+        let events = (1..=2u8)
+            .map(|n| NewEvent::new(EventId::from_bytes([n; 16]), "Deposited", b"{}".to_vec()))
+            .collect();
+        let appended = store.append(&stream, ExpectedVersion::NoStream, events).await.unwrap();
+        store.register(&rs, SlotCount::new(4).unwrap(), &id("a")).await.unwrap();
+        let letter = |global: u64| NewDeadLetter {
+            position: Position::global(global),
+            slot: appended.slot,
+            key: "acct-1".to_owned(),
+            stream: stream.clone(),
+            event_type: "Deposited".to_owned(),
+            error: "boom".to_owned(),
+            attempts: 1,
+        };
+        // No checkpoint is committed: an empty commit needs no fence.
+        let fence = Fence { replica_set: rs.clone(), worker: id("a"), grants: Default::default() };
+        let mut tx = store.begin().await.unwrap();
+        store.park(&mut tx, &rs, "balances", &[letter(1), letter(2)]).await.unwrap();
+        store.commit(tx, &fence, "balances", &Default::default()).await.unwrap();
+        let stop = ProjectionStop {
+            projection: "audit".to_owned(),
+            position: Position::global(1),
+            aggregate: stream.to_string(),
+            event_type: "Deposited".to_owned(),
+            error: "boom".to_owned(),
+        };
+        store.stop_projection(&rs, &stop).await.unwrap();
+
+        let status =
+            read_status(&store, &rs, Strategy::Incremental, LagCount::Exact).await.unwrap();
+        let shown: Vec<(&str, u64, &str, u64)> = status
+            .projections
+            .iter()
+            .map(|p| (p.name.as_str(), p.dead_letters, p.state, p.lag_events))
+            .collect();
+        assert_eq!(shown, vec![("audit", 0, "stopped", 2), ("balances", 2, "running", 2)]);
+    }
+
     #[test]
     fn the_page_is_self_contained() {
         // Works offline: nothing is loaded from another origin.
