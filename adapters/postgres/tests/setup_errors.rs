@@ -9,6 +9,49 @@ use orchestrator_postgres::testing::{DEFAULT_TEST_URL, TestSchema};
 use orchestrator_postgres::{PgStore, migrate};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
+/// Parks, lists, marks and skips a dead letter under the store's prefix (`app2_`), next to the
+/// default prefix's tables in the same schema.
+async fn dead_letters_round_trip(store: &PgStore, pool: &sqlx::PgPool) {
+    use orchestrator_core::ports::{
+        CheckpointStore, DeadLetterAction, DeadLetterFilter, DeadLetterStore, Fence, NewDeadLetter,
+    };
+    use orchestrator_core::{Position, ReplicaSetName, Slot, WorkerId};
+    let rs = ReplicaSetName::new("prefixed").unwrap();
+    let letter = NewDeadLetter {
+        position: Position { commit: 7, global: 3 },
+        slot: Slot(2),
+        key: "k".to_owned(),
+        stream: StreamId::new("a", "b", "c"),
+        event_type: "T".to_owned(),
+        error: "boom".to_owned(),
+        attempts: 2,
+    };
+    // A commit without checkpoints needs no fence.
+    let fence = Fence {
+        replica_set: rs.clone(),
+        worker: WorkerId::new("w").unwrap(),
+        grants: Default::default(),
+    };
+    let mut tx = store.begin().await.unwrap();
+    store.park(&mut tx, &rs, "p", std::slice::from_ref(&letter)).await.unwrap();
+    store.commit(tx, &fence, "p", &Default::default()).await.unwrap();
+    let listed = store.dead_letters(&rs, &DeadLetterFilter::default()).await.unwrap();
+    assert_eq!((listed.len(), listed[0].position, listed[0].attempts), (1, letter.position, 2));
+    let marked = store.request(&rs, &DeadLetterFilter::default(), DeadLetterAction::Skip).await;
+    assert_eq!(marked.unwrap(), 1);
+    let mut tx = store.begin().await.unwrap();
+    assert_eq!(store.resolve(&mut tx, &rs, "p", "k", DeadLetterAction::Skip).await.unwrap(), 1);
+    store.commit(tx, &fence, "p", &Default::default()).await.unwrap();
+    assert!(store.dead_letter_counts(&rs).await.unwrap().is_empty());
+    let logged: i64 = sqlx::query_scalar("SELECT count(*) FROM app2_skipped_letters")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let default_prefix: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM orch_dead_letters").fetch_one(pool).await.unwrap();
+    assert_eq!((logged, default_prefix), (1, 0), "the prefix's own tables");
+}
+
 fn url() -> String {
     std::env::var("ORCH_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_TEST_URL.to_owned())
 }
@@ -40,9 +83,10 @@ async fn migrations_are_idempotent_and_safe_to_run_concurrently() {
     .await
     .unwrap();
     assert_eq!(
-        tables, 12,
-        "meta, events, replica_sets, leases, workers, slots, generations, checkpoints, progress, stopped_projections, schema_migrations, application_migrations"
+        tables, 14,
+        "meta, events, replica_sets, leases, workers, slots, generations, checkpoints, progress, stopped_projections, dead_letters, skipped_letters, schema_migrations, application_migrations"
     );
+    dead_letters_round_trip(&store, &schema.pool).await;
 
     let err = migrate(&schema.pool, &prefix, SlotCount::new(16).unwrap()).await.unwrap_err();
     assert!(matches!(err, StoreError::Misconfigured { .. }), "{err}");

@@ -17,6 +17,46 @@ fn temp_url(name: &str) -> (std::path::PathBuf, String) {
     (dir, url)
 }
 
+/// Parks, lists, marks and skips a dead letter under the store's prefix (`app2_`).
+async fn dead_letters_round_trip(store: &SqliteStore) {
+    use orchestrator_core::ports::{
+        CheckpointStore, DeadLetterAction, DeadLetterFilter, DeadLetterStore, Fence, NewDeadLetter,
+    };
+    use orchestrator_core::{Position, ReplicaSetName, Slot, StreamId, WorkerId};
+    let rs = ReplicaSetName::new("prefixed").unwrap();
+    let letter = NewDeadLetter {
+        position: Position::global(3),
+        slot: Slot(2),
+        key: "k".to_owned(),
+        stream: StreamId::new("a", "b", "c"),
+        event_type: "T".to_owned(),
+        error: "boom".to_owned(),
+        attempts: 2,
+    };
+    // A commit without checkpoints needs no fence.
+    let fence = Fence {
+        replica_set: rs.clone(),
+        worker: WorkerId::new("w").unwrap(),
+        grants: Default::default(),
+    };
+    let mut tx = store.begin().await.unwrap();
+    store.park(&mut tx, &rs, "p", std::slice::from_ref(&letter)).await.unwrap();
+    store.commit(tx, &fence, "p", &Default::default()).await.unwrap();
+    let listed = store.dead_letters(&rs, &DeadLetterFilter::default()).await.unwrap();
+    assert_eq!((listed.len(), listed[0].position, listed[0].attempts), (1, letter.position, 2));
+    let marked = store.request(&rs, &DeadLetterFilter::default(), DeadLetterAction::Skip).await;
+    assert_eq!(marked.unwrap(), 1);
+    let mut tx = store.begin().await.unwrap();
+    assert_eq!(store.resolve(&mut tx, &rs, "p", "k", DeadLetterAction::Skip).await.unwrap(), 1);
+    store.commit(tx, &fence, "p", &Default::default()).await.unwrap();
+    assert!(store.dead_letter_counts(&rs).await.unwrap().is_empty());
+    let logged: i64 = sqlx::query_scalar("SELECT count(*) FROM app2_skipped_letters")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(logged, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn migrations_are_idempotent_and_safe_from_many_pools_at_once() {
     let (dir, url) = temp_url("concurrent");
@@ -35,7 +75,8 @@ async fn migrations_are_idempotent_and_safe_from_many_pools_at_once() {
     }
     let pool = SqliteStore::connect_pool(&url, 2).await.unwrap();
     migrate(&pool, &prefix, SlotCount::new(8).unwrap()).await.unwrap();
-    SqliteStore::open(pool.clone(), prefix.clone()).await.unwrap();
+    let store = SqliteStore::open(pool.clone(), prefix.clone()).await.unwrap();
+    dead_letters_round_trip(&store).await;
     let err = migrate(&pool, &prefix, SlotCount::new(16).unwrap()).await.unwrap_err();
     assert!(matches!(err, StoreError::Misconfigured { .. }), "{err}");
     let err =
