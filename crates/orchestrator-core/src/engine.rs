@@ -212,6 +212,17 @@ pub enum Notice {
         /// The generation.
         generation: Generation,
     },
+    /// As leader: a handoff was pending for `coordination_timeout` while its owner kept
+    /// heartbeating; the next generation grants the slot to its next owner anyway (epoch bumped,
+    /// so the old owner's late commit is fenced).
+    HandoffForced {
+        /// The slot.
+        slot: Slot,
+        /// Its owner, which did not release it.
+        from: WorkerId,
+        /// Its next owner.
+        to: WorkerId,
+    },
     /// Processing with a new set of slots.
     Processing {
         /// The generation.
@@ -291,6 +302,8 @@ pub struct Engine {
     retry: Option<(u32, Option<Timestamp>)>,
     /// When a graceful leave gives up on deregistering.
     leave_by: Option<Timestamp>,
+    /// Pending handoffs as this worker has seen them: slot -> (owner, next owner, first seen).
+    handoffs: BTreeMap<Slot, (WorkerId, WorkerId, Timestamp)>,
     exit: Option<Exit>,
     commands: Vec<Command>,
     notices: Vec<Notice>,
@@ -311,6 +324,7 @@ impl Engine {
             stopping: BTreeSet::new(),
             retry: None,
             leave_by: None,
+            handoffs: BTreeMap::new(),
             exit: None,
             commands: Vec::new(),
             notices: Vec::new(),
@@ -584,6 +598,7 @@ impl Engine {
     }
 
     fn lead(&mut self, now: Timestamp, snapshot: &Snapshot, incarnation: Incarnation) {
+        let overdue = self.overdue_handoffs(now, snapshot);
         let me = &self.config.worker_id;
         let leads = snapshot
             .leader()
@@ -599,7 +614,16 @@ impl Engine {
         if !leads {
             return;
         }
-        match plan_generation(snapshot, &self.config.timing, me, incarnation) {
+        for slot in &overdue {
+            if let Some((from, to, _)) = self.handoffs.get(slot) {
+                self.notices.push(Notice::HandoffForced {
+                    slot: *slot,
+                    from: from.clone(),
+                    to: to.clone(),
+                });
+            }
+        }
+        match plan_generation(snapshot, &self.config.timing, me, incarnation, &overdue) {
             Ok(plan) => {
                 let moved_slots = plan.changes.len();
                 self.notices.push(Notice::GenerationPlanned {
@@ -616,6 +640,34 @@ impl Engine {
             }
             Err(Deferral::Settled | Deferral::NoLiveWorkers) => {}
         }
+    }
+
+    /// Tracks how long each handoff has been pending (by this worker's clock, from when it first
+    /// saw it: a leader that took over later waits longer, never shorter) and returns those
+    /// pending for `coordination_timeout`; asks to observe again when the next one falls due.
+    fn overdue_handoffs(&mut self, now: Timestamp, snapshot: &Snapshot) -> BTreeSet<Slot> {
+        let timeout = self.config.timing.coordination_timeout;
+        let mut seen = BTreeMap::new();
+        for (index, rec) in snapshot.slots.iter().enumerate() {
+            let (Some(owner), Some(next)) = (&rec.owner, &rec.next_owner) else { continue };
+            let slot = Slot(index as u32);
+            let since = match self.handoffs.get(&slot) {
+                Some((o, n, since)) if o == owner && n == next => *since,
+                _ => now,
+            };
+            seen.insert(slot, (owner.clone(), next.clone(), since));
+        }
+        self.handoffs = seen;
+        let mut overdue = BTreeSet::new();
+        for (slot, (_, _, since)) in &self.handoffs {
+            let due = *since + timeout;
+            if now >= due {
+                overdue.insert(*slot);
+            } else {
+                self.next_observe = self.next_observe.min(due);
+            }
+        }
+        overdue
     }
 
     fn adopt(&mut self, now: Timestamp, snapshot: &Snapshot, incarnation: Incarnation) {

@@ -121,7 +121,10 @@ pub enum Deferral {
 /// Decides whether the leader creates a generation, and what it contains.
 ///
 /// A generation is created when the live workers (heartbeat within the stale timeout) differ from the
-/// current members, or when some slot's intended owner is not a member.
+/// current members, when some slot's intended owner is not a member, or when a handoff is
+/// `overdue` (pending for `coordination_timeout` while its owner kept heartbeating: a hung handler,
+/// a frozen process): such a slot is granted to its next owner anyway, with a bumped epoch, so the
+/// old owner's late commit is fenced.
 /// Departures (graceful or stale) are acted on at once; joins alone wait until no join has arrived
 /// for `registration_wait` (bounded by `coordination_timeout`), so a burst of pods gives one generation.
 pub fn plan_generation(
@@ -129,6 +132,7 @@ pub fn plan_generation(
     timing: &Timing,
     leader: &WorkerId,
     leader_incarnation: Incarnation,
+    overdue: &BTreeSet<Slot>,
 ) -> Result<GenerationPlan, Deferral> {
     let stale_after = timing.stale_worker_timeout;
     let live: Vec<WorkerId> =
@@ -149,10 +153,18 @@ pub fn plan_generation(
         .slots
         .iter()
         .all(|rec| rec.intended_owner().is_some_and(|owner| members.contains(owner)));
-    if departed == 0 && joiners.is_empty() && ownership_settled {
+    let forced: BTreeSet<Slot> = overdue
+        .iter()
+        .copied()
+        .filter(|slot| {
+            let rec = snapshot.slot(*slot);
+            rec.owner.is_some() && rec.next_owner.as_ref().is_some_and(|n| live_set.contains(n))
+        })
+        .collect();
+    if departed == 0 && joiners.is_empty() && ownership_settled && forced.is_empty() {
         return Err(Deferral::Settled);
     }
-    if departed == 0 && !joiners.is_empty() {
+    if departed == 0 && !joiners.is_empty() && forced.is_empty() {
         let youngest = joiners.iter().map(|w| w.registered_age).min().unwrap_or_default();
         let oldest = joiners.iter().map(|w| w.registered_age).max().unwrap_or_default();
         if youngest < timing.registration_wait && oldest < timing.coordination_timeout {
@@ -169,6 +181,13 @@ pub fn plan_generation(
         .zip(&target)
         .enumerate()
         .filter_map(|(slot, (rec, to))| {
+            if forced.contains(&Slot(slot as u32)) && rec.next_owner.as_ref() == Some(to) {
+                return Some(SlotChange {
+                    slot: Slot(slot as u32),
+                    epoch: rec.epoch,
+                    action: SlotAction::Grant { to: to.clone() },
+                });
+            }
             let action = match &rec.owner {
                 Some(owner) if owner == to => {
                     rec.next_owner.as_ref()?;

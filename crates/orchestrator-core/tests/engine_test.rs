@@ -396,3 +396,73 @@ fn a_lost_slot_is_stopped_and_the_store_looked_at_again() {
     assert!(!a.running().contains_key(&Slot(2)));
     assert_eq!(a.take_commands(), vec![Command::Observe]);
 }
+
+/// A handoff whose owner keeps heartbeating but never releases the slot (a hung handler, a frozen
+/// process) is forced by the leader after `coordination_timeout`: the slot is granted to its next
+/// owner with the plan's epoch check, which bumps the epoch and fences the old owner's commit.
+#[test]
+fn a_handoff_not_released_within_the_coordination_timeout_is_forced() {
+    let mut b = engine("b", Strategy::Incremental);
+    registered(&mut b, 2);
+    let stuck = || {
+        let mut slots = vec![owned("a", 1), owned("a", 1), owned("b", 1), owned("a", 4)];
+        slots[3].next_owner = Some(id("b"));
+        snapshot(2, &["a", "b"], "b", vec![worker("a", 1, 90, 2), worker("b", 2, 90, 2)], slots)
+    };
+    b.handle(T0, Input::Observed(stuck()));
+    let planned =
+        |commands: &[Command]| commands.iter().any(|c| matches!(c, Command::CreateGeneration(_)));
+    assert!(!planned(&b.take_commands()), "a handoff just seen is waited for");
+    let timeout = Timing::default().coordination_timeout;
+    assert!(
+        b.next_deadline().is_some_and(|d| d <= T0 + timeout),
+        "the leader looks again when the handoff falls due"
+    );
+    b.handle(T0 + timeout / 2, Input::Observed(stuck()));
+    assert!(!planned(&b.take_commands()), "not yet due");
+    b.take_notices();
+
+    b.handle(T0 + timeout, Input::Observed(stuck()));
+    let commands = b.take_commands();
+    let Some(Command::CreateGeneration(plan)) =
+        commands.iter().find(|c| matches!(c, Command::CreateGeneration(_)))
+    else {
+        panic!("the overdue handoff is forced: {commands:?}")
+    };
+    assert_eq!(plan.generation, Generation(3));
+    assert_eq!(plan.changes.len(), 1, "only the stuck slot moves: {:?}", plan.changes);
+    assert_eq!(plan.changes[0].slot, Slot(3));
+    assert_eq!(plan.changes[0].epoch, Epoch(4), "compare-and-set on the epoch the owner holds");
+    assert_eq!(plan.changes[0].action, SlotAction::Grant { to: id("b") });
+    assert!(b.take_notices().contains(&Notice::HandoffForced {
+        slot: Slot(3),
+        from: id("a"),
+        to: id("b"),
+    }));
+}
+
+/// A handoff released in time is never forced, and a new handoff of the same slot starts its own
+/// clock.
+#[test]
+fn a_handoff_released_in_time_is_not_forced() {
+    let mut b = engine("b", Strategy::Incremental);
+    registered(&mut b, 2);
+    let timeout = Timing::default().coordination_timeout;
+    let with_handoff = |epoch: u64| {
+        let mut slots = vec![owned("a", 1), owned("a", 1), owned("b", 1), owned("a", epoch)];
+        slots[3].next_owner = Some(id("b"));
+        snapshot(2, &["a", "b"], "b", vec![worker("a", 1, 90, 2), worker("b", 2, 90, 2)], slots)
+    };
+    b.handle(T0, Input::Observed(with_handoff(4)));
+    let released = {
+        let slots = vec![owned("a", 1), owned("a", 1), owned("b", 1), owned("b", 5)];
+        snapshot(2, &["a", "b"], "b", vec![worker("a", 1, 90, 2), worker("b", 2, 90, 2)], slots)
+    };
+    b.handle(T0 + timeout / 2, Input::Observed(released));
+    b.handle(T0 + timeout, Input::Observed(with_handoff(6)));
+    let commands = b.take_commands();
+    assert!(
+        !commands.iter().any(|c| matches!(c, Command::CreateGeneration(_))),
+        "a later handoff is timed from when it was seen: {commands:?}"
+    );
+}

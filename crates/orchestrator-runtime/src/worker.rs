@@ -487,6 +487,15 @@ impl<C: CoordinationStore> Driver<C> {
                 self.metrics.coordination_timed_out();
                 warn!(generation = generation.0, "Coordination timeout:");
             }
+            Notice::HandoffForced { slot, from, to } => {
+                self.metrics.coordination_timed_out();
+                warn!(
+                    %slot,
+                    %from,
+                    %to,
+                    "Coordination timeout: the owner did not release the slot within coordination_timeout; it moves anyway and the owner's late commit is fenced"
+                );
+            }
             Notice::Processing { generation, partition: Some(p), slots } => {
                 self.metrics.processing(generation.0, *slots);
                 if !self.announced {

@@ -284,6 +284,82 @@ async fn a_paused_worker_cannot_commit_when_it_resumes<H: Harness>(strategy: Str
     cluster.stop_all().await;
 }
 
+/// A projection that blocks its thread on one event (a synchronous call without a timeout:
+/// neither the handler timeout nor anything else can interrupt it) while its worker's other tasks
+/// keep heartbeating.
+struct Blocking<Tx> {
+    inner: std::sync::Arc<dyn orchestrator_runtime::Projection<Tx>>,
+    on: u64,
+    blocked: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    for_: Duration,
+}
+
+#[async_trait::async_trait]
+impl<Tx: Send + 'static> orchestrator_runtime::Projection<Tx> for Blocking<Tx> {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    async fn handle(
+        &self,
+        tx: &mut Tx,
+        event: &orchestrator_core::Event,
+    ) -> Result<(), orchestrator_core::ports::BoxError> {
+        if event.position.global == self.on
+            && !self.blocked.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            std::thread::sleep(self.for_);
+        }
+        self.inner.handle(tx, event).await
+    }
+}
+
+/// A slot in handoff whose owner keeps heartbeating but never finishes its batch is moved anyway
+/// after `coordination_timeout` (4 s here), with a bumped epoch: the new owner processes it long
+/// before the old owner's handler returns (10 s), and the old owner's late commit is fenced, so
+/// every event is still applied exactly once.
+async fn a_hung_owner_loses_its_slots_after_the_coordination_timeout<H: Harness>() {
+    let Some(mut cluster) = Cluster::<H>::start(Strategy::Incremental).await else { return };
+    cluster.projections = vec!["audit".into()];
+    let hang = Duration::from_secs(10);
+    let blocking = Blocking {
+        inner: cluster.harness.audit("audit", "w1", None),
+        on: 30,
+        blocked: Default::default(),
+        for_: hang,
+    };
+    cluster
+        .spawn(
+            "w1",
+            fast_settings("main-projections", "w1", Strategy::Incremental),
+            vec![std::sync::Arc::new(blocking)],
+        )
+        .await;
+    cluster.append(60).await;
+    // w1 is blocked on event 30 with every slot in its batch; w2 joins and half the slots are
+    // handed to it, which w1 cannot release.
+    eventually(WITHIN, "w1 blocked", || async {
+        cluster.harness.audit_rows("audit").await.len() >= 5
+    })
+    .await;
+    let blocked_at = tokio::time::Instant::now();
+    cluster.join("w2").await;
+    eventually(WITHIN, "w2 processes a moved slot", || async {
+        cluster.harness.audit_rows("audit").await.iter().any(|r| r.worker == "w2")
+    })
+    .await;
+    assert!(
+        blocked_at.elapsed() < hang - Duration::from_secs(1),
+        "the handoff was forced before the hung handler returned ({:?})",
+        blocked_at.elapsed()
+    );
+    // Once the handler returns, its batch's commit is refused; w1 goes on with what it still owns.
+    cluster.append(40).await;
+    tokio::time::sleep(hang).await;
+    cluster.wait_all_applied(WITHIN).await;
+    cluster.stop_all().await;
+}
+
 macro_rules! scenarios {
     ($module:ident, $harness:ty) => {
         mod $module {
@@ -367,6 +443,20 @@ macro_rules! scenarios {
 scenarios!(memory, support::adapters::Memory);
 scenarios!(sqlite, support::adapters::Sqlite);
 scenarios!(postgres, support::adapters::Postgres);
+
+// Not on SQLite: there a batch's transaction holds the database's only write lock, so a hung
+// handler stops the worker's heartbeats too, and it is evicted as stale instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memory_hung_owner_handoff_is_forced() {
+    a_hung_owner_loses_its_slots_after_the_coordination_timeout::<support::adapters::Memory>()
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_hung_owner_handoff_is_forced() {
+    a_hung_owner_loses_its_slots_after_the_coordination_timeout::<support::adapters::Postgres>()
+        .await;
+}
 
 /// Every connection is cut twice while two workers process and events keep arriving (a database
 /// restart or failover as the workers see it): they reconnect by themselves and lose nothing.
