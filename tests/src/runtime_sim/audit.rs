@@ -5,19 +5,31 @@
 //! They differ in speed and scope, so that the shared read is left and rejoined all the time: two
 //! fast ones, one that spends simulated time on every batch (and now and then hangs past the
 //! handler timeout, so its batch is abandoned and retried), and one scoped to one aggregate type.
+//! A fifth runs the `park` failure policy and fails for good on "poison" events until the fix is
+//! deployed (at wind-down), sometimes naming the event, sometimes not (so the batch is retried one
+//! event at a time): its poisoned keys are parked, then retried.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use orchestrator_core::ports::BoxError;
-use orchestrator_core::{Event, Scope, StreamId};
+use orchestrator_core::ports::{BoxError, DeadLetterFilter, DeadLetterStore};
+use orchestrator_core::{Event, ReplicaSetName, Scope, StreamId};
 use orchestrator_memory::{MemoryStore, MemoryTx};
-use orchestrator_runtime::{HandlerError, Projection};
+use orchestrator_runtime::{FailurePolicy, HandlerError, Permanent, Projection};
 
 /// The projections every simulated worker runs, each checked on its own.
-pub const PROJECTIONS: [&str; 4] =
-    ["sim_audit", "sim_audit_batch", "sim_audit_slow", "sim_audit_cards"];
+pub const PROJECTIONS: [&str; 5] =
+    ["sim_audit", "sim_audit_batch", "sim_audit_slow", "sim_audit_cards", "sim_audit_park"];
+
+/// The projection with the `park` policy.
+pub(crate) const PARKING: &str = PROJECTIONS[4];
+
+/// Events the parking projection fails on while the poison is on.
+fn poison(event: &Event) -> bool {
+    event.position.global.is_multiple_of(97)
+}
 
 /// The aggregate type `sim_audit_cards` is scoped to; the other streams are accounts.
 pub(crate) const CARDS: &str = "Card";
@@ -45,11 +57,13 @@ pub(crate) struct Audit {
     name: &'static str,
     worker: String,
     batches: AtomicU64,
+    /// Whether the parking projection's poison is still on (shared by every worker).
+    poisoned: Arc<AtomicBool>,
 }
 
 impl Audit {
-    pub(crate) fn new(name: &'static str, worker: &str) -> Self {
-        Self { name, worker: worker.to_owned(), batches: AtomicU64::new(0) }
+    pub(crate) fn new(name: &'static str, worker: &str, poisoned: Arc<AtomicBool>) -> Self {
+        Self { name, worker: worker.to_owned(), batches: AtomicU64::new(0), poisoned }
     }
 
     fn record(&self, tx: &mut MemoryTx, event: &Event) {
@@ -95,12 +109,29 @@ impl Projection<MemoryTx> for Audit {
         }
     }
 
+    fn failure_policy(&self) -> Option<FailurePolicy> {
+        (self.name == PARKING).then_some(FailurePolicy::Park)
+    }
+
     async fn handle(&self, tx: &mut MemoryTx, event: &Event) -> Result<(), BoxError> {
         self.record(tx, event);
         Ok(())
     }
 
     async fn handle_batch(&self, tx: &mut MemoryTx, events: &[Event]) -> Result<(), HandlerError> {
+        if self.name == PARKING && self.poisoned.load(Ordering::Relaxed) {
+            for (index, event) in events.iter().enumerate() {
+                if poison(event) {
+                    let error = Permanent::new(format!("poison at {}", event.position));
+                    // Half the time the handler says which event failed.
+                    return Err(if event.position.global.is_multiple_of(2) {
+                        HandlerError::at(index, error)
+                    } else {
+                        HandlerError::somewhere(error)
+                    });
+                }
+            }
+        }
         if self.name == PROJECTIONS[2] {
             let batch = self.batches.fetch_add(1, Ordering::Relaxed) + 1;
             let pause = if batch.is_multiple_of(25) { HANG } else { SLOW_BATCH };
@@ -166,6 +197,23 @@ pub(crate) fn check_committed(
         }
     }
     Ok(())
+}
+
+/// The dead letters of the parking projection: none of them applied (nothing of a parked key is
+/// applied while it is parked: the order check above sees a key's later event applied after an
+/// earlier one parked, this one the parked event itself). Returns how many there are.
+pub(crate) async fn check_parked(store: &MemoryStore) -> Result<usize, String> {
+    let rs = ReplicaSetName::new(super::REPLICA_SET).expect("valid");
+    let filter = DeadLetterFilter { projection: Some(PARKING.into()), ..Default::default() };
+    let letters = store.dead_letters(&rs, &filter).await.map_err(|e| e.to_string())?;
+    let applied = store.read_model_table(&applied_table(PARKING));
+    for letter in &letters {
+        let key = format!("{:020}", letter.position.global);
+        if applied.iter().any(|(k, _)| *k == key) {
+            return Err(format!("{PARKING}: parked event {} was applied", letter.position));
+        }
+    }
+    Ok(letters.len())
 }
 
 /// Whether every projection applied every event it should.

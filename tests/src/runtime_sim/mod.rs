@@ -5,10 +5,12 @@
 //! Faults: workers join, leave gracefully, crash (kill -9) and freeze past the stale timeout then
 //! resume (SIGSTOP/SIGCONT) at random moments; heartbeats are lost or delayed; commits fail, are
 //! delayed, or are written but reported as failed; other store calls fail; events are appended
-//! concurrently throughout. Each worker runs four projections of different speeds and scopes
-//! (`audit.rs`) with its own `PROCESSING_CONCURRENCY` (1 to 4) and batch size, so projections leave
-//! and rejoin the shared read, and slot groups commit side by side. After every step the
-//! invariants of docs/ARCHITECTURE.md are checked; at the end, that every event took effect exactly once per
+//! concurrently throughout. Each worker runs five projections of different speeds, scopes and
+//! failure policies (`audit.rs`) with its own `PROCESSING_CONCURRENCY` (1 to 4) and batch size, so
+//! projections leave and rejoin the shared read, and slot groups commit side by side. One of them
+//! fails for good on poison events and parks their keys. After every step the invariants of
+//! docs/ARCHITECTURE.md are checked, and that no parked event was applied; at the end, with the
+//! poison gone and every parked key retried, that every event took effect exactly once per
 //! projection, in per-aggregate order.
 
 mod audit;
@@ -20,7 +22,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use orchestrator_core::ports::{CoordinationStore, EventStore};
+use orchestrator_core::ports::{
+    CoordinationStore, DeadLetterAction, DeadLetterFilter, DeadLetterStore, EventStore,
+};
 use orchestrator_core::{
     Clock, EventId, ExpectedVersion, NewEvent, ReplicaSetName, SlotCount, Strategy, StreamId,
     Timestamp, Timing, Uuid, WorkerId,
@@ -31,12 +35,12 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use self::audit::{Audit, CARDS, Expected};
+use self::audit::{Audit, CARDS, Expected, PARKING};
 use self::faults::{FaultRates, Faulty, Injector, Rng};
 
 pub use self::audit::PROJECTIONS;
 
-const REPLICA_SET: &str = "main-projections";
+pub(crate) const REPLICA_SET: &str = "main-projections";
 const AGGREGATES: u64 = 24;
 
 /// What to simulate.
@@ -153,6 +157,8 @@ struct Sim {
     appenders: Vec<JoinHandle<()>>,
     trace: Vec<String>,
     last_generation: u64,
+    /// Whether the parking projection still fails on its poison events (until wind-down).
+    poisoned: Arc<AtomicBool>,
 }
 
 /// Runs one seed to completion on a fresh single-threaded runtime with a paused clock.
@@ -189,6 +195,7 @@ async fn simulate(config: SimConfig) -> SimReport {
         appenders: Vec::new(),
         trace: Vec::new(),
         last_generation: 0,
+        poisoned: Arc::new(AtomicBool::new(true)),
     };
     let violation = sim.drive().await.err();
     sim.report(violation)
@@ -294,8 +301,10 @@ impl Sim {
         settings.idle_poll = Duration::from_millis(50);
         settings.retry.initial_backoff = Duration::from_millis(20);
         settings.retry.max_attempts = 1_000;
-        let projections =
-            PROJECTIONS.iter().map(|name| Arc::new(Audit::new(name, id.as_str())) as _).collect();
+        let projections = PROJECTIONS
+            .iter()
+            .map(|name| Arc::new(Audit::new(name, id.as_str(), self.poisoned.clone())) as _)
+            .collect();
         let (stop, stopped) = oneshot::channel::<()>();
         let described = format!(
             "batch {}, concurrency {}, shared read buffer {} KiB",
@@ -381,6 +390,7 @@ impl Sim {
                 return Err(format!("slot {index} owned by {owner}, who is not registered"));
             }
         }
+        audit::check_parked(&self.store).await?;
         audit::check_committed(&self.store, None)
     }
 
@@ -398,11 +408,23 @@ impl Sim {
             appender.await.map_err(|e| format!("appender failed: {e}"))?;
         }
         let appended = *self.appended.lock().unwrap();
+        // The fix is deployed; the operator retries every parked key (`dlq retry --projection`).
+        self.poisoned.store(false, Ordering::Relaxed);
+        let parked = audit::check_parked(&self.store).await?;
+        self.log(format!("the poison is gone; {parked} parked events are retried"));
+        let rs = ReplicaSetName::new(REPLICA_SET).expect("valid");
+        let everything =
+            DeadLetterFilter { projection: Some(PARKING.into()), ..Default::default() };
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             tokio::time::sleep(Duration::from_millis(250)).await;
             self.check().await?;
-            if audit::all_applied(&self.store, appended) {
+            // Asked again while letters remain: one parked after the request was made is retried
+            // by the next one.
+            let _ = self.store.request(&rs, &everything, DeadLetterAction::Retry).await;
+            if audit::all_applied(&self.store, appended)
+                && audit::check_parked(&self.store).await? == 0
+            {
                 break;
             }
             if Instant::now() > deadline {
