@@ -96,11 +96,11 @@ async fn run<S: Store>(
             }
         }
     }
-    if !letters.is_empty() {
-        if let Err(err) = shared.store.park(&mut tx, &shared.replica_set, name, letters).await {
-            warn!(%err, projection = name, "Parking events failed; retrying");
-            return (Outcome::StoreFailed, None);
-        }
+    if !letters.is_empty()
+        && let Err(err) = shared.store.park(&mut tx, &shared.replica_set, name, letters).await
+    {
+        warn!(%err, projection = name, "Parking events failed; retrying");
+        return (Outcome::StoreFailed, None);
     }
     match commit(shared, projection, tx, &batch.checkpoints, &batch.grants).await {
         Outcome::Committed => {
