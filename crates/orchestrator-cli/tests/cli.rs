@@ -578,3 +578,67 @@ fn dlq_lists_shows_and_marks_dead_letters_and_status_counts_them() {
     };
     assert_eq!((count("balances"), count("ledger")), (3.into(), 1.into()));
 }
+
+/// The letters `dlq list --json` prints for `projection`.
+fn letters_of(dir: &PathBuf, projection: &str) -> Vec<serde_json::Value> {
+    let listed = orchestrator(dir, &["dlq", "list", "--projection", projection, "--json"]);
+    let text = stdout(&listed);
+    serde_json::from_str::<serde_json::Value>(&text).unwrap().as_array().unwrap().clone()
+}
+
+/// Waits up to 20 s for `check` to hold.
+fn eventually(what: &str, mut check: impl FnMut() -> Option<String>) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let Some(failed) = check() else { return };
+        assert!(Instant::now() < deadline, "{what}: {failed}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A real worker with the park policy: the poison aggregate's events become dead letters while
+/// the rest is applied; `dlq skip` is carried out by the worker within a heartbeat interval.
+#[test]
+fn a_parking_worker_fills_the_dead_letters_and_carries_out_a_skip() {
+    let dir = temp_dir("dlq-worker");
+    let appended = orchestrator(&dir, &["demo", "append", "--events", "20", "--aggregates", "4"]);
+    assert!(appended.status.success(), "{appended:?}");
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+        .args(["demo", "worker", "--worker-id", "w1", "--heartbeat-interval", "200ms"])
+        .args(["--stale-worker-timeout", "2s", "--registration-wait", "200ms"])
+        .args(["--failure-policy", "park", "--fail-on-aggregate", "account-1"])
+        .current_dir(&dir)
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "off")
+        .spawn()
+        .unwrap();
+    let projection_status = |name: &str| -> Option<serde_json::Value> {
+        let status = orchestrator(&dir, &["status", "--json"]);
+        let status: serde_json::Value = serde_json::from_slice(&status.stdout).ok()?;
+        status[0]["projections"].as_array()?.iter().find(|p| p["name"] == name).cloned()
+    };
+    eventually("demo_audit parks account-1's five events and applies the rest", || {
+        let letters = letters_of(&dir, "demo_audit");
+        let projection = projection_status("demo_audit");
+        let done = letters.len() == 5
+            && letters.iter().all(|l| l["key"] == "account-1" && l["aggregate_id"] == "account-1")
+            && projection.as_ref().is_some_and(|p| {
+                p["dead_letters"] == 5 && p["lag_events"] == 0 && p["state"] == "running"
+            });
+        (!done).then(|| format!("letters {letters:?}, status {projection:?}"))
+    });
+    let first = letters_of(&dir, "demo_audit")[0].clone();
+    assert!(first["error"].as_str().unwrap().contains("--fail-on-aggregate account-1"), "{first}");
+
+    let skipped = stdout(&orchestrator(&dir, &["dlq", "skip", "--projection", "demo_audit"]));
+    assert!(
+        skipped.starts_with("marked 5 dead letters of 1 key (demo_audit) for skip"),
+        "{skipped}"
+    );
+    eventually("the worker carries out the skip", || {
+        let letters = letters_of(&dir, "demo_audit");
+        (!letters.is_empty()).then(|| format!("{letters:?}"))
+    });
+    terminate(&mut worker);
+    assert_eq!(projection_status("demo_audit").unwrap()["dead_letters"], 0);
+}
