@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use orchestrator_core::ports::{BoxError, EventStore, UnitOfWork, UnitOfWorkStore};
 use orchestrator_core::{Event, ExpectedVersion, NewEvent, SchemaMigration, StreamId};
 use orchestrator_postgres::{PgStore, PgTx};
-use orchestrator_runtime::{HandlerError, Projection};
+use orchestrator_runtime::{HandlerError, Permanent, Projection};
 use orchestrator_serde::new_event_id;
 use orchestrator_sqlite::SqliteTx;
 use rand::rngs::StdRng;
@@ -48,19 +48,47 @@ pub(crate) const SQLITE_SCHEMA: &[SchemaMigration] = &[SchemaMigration {
           CREATE INDEX IF NOT EXISTS demo_audit_handled_seq ON demo_audit (handled_seq)",
 }];
 
+/// The demo aids of `demo worker` (documented as such): ways to try isolation and the failure
+/// policies from outside.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Aids {
+    /// `--handler-delay`: each batch of demo_audit_batch waits this long first.
+    pub(crate) delay: Duration,
+    /// `--fail-on-aggregate`: every event of this aggregate fails for good.
+    pub(crate) fail_on_aggregate: Option<String>,
+}
+
+impl Aids {
+    /// `--handler-delay`'s wait: only demo_audit_batch is slowed.
+    async fn delay_batch(&self, name: &str) {
+        if name == PROJECTIONS[1] && !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+    }
+
+    /// `--fail-on-aggregate`'s failure, if `event` is of that aggregate.
+    fn failure(&self, name: &str, event: &Event) -> Option<Permanent> {
+        let id = self.fail_on_aggregate.as_deref()?;
+        (event.stream.aggregate_id == id).then(|| {
+            Permanent::new(format!(
+                "{name} cannot handle {} of {id} (demo aid --fail-on-aggregate {id})",
+                event.event_type
+            ))
+        })
+    }
+
+    /// The batch handler's failure: demo_audit_batch, like many batch handlers, does not say
+    /// which event failed.
+    fn batch_failure(&self, name: &str, events: &[Event]) -> Option<HandlerError> {
+        events.iter().find_map(|e| self.failure(name, e)).map(HandlerError::somewhere)
+    }
+}
+
 /// The demo_audit projection on PostgreSQL.
 pub(crate) struct PgAudit {
     pub(crate) name: &'static str,
     pub(crate) worker: String,
-    /// `--handler-delay`: each batch of demo_audit_batch waits this long first.
-    pub(crate) delay: Duration,
-}
-
-/// `--handler-delay`'s wait: only demo_audit_batch is slowed.
-async fn delay_batch(name: &str, delay: Duration) {
-    if name == PROJECTIONS[1] && !delay.is_zero() {
-        tokio::time::sleep(delay).await;
-    }
+    pub(crate) aids: Arc<Aids>,
 }
 
 const PG_RECORD: &str = "INSERT INTO demo_audit (projection, global_position, aggregate_id, aggregate_version, slot, \
@@ -97,6 +125,9 @@ impl Projection<PgTx> for PgAudit {
     }
 
     async fn handle(&self, tx: &mut PgTx, event: &Event) -> Result<(), BoxError> {
+        if let Some(failure) = self.aids.failure(self.name, event) {
+            return Err(failure.into());
+        }
         Ok(pg_record(tx, self.name, &self.worker, std::slice::from_ref(event)).await?)
     }
 
@@ -109,13 +140,16 @@ impl Projection<PgTx> for PgAudit {
     }
 
     async fn handle_batch(&self, tx: &mut PgTx, events: &[Event]) -> Result<(), HandlerError> {
-        delay_batch(self.name, self.delay).await;
+        self.aids.delay_batch(self.name).await;
         if self.name == PROJECTIONS[0] {
             // demo_audit goes event by event, like a simple projection would.
             for (index, event) in events.iter().enumerate() {
                 self.handle(tx, event).await.map_err(|e| HandlerError::at(index, e))?;
             }
             return Ok(());
+        }
+        if let Some(failure) = self.aids.batch_failure(self.name, events) {
+            return Err(failure);
         }
         pg_record(tx, self.name, &self.worker, events)
             .await
@@ -127,8 +161,7 @@ impl Projection<PgTx> for PgAudit {
 pub(crate) struct SqliteAudit {
     pub(crate) name: &'static str,
     pub(crate) worker: String,
-    /// `--handler-delay`: each batch of demo_audit_batch waits this long first.
-    pub(crate) delay: Duration,
+    pub(crate) aids: Arc<Aids>,
 }
 
 #[async_trait]
@@ -146,6 +179,9 @@ impl Projection<SqliteTx> for SqliteAudit {
     }
 
     async fn handle(&self, tx: &mut SqliteTx, event: &Event) -> Result<(), BoxError> {
+        if let Some(failure) = self.aids.failure(self.name, event) {
+            return Err(failure.into());
+        }
         sqlx::query(
             "INSERT INTO demo_audit (projection, global_position, aggregate_id, aggregate_version, slot, times, \
                  handled_seq, worker_id, created_at, handled_at) \
@@ -168,7 +204,12 @@ impl Projection<SqliteTx> for SqliteAudit {
     }
 
     async fn handle_batch(&self, tx: &mut SqliteTx, events: &[Event]) -> Result<(), HandlerError> {
-        delay_batch(self.name, self.delay).await;
+        self.aids.delay_batch(self.name).await;
+        if self.name == PROJECTIONS[1]
+            && let Some(failure) = self.aids.batch_failure(self.name, events)
+        {
+            return Err(failure);
+        }
         for (index, event) in events.iter().enumerate() {
             self.handle(tx, event).await.map_err(|e| HandlerError::at(index, e))?;
         }
@@ -182,21 +223,25 @@ pub(crate) enum DemoProjections {
     Sqlite(Vec<Arc<dyn Projection<SqliteTx>>>),
 }
 
-/// The demo projections for `worker`; `delay` slows each batch of demo_audit_batch
-/// (`--handler-delay`).
-pub(crate) fn projections(db: &Database, worker: &str, delay: Duration) -> DemoProjections {
+/// The demo projections for `worker`, with the demo aids asked for.
+pub(crate) fn projections(db: &Database, worker: &str, aids: Aids) -> DemoProjections {
     let worker = worker.to_owned();
+    let aids = Arc::new(aids);
     match db {
         Database::Postgres(_) => DemoProjections::Postgres(
             PROJECTIONS
                 .iter()
-                .map(|name| Arc::new(PgAudit { name, worker: worker.clone(), delay }) as _)
+                .map(|name| {
+                    Arc::new(PgAudit { name, worker: worker.clone(), aids: aids.clone() }) as _
+                })
                 .collect(),
         ),
         Database::Sqlite(_) => DemoProjections::Sqlite(
             PROJECTIONS
                 .iter()
-                .map(|name| Arc::new(SqliteAudit { name, worker: worker.clone(), delay }) as _)
+                .map(|name| {
+                    Arc::new(SqliteAudit { name, worker: worker.clone(), aids: aids.clone() }) as _
+                })
                 .collect(),
         ),
     }

@@ -258,10 +258,14 @@ struct WorkerArgs {
     /// incremental (default) or recreate.
     #[arg(long, env = "STRATEGY")]
     strategy: Option<String>,
-    /// Attempts of a failing batch before its projection stops (in this worker; the other
-    /// projections and the worker go on).
+    /// Attempts of a failing batch before its failure policy applies.
     #[arg(long, env = "HANDLER_MAX_ATTEMPTS")]
     handler_max_attempts: Option<u32>,
+    /// What a projection does with an event it fails on for good: stop (the projection stops on
+    /// every worker until `projection resume`; the default) or park (the event and the later
+    /// events of its partition key become dead letters, see `dlq`).
+    #[arg(long, env = "FAILURE_POLICY")]
+    failure_policy: Option<String>,
     /// Groups of this worker's slots processed at the same time (default 1); per-key order holds.
     #[arg(long, env = "PROCESSING_CONCURRENCY")]
     processing_concurrency: Option<usize>,
@@ -282,6 +286,11 @@ struct WorkerArgs {
     /// and what PROCESSING_CONCURRENCY does for a slow handler.
     #[arg(long, default_value_t = 0)]
     handler_delay: u64,
+    /// Demo aid: both demo projections fail for good (a permanent error) on every event of this
+    /// aggregate id, to try the failure policies; demo_audit_batch does not say which event of a
+    /// batch failed.
+    #[arg(long, value_name = "ID")]
+    fail_on_aggregate: Option<String>,
     /// Serve /metrics, /healthz and /readyz on this address, like 0.0.0.0:9090 (default: no server).
     #[arg(long, env = "METRICS_ADDR")]
     metrics_addr: Option<String>,
@@ -489,7 +498,10 @@ async fn run(cli: Cli) -> Result<()> {
                     .check_transaction_limit(orchestrator_postgres::IDLE_IN_TRANSACTION_LIMIT)?;
             }
             let pool_size = settings.pool_size(demo::PROJECTIONS.len(), postgres);
-            let handler_delay = Duration::from_millis(args.handler_delay);
+            let aids = demo::Aids {
+                delay: Duration::from_millis(args.handler_delay),
+                fail_on_aggregate: args.fail_on_aggregate.clone(),
+            };
             let metrics_addr = args
                 .metrics_addr
                 .as_deref()
@@ -506,7 +518,7 @@ async fn run(cli: Cli) -> Result<()> {
                 ),
                 None => None,
             };
-            run_worker(db, settings, &telemetry, handler_delay).await
+            run_worker(db, settings, &telemetry, aids).await
         }
     }
 }
@@ -561,6 +573,10 @@ fn worker_settings(args: &WorkerArgs, prefix: TablePrefix, slots: SlotCount) -> 
         settings.strategy = parse_strategy(strategy)
             .map_err(|rule| anyhow::anyhow!("invalid --strategy: {rule}"))?;
     }
+    if let Some(policy) = &args.failure_policy {
+        settings.failure_policy = orchestrator_runtime::parse_failure_policy(policy)
+            .map_err(|rule| anyhow::anyhow!("invalid --failure-policy: {rule}"))?;
+    }
     if let Some(attempts) = args.handler_max_attempts {
         settings.retry.max_attempts = attempts;
     }
@@ -600,10 +616,10 @@ async fn run_worker(
     db: Database,
     settings: Settings,
     telemetry: &Telemetry,
-    handler_delay: Duration,
+    aids: demo::Aids,
 ) -> Result<()> {
     let worker = settings.worker_id.to_string();
-    match (demo::projections(&db, &worker, handler_delay), db) {
+    match (demo::projections(&db, &worker, aids), db) {
         (DemoProjections::Postgres(projections), Database::Postgres(store)) => {
             let feed = store.change_feed().await.context("cannot listen for notifications")?;
             Orchestrator::new(store, settings)?

@@ -56,7 +56,7 @@ pub(crate) async fn reset(
             .await?;
     // A demo projection's reset hook clears its demo_audit rows in the reset's transaction;
     // other projections' read models belong to their applications.
-    let hooked = match (db, demo::projections(db, "cli", std::time::Duration::ZERO)) {
+    let hooked = match (db, demo::projections(db, "cli", demo::Aids::default())) {
         (Database::Postgres(store), DemoProjections::Postgres(projections)) => {
             match projections.iter().find(|p| p.name() == projection) {
                 Some(p) => reset_projection(store, replica_set, p.as_ref()).await.map(|()| true)?,

@@ -86,6 +86,11 @@ fn bad_settings_name_the_setting() {
     refuses(&worker(&["--strategy", "yolo"]), 1, "invalid --strategy");
     refuses(&worker(&["--handler-max-attempts", "0"]), 1, "invalid handler_max_attempts");
     refuses(&worker(&["--processing-concurrency", "0"]), 1, "invalid processing_concurrency");
+    refuses(
+        &worker(&["--failure-policy", "retry"]),
+        1,
+        "invalid --failure-policy: \"retry\" is not a failure policy: use stop or park",
+    );
     refuses(&worker(&["--handler-timeout", "90s"]), 1, "invalid handler_timeout");
     refuses(&worker(&["--database-pool-size", "2"]), 1, "invalid DATABASE_POOL_SIZE");
     refuses(&worker(&["--shared-read-buffer-mb", "0"]), 1, "invalid --shared-read-buffer-mb");

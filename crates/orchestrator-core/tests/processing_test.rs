@@ -186,6 +186,15 @@ impl Harness {
         committed
     }
 
+    /// Commits one batch of projection 0 handed out earlier.
+    fn commit_one(&mut self, task: TaskId, batch: Batch) {
+        for (slot, at) in &batch.checkpoints {
+            self.checkpoints.insert((0, *slot), *at);
+        }
+        self.applied[0].extend(batch.events.iter().map(|e| e.position.global));
+        self.feed(Input::Processed { task, outcome: Outcome::Committed });
+    }
+
     /// Answers everything until nothing is left to do; returns the reads made.
     fn run_to_end(&mut self) -> usize {
         let mut reads = 0;
@@ -619,4 +628,36 @@ fn a_burst_of_slot_changes_keeps_one_shared_read_in_flight() {
     h.answer_reads();
     assert_eq!(h.reads.len(), 1, "then one read of the slots left");
     assert_eq!(h.reads[0].1.cursors.len(), SLOTS as usize / 2);
+}
+
+#[test]
+fn stop_without_the_failing_index_finds_the_event_one_at_a_time_and_names_it() {
+    let mut h = Harness::new(vec![Scope::all()], 1, 1000, 12);
+    h.start_all();
+    h.answer_loads();
+    h.answer_reads();
+    let (task, _, batch) = h.processes.pop().unwrap();
+    let culprit = batch.events[5].position;
+    h.feed(Input::Processed {
+        task,
+        outcome: Outcome::HandlerFailed { index: None, timed_out: false, permanent: true },
+    });
+    while let Some((task, _, single)) = h.processes.pop() {
+        assert_eq!(single.events.len(), 1, "one event at a time");
+        if single.events[0].position == culprit {
+            h.feed(Input::Processed {
+                task,
+                outcome: Outcome::HandlerFailed { index: None, timed_out: false, permanent: true },
+            });
+        } else {
+            h.commit_one(task, single);
+        }
+    }
+    let Some(Command::RecordStop { event: Some(event), .. }) =
+        h.reports.iter().find(|r| matches!(r, Command::RecordStop { .. }))
+    else {
+        panic!("the projection stops: {:?}", h.reports)
+    };
+    assert_eq!(event.position, culprit, "the very event, not the first of the batch");
+    assert_eq!(h.applied[0].len(), 5, "the events before it are applied");
 }

@@ -1154,6 +1154,18 @@ impl Group {
                 None
             }
             AfterFailure::GiveUp { attempts } => {
+                let unnamed =
+                    batch.as_ref().is_some_and(|b| b.index.is_none() && b.applied.len() > 1);
+                if unnamed && let Some(batch) = batch {
+                    // The handler did not say which event failed: the batch goes again one event
+                    // at a time, so the policy applies to the very event (and the events before
+                    // it are not held back).
+                    let l = &mut self.lanes[lane];
+                    l.attempts = 0;
+                    l.isolating =
+                        Some(Isolation { events: batch.events, checkpoints: batch.checkpoints });
+                    return None;
+                }
                 if config.policies[lane] == FailurePolicy::Park
                     && let Some(batch) = batch
                 {
@@ -1176,22 +1188,13 @@ impl Group {
 
     /// The `park` policy: the failing event's key is parked from that event on and the batch goes
     /// again at once (its transaction was rolled back, nothing of it committed), the key's events
-    /// to the dead letters; when the handler did not say which event failed, the batch goes again
-    /// one event at a time to find it.
+    /// to the dead letters.
     fn park(&mut self, lane: usize, batch: FailedBatch, attempts: u32, out: &mut Out<'_>) {
         let l = &mut self.lanes[lane];
         l.attempts = 0;
-        match batch.index {
-            Some(index) if !batch.applied.is_empty() => {
-                let event = &batch.applied[index.min(batch.applied.len() - 1)];
-                l.parked.entry(event.partition_key.clone()).or_insert((event.slot, event.position));
-                l.gave_up.insert(event.position, (batch.task, attempts));
-            }
-            _ => {
-                l.isolating =
-                    Some(Isolation { events: batch.events, checkpoints: batch.checkpoints });
-                return;
-            }
+        if let Some(event) = batch.applied.get(batch.index.unwrap_or(0)) {
+            l.parked.entry(event.partition_key.clone()).or_insert((event.slot, event.position));
+            l.gave_up.insert(event.position, (batch.task, attempts));
         }
         let slots = &self.slots;
         let checkpoints: BTreeMap<Slot, Position> =
