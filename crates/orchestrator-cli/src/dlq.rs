@@ -186,7 +186,7 @@ fn render_letter(letter: &DeadLetter, event: Option<&Event>) -> String {
     field("slot", &letter.slot);
     field("aggregate", &letter.stream);
     field("aggregate id", &letter.stream.aggregate_id);
-    field("position", &letter.position);
+    field("position", &letter.position.global);
     field("event type", &letter.event_type);
     field("attempts", &letter.attempts);
     field("first failed at", &rfc3339(letter.first_failed_at));

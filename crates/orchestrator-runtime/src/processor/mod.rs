@@ -362,7 +362,10 @@ impl<S: Store> Executor<S> {
                         ("parked behind an earlier dead letter of its partition key".to_owned(), 0)
                     }
                     ParkCause::Behind { since } => (
-                        format!("parked behind the event at position {since} of its partition key"),
+                        format!(
+                            "parked behind the event at position {} of its partition key",
+                            since.global
+                        ),
                         0,
                     ),
                 };
