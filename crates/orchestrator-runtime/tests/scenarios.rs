@@ -284,6 +284,56 @@ async fn a_paused_worker_cannot_commit_when_it_resumes<H: Harness>(strategy: Str
     cluster.stop_all().await;
 }
 
+/// A projection whose own queries meet the store's trouble on one event, `times` times in a row
+/// (a connection lost under the handler, as during a database restart).
+struct StoreTrouble<Tx> {
+    inner: std::sync::Arc<dyn orchestrator_runtime::Projection<Tx>>,
+    on: u64,
+    left: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl<Tx: Send + 'static> orchestrator_runtime::Projection<Tx> for StoreTrouble<Tx> {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    async fn handle(
+        &self,
+        tx: &mut Tx,
+        event: &orchestrator_core::Event,
+    ) -> Result<(), orchestrator_core::ports::BoxError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if event.position.global == self.on
+            && self.left.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok()
+        {
+            let lost = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+            return Err(orchestrator_core::ports::StoreError::unavailable("upsert", lost).into());
+        }
+        self.inner.handle(tx, event).await
+    }
+}
+
+/// Store failures raised through the handler are retried for as long as they last and never
+/// count as attempts: ten in a row on one event, with three attempts allowed, stop nothing.
+async fn store_failures_under_the_handler_never_stop_a_projection<H: Harness>() {
+    let Some(mut cluster) = Cluster::<H>::start(Strategy::Incremental).await else { return };
+    cluster.projections = vec!["audit".into()];
+    let trouble = StoreTrouble {
+        inner: cluster.harness.audit("audit", "w1", None),
+        on: 30,
+        left: std::sync::atomic::AtomicU32::new(10),
+    };
+    let settings = fast_settings("main-projections", "w1", Strategy::Incremental);
+    assert_eq!(settings.retry.max_attempts, 3);
+    cluster.spawn("w1", settings, vec![std::sync::Arc::new(trouble)]).await;
+    cluster.append(60).await;
+    cluster.wait_all_applied(WITHIN).await;
+    let rs = ReplicaSetName::new("main-projections").unwrap();
+    assert!(cluster.harness.store().stopped_projections(&rs).await.unwrap().is_empty());
+    cluster.stop_all().await;
+}
+
 /// A projection that blocks its thread on one event (a synchronous call without a timeout:
 /// neither the handler timeout nor anything else can interrupt it) while its worker's other tasks
 /// keep heartbeating.
@@ -425,6 +475,11 @@ macro_rules! scenarios {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn resume_while_running() {
                 a_resumed_projection_goes_on_in_running_workers::<$harness>().await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn store_failures_never_count() {
+                store_failures_under_the_handler_never_stop_a_projection::<$harness>().await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,7 @@
 use async_trait::async_trait;
 use orchestrator_core::ports::BoxError;
 use orchestrator_core::{Event, SchemaMigration, Scope};
-use orchestrator_runtime::Projection;
+use orchestrator_runtime::{Permanent, Projection};
 use orchestrator_serde::EventExt;
 use sqlx::{Database, Encode, Executor, IntoArguments, Transaction, Type};
 
@@ -46,7 +46,10 @@ where
         tx: &mut Transaction<'static, DB>,
         event: &Event,
     ) -> Result<(), BoxError> {
-        let change = event.decode::<AccountEvent>()?.balance_change();
+        // An event this release cannot decode will not decode on a retry either: permanent, so
+        // the failure policy (FAILURE_POLICY) applies at once. The query's errors are left as
+        // they are: a lost connection is the store's trouble, retried without counting.
+        let change = event.decode::<AccountEvent>().map_err(Permanent::new)?.balance_change();
         // `$n` placeholders work on both: SQLite reads them as numbered parameters.
         sqlx::query(
             "INSERT INTO account_balances (account_id, balance, version) VALUES ($1, $2, $3) \

@@ -10,7 +10,7 @@ use diesel_async::RunQueryDsl;
 use orchestrator_core::ports::BoxError;
 use orchestrator_core::{Event, Scope};
 use orchestrator_diesel::DieselTx;
-use orchestrator_runtime::Projection;
+use orchestrator_runtime::{Permanent, Projection};
 use orchestrator_serde::EventExt;
 
 use crate::account::AccountEvent;
@@ -46,7 +46,7 @@ impl Projection<DieselTx> for DieselBalances {
     async fn handle(&self, tx: &mut DieselTx, event: &Event) -> Result<(), BoxError> {
         let id = event.stream.aggregate_id.as_str();
         let applied = event.aggregate_version as i64;
-        match event.decode::<AccountEvent>()? {
+        match event.decode::<AccountEvent>().map_err(Permanent::new)? {
             AccountEvent::Opened { .. } => {
                 diesel::insert_into(balances)
                     .values((account_id.eq(id), balance.eq(0_i64), version.eq(applied)))
