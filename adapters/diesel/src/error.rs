@@ -68,10 +68,10 @@ fn is_transient(err: &Error) -> bool {
 /// `StoreError`, or a diesel error [`classify`] would call `Unavailable` (a handler's own diesel
 /// query meeting a lost connection or a serialization failure).
 pub(crate) fn is_store_failure(error: &(dyn std::error::Error + 'static)) -> bool {
-    orchestrator_core::ports::has_retryable_store_error(error)
-        || orchestrator_core::ports::any_in_chain(error, |e| {
-            e.downcast_ref::<Error>().is_some_and(is_transient)
-        })
+    use orchestrator_core::ports::ErrorKind;
+    orchestrator_core::ports::is_store_failure_of::<Error>(error, |e| {
+        if is_transient(e) { ErrorKind::Transient } else { ErrorKind::Other }
+    })
 }
 
 /// Classifies a failure to establish a connection.

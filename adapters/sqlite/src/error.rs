@@ -1,16 +1,8 @@
 //! Mapping of sqlx/SQLite errors onto the ports' `StoreError`, in one place.
 
-use orchestrator_core::ports::StoreError;
+use orchestrator_core::ports::{ErrorKind as Kind, StoreError};
 
 /// What kind of failure an sqlx error is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Transient,
-    MissingSchema,
-    Misconfigured,
-    Other,
-}
-
 fn kind(err: &sqlx::Error) -> Kind {
     match err {
         sqlx::Error::Database(db) => {
@@ -42,28 +34,14 @@ fn kind(err: &sqlx::Error) -> Kind {
 /// and pool timeouts become `Unavailable`, a missing schema or unusable file `Misconfigured`.
 /// Exposed for applications that run their own queries next to the store.
 pub fn classify(what: &str, err: sqlx::Error) -> StoreError {
-    let message = format!("{what}: {err}");
-    match kind(&err) {
-        Kind::Transient => StoreError::unavailable(message, err),
-        Kind::MissingSchema => StoreError::Misconfigured {
-            message: format!(
-                "{message} (the schema is missing or old: run `orchestrator migrate`)"
-            ),
-            source: Some(err.into()),
-        },
-        Kind::Misconfigured => StoreError::Misconfigured { message, source: Some(err.into()) },
-        Kind::Other => StoreError::other(message, err),
-    }
+    StoreError::classified(kind(&err), format!("{what}: {err}"), err)
 }
 
 /// Whether `error` or one of its sources is a transient store failure: a retryable
 /// `StoreError`, or an sqlx error that [`classify`] would call `Unavailable` (a busy database
 /// met by a handler's own query).
 pub(crate) fn is_store_failure(error: &(dyn std::error::Error + 'static)) -> bool {
-    orchestrator_core::ports::has_retryable_store_error(error)
-        || orchestrator_core::ports::any_in_chain(error, |e| {
-            e.downcast_ref::<sqlx::Error>().is_some_and(|e| kind(e) == Kind::Transient)
-        })
+    orchestrator_core::ports::is_store_failure_of::<sqlx::Error>(error, kind)
 }
 
 /// Whether `err` is a unique violation mentioning `column`.

@@ -161,6 +161,52 @@ pub fn has_retryable_store_error(error: &(dyn std::error::Error + 'static)) -> b
     any_in_chain(error, |e| e.downcast_ref::<StoreError>().is_some_and(StoreError::is_retryable))
 }
 
+/// What an adapter makes of a driver's error, for [`StoreError::classified`] and
+/// [`is_store_failure_of`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Retrying may succeed (connection lost, server restarting, serialization failure, busy).
+    Transient,
+    /// A table or column is missing: the schema was never migrated, or is old.
+    MissingSchema,
+    /// A setup mistake (credentials, unknown database, unusable file, bad URL).
+    Misconfigured,
+    /// Anything else: a definite failure.
+    Other,
+}
+
+impl StoreError {
+    /// The port error for a driver error of the given kind, `message` naming the operation.
+    pub fn classified(kind: ErrorKind, message: String, source: impl Into<BoxError>) -> Self {
+        match kind {
+            ErrorKind::Transient => StoreError::unavailable(message, source),
+            ErrorKind::MissingSchema => StoreError::Misconfigured {
+                message: format!(
+                    "{message} (the schema is missing or old: run `orchestrator migrate`)"
+                ),
+                source: Some(source.into()),
+            },
+            ErrorKind::Misconfigured => {
+                StoreError::Misconfigured { message, source: Some(source.into()) }
+            }
+            ErrorKind::Other => StoreError::other(message, source),
+        }
+    }
+}
+
+/// Whether `error` or one of its sources is a store failure: a retryable [`StoreError`], or a
+/// driver error `E` that `kind` calls transient. What SQL adapters answer for
+/// [`CheckpointStore::is_store_failure`](crate::ports::CheckpointStore::is_store_failure).
+pub fn is_store_failure_of<E: std::error::Error + 'static>(
+    error: &(dyn std::error::Error + 'static),
+    kind: impl Fn(&E) -> ErrorKind,
+) -> bool {
+    has_retryable_store_error(error)
+        || any_in_chain(error, |e| {
+            e.downcast_ref::<E>().is_some_and(|e| kind(e) == ErrorKind::Transient)
+        })
+}
+
 /// Whether `error` or one of its sources satisfies `test`.
 pub fn any_in_chain(
     error: &(dyn std::error::Error + 'static),

@@ -14,7 +14,10 @@ pub use dead_letter::{
     DeadLetter, DeadLetterAction, DeadLetterFilter, DeadLetterId, DeadLetterRequest,
     DeadLetterStore, NewDeadLetter,
 };
-pub use error::{BoxError, StoreError, StoreResult, any_in_chain, has_retryable_store_error};
+pub use error::{
+    BoxError, ErrorKind, StoreError, StoreResult, any_in_chain, has_retryable_store_error,
+    is_store_failure_of,
+};
 pub use event_store::{
     Appended, Backlog, EventStore, ReadRequest, StreamHead, UnitOfWork, UnitOfWorkStore,
     append_in_unit_of_work, check_append, check_declared,
