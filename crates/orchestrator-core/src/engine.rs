@@ -463,6 +463,12 @@ impl Engine {
                 // Superseded by another plan or leader: look again at once.
                 self.commands.push(Command::Observe);
             }
+            (Call::ReleaseSlot, false) => {
+                // The slot is not ours at that epoch any more (its handoff was forced): look at
+                // who owns what now.
+                self.notices.push(Notice::CallFailed { call, transient });
+                self.commands.push(Command::Observe);
+            }
             _ => self.notices.push(Notice::CallFailed { call, transient }),
         }
     }

@@ -713,6 +713,41 @@ mod tests {
         driver.feed(T0, answer.unwrap()).await;
     }
 
+    /// The old owner of a slot whose handoff was forced releases it too late: the store says
+    /// `Fenced`; that is one call, answered as a definite refusal, after which the engine looks at
+    /// the store again.
+    #[tokio::test]
+    async fn a_fenced_release_is_one_call_answered_as_a_refusal_then_observed() {
+        let mut store = MockCoordinationStore::new();
+        let mut order = Sequence::new();
+        store
+            .expect_release_slot()
+            .with(
+                eq(ReplicaSetName::new("main").unwrap()),
+                eq(WorkerId::new("w1").unwrap()),
+                eq(orchestrator_core::Slot(3)),
+                eq(orchestrator_core::Epoch(4)),
+            )
+            .times(1)
+            .in_sequence(&mut order)
+            .returning(|_, worker, slot, _| {
+                Err(StoreError::Fenced { worker: worker.clone(), slot })
+            });
+        store
+            .expect_snapshot()
+            .times(1)
+            .in_sequence(&mut order)
+            .returning(|_| Ok(empty_snapshot()));
+        let mut driver = driver(store);
+        let command = Command::ReleaseSlot {
+            slot: orchestrator_core::Slot(3),
+            epoch: orchestrator_core::Epoch(4),
+        };
+        let answer = driver.execute(command).await;
+        assert_eq!(answer, Some(Input::CallFailed { call: Call::ReleaseSlot, transient: false }));
+        driver.feed(T0, answer.unwrap()).await;
+    }
+
     #[tokio::test]
     async fn registration_is_tried_once_per_engine_deadline() {
         let mut store = MockCoordinationStore::new();
