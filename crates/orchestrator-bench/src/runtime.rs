@@ -110,15 +110,12 @@ pub(crate) async fn worker_throughput(
     Ok(events as f64 / (finished - started).as_secs_f64())
 }
 
-/// Resident memory of this process, in KiB (`VmRSS` of /proc/self/status).
+/// Resident memory of this process, in KiB (`VmRSS`, read by procfs).
 fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    procfs::process::Process::myself()
+        .and_then(|me| me.status())
         .ok()
-        .and_then(|status| {
-            status.lines().find_map(|line| {
-                line.strip_prefix("VmRSS:")?.trim().trim_end_matches("kB").trim().parse().ok()
-            })
-        })
+        .and_then(|status| status.vmrss)
         .unwrap_or(0)
 }
 
