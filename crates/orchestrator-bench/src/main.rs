@@ -234,6 +234,7 @@ async fn upsert_suite(args: &Args) -> Result<()> {
         pairs.push((ours, reference));
         schema.drop_schema().await;
     }
+    report_runs("upsert projection, batch 1000", &pairs);
     let ours = median(pairs.iter().map(|p| p.0).collect());
     let reference = median(pairs.iter().map(|p| p.1).collect());
     println!(
@@ -387,12 +388,24 @@ async fn runtime_suite(args: &Args) -> Result<()> {
 }
 
 fn report_rates(what: &str, pairs: &[(f64, f64)]) {
+    report_runs(what, pairs);
     let ours = median(pairs.iter().map(|p| p.0).collect());
     let reference = median(pairs.iter().map(|p| p.1).collect());
     println!(
         "| {what} | {ours:.0} events/s | plain sqlx read+checkpoint {reference:.0} events/s | {:.2}x of reference |",
         ours / reference
     );
+}
+
+/// Each run's pair and ratio on stderr, next to the medians the table shows.
+fn report_runs(what: &str, pairs: &[(f64, f64)]) {
+    for (run, (ours, reference)) in pairs.iter().enumerate() {
+        eprintln!(
+            "    {what}, run {}: {ours:.0} against {reference:.0} events/s, {:.2}x",
+            run + 1,
+            ours / reference
+        );
+    }
 }
 
 fn report(what: &str, runs: &[(Duration, Duration)], events: usize) {
