@@ -186,7 +186,22 @@ impl<H: Harness> Cluster<H> {
             self.appended += 1;
             let seq = self.appended;
             let stream = StreamId::new("bank", "Account", format!("acct-{}", seq % 20));
-            store.append(&stream, ExpectedVersion::Any, vec![new_event(seq)]).await.unwrap();
+            // As an application would: a transient failure is retried; if the failed attempt had
+            // committed after all, the retry finds the event id taken, and the event is in.
+            let mut retried = false;
+            loop {
+                match store.append(&stream, ExpectedVersion::Any, vec![new_event(seq)]).await {
+                    Ok(_) => break,
+                    Err(orchestrator_core::ports::StoreError::DuplicateEvent { .. }) if retried => {
+                        break;
+                    }
+                    Err(err) if err.is_retryable() => {
+                        retried = true;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(err) => panic!("append {seq}: {err}"),
+                }
+            }
         }
     }
 
