@@ -389,15 +389,8 @@ async fn park_letters(url: &str) {
         worker: w1,
         grants: events.iter().map(|e| (e.slot, Epoch(1))).collect(),
     };
-    let letter = |e: &orchestrator_core::Event, error: &str, attempts| NewDeadLetter {
-        position: e.position,
-        slot: e.slot,
-        key: e.partition_key.clone(),
-        stream: e.stream.clone(),
-        event_type: e.event_type.clone(),
-        error: error.to_owned(),
-        attempts,
-    };
+    let letter =
+        |e: &orchestrator_core::Event, error: &str, attempts| NewDeadLetter::of(e, error, attempts);
     let letters = [
         letter(&events[0], "insufficient funds", 3),
         letter(&events[1], "parked behind an earlier letter of its key", 0),

@@ -68,15 +68,7 @@ async fn seed<H: Harness>(h: &H, ids: &[&str], first_id: u64) -> Vec<Event> {
 
 /// The letter parking `event` with `error` after `attempts` attempts.
 fn letter(event: &Event, error: &str, attempts: u32) -> NewDeadLetter {
-    NewDeadLetter {
-        position: event.position,
-        slot: event.slot,
-        key: event.partition_key.clone(),
-        stream: event.stream.clone(),
-        event_type: event.event_type.clone(),
-        error: error.to_owned(),
-        attempts,
-    }
+    NewDeadLetter::of(event, error, attempts)
 }
 
 /// The events of one aggregate.

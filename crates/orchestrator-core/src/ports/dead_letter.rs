@@ -38,6 +38,21 @@ pub struct NewDeadLetter {
     pub attempts: u32,
 }
 
+impl NewDeadLetter {
+    /// The letter parking `event` with `error` after `attempts` handler attempts.
+    pub fn of(event: &Event, error: impl Into<String>, attempts: u32) -> Self {
+        Self {
+            position: event.position,
+            slot: event.slot,
+            key: event.partition_key.clone(),
+            stream: event.stream.clone(),
+            event_type: event.event_type.clone(),
+            error: error.into(),
+            attempts,
+        }
+    }
+}
+
 /// What an operator asked for a parked key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum DeadLetterAction {

@@ -156,18 +156,8 @@ async fn park_again<S: Store>(
     error: &str,
 ) -> Outcome {
     let name = shared.projections[projection].name();
-    let letters: Vec<NewDeadLetter> = events
-        .iter()
-        .map(|event| NewDeadLetter {
-            position: event.position,
-            slot: event.slot,
-            key: event.partition_key.clone(),
-            stream: event.stream.clone(),
-            event_type: event.event_type.clone(),
-            error: error.to_owned(),
-            attempts: 1,
-        })
-        .collect();
+    let letters: Vec<NewDeadLetter> =
+        events.iter().map(|event| NewDeadLetter::of(event, error, 1)).collect();
     let mut tx = match shared.store.begin().await {
         Ok(tx) => tx,
         Err(err) => {

@@ -23,7 +23,7 @@ use orchestrator_core::processing::{
     Command, FailurePolicy, Input, Outcome, ParkCause, Processing, ProcessingConfig, RetryPolicy,
     TaskId,
 };
-use orchestrator_core::{Epoch, ReplicaSetName, Slot, WorkerId};
+use orchestrator_core::{Epoch, Position, ReplicaSetName, Slot, WorkerId};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -358,7 +358,7 @@ impl<S: Store> Executor<S> {
                             .map_or_else(|| "the handler failed".to_owned(), ToString::to_string),
                         attempts,
                     ),
-                    ParkCause::Behind { since } if since == Default::default() => {
+                    ParkCause::Behind { since } if since == Position::START => {
                         ("parked behind an earlier dead letter of its partition key".to_owned(), 0)
                     }
                     ParkCause::Behind { since } => (
@@ -369,15 +369,7 @@ impl<S: Store> Executor<S> {
                         0,
                     ),
                 };
-                NewDeadLetter {
-                    position: event.position,
-                    slot: event.slot,
-                    key: event.partition_key.clone(),
-                    stream: event.stream.clone(),
-                    event_type: event.event_type.clone(),
-                    error,
-                    attempts,
-                }
+                NewDeadLetter::of(event, error, attempts)
             })
             .collect()
     }
