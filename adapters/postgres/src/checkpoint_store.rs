@@ -64,7 +64,7 @@ impl CheckpointStore for PgStore {
     }
 
     async fn begin(&self) -> StoreResult<PgTx> {
-        self.pool.begin().await.map_err(|e| classify("begin a transaction", e))
+        crate::begin::begin(&self.pool, None).await.map_err(|e| classify("begin a transaction", e))
     }
 
     async fn commit(
@@ -175,7 +175,7 @@ impl CheckpointStore for PgStore {
 
     async fn remove(&self, replica_set: &ReplicaSetName, projection: &str) -> StoreResult<()> {
         let err = |e| classify("remove a projection", e);
-        let mut tx = self.pool.begin().await.map_err(err)?;
+        let mut tx = crate::begin::begin(&self.pool, None).await.map_err(err)?;
         let t = &self.tables;
         for table in [
             &t.checkpoints,

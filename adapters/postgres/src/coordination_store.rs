@@ -57,7 +57,7 @@ impl CoordinationStore for PgStore {
     ) -> StoreResult<Incarnation> {
         let err = |e| classify("register", e);
         let t = &self.tables;
-        let mut tx = self.pool.begin().await.map_err(err)?;
+        let mut tx = crate::begin::begin(&self.pool, None).await.map_err(err)?;
         let created = sqlx::query(&format!(
             "INSERT INTO {} (name, slot_count) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
             t.replica_sets
@@ -138,7 +138,7 @@ impl CoordinationStore for PgStore {
     ) -> StoreResult<HeartbeatAck> {
         let err = |e| classify("heartbeat", e);
         let t = &self.tables;
-        let mut tx = self.pool.begin().await.map_err(err)?;
+        let mut tx = crate::begin::begin(&self.pool, None).await.map_err(err)?;
         let beat = sqlx::query(&format!(
             "UPDATE {} SET last_heartbeat = clock_timestamp() \
              WHERE replica_set = $1 AND worker_id = $2 AND incarnation = $3",
@@ -180,11 +180,12 @@ impl CoordinationStore for PgStore {
     async fn snapshot(&self, replica_set: &ReplicaSetName) -> StoreResult<Snapshot> {
         let err = |e| classify("read coordination state", e);
         let t = &self.tables;
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            .await
-            .map_err(err)?;
+        let mut tx = crate::begin::begin(
+            &self.pool,
+            Some("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"),
+        )
+        .await
+        .map_err(err)?;
         let Some(set) = sqlx::query(&format!(
             "SELECT r.slot_count, r.generation, r.members, l.leader, l.leader_incarnation, \
                  (GREATEST(EXTRACT(EPOCH FROM l.lease_expires_at - clock_timestamp()), 0) * 1000)::bigint \
@@ -271,7 +272,7 @@ impl CoordinationStore for PgStore {
     ) -> StoreResult<()> {
         let err = |e| classify("create a generation", e);
         let t = &self.tables;
-        let mut tx = self.pool.begin().await.map_err(err)?;
+        let mut tx = crate::begin::begin(&self.pool, None).await.map_err(err)?;
         let Some(row) = sqlx::query(&format!(
             "SELECT r.generation, l.leader = $2 AND l.leader_incarnation = $3 \
                  AND l.lease_expires_at > clock_timestamp() \
@@ -374,7 +375,7 @@ impl CoordinationStore for PgStore {
     ) -> StoreResult<()> {
         let err = |e| classify("release a slot", e);
         let t = &self.tables;
-        let mut tx = self.pool.begin().await.map_err(err)?;
+        let mut tx = crate::begin::begin(&self.pool, None).await.map_err(err)?;
         // A change of owner: lock the replica set row first, which fenced commits hold FOR SHARE.
         sqlx::query(&format!("SELECT 1 FROM {} WHERE name = $1 FOR NO KEY UPDATE", t.replica_sets))
             .bind(replica_set.as_str())
@@ -436,7 +437,7 @@ impl CoordinationStore for PgStore {
     ) -> StoreResult<()> {
         let err = |e| classify("deregister", e);
         let t = &self.tables;
-        let mut tx = self.pool.begin().await.map_err(err)?;
+        let mut tx = crate::begin::begin(&self.pool, None).await.map_err(err)?;
         sqlx::query(&format!("SELECT 1 FROM {} WHERE name = $1 FOR UPDATE", t.replica_sets))
             .bind(replica_set.as_str())
             .execute(&mut *tx)

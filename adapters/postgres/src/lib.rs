@@ -14,6 +14,7 @@
 //! - All coordination times use the database's `clock_timestamp()`.
 #![deny(missing_docs)]
 
+mod begin;
 mod change_feed;
 mod checkpoint_store;
 mod coordination_store;
@@ -80,6 +81,13 @@ pub(crate) struct Tables {
 
 impl PgStore {
     /// Opens a store on a migrated database (see [`migrate`]).
+    ///
+    /// The store's own transactions are opened so that a cancelled caller never returns a
+    /// connection to the pool inside a transaction (sqlx's `Pool::begin` can, on PostgreSQL). If the application shares `pool` and cancels its own `pool.begin()` futures
+    /// (a `select!` or a timeout around them), the same can happen to its connections, and the
+    /// store's next statement on one runs in that leaked transaction: give the store a pool of
+    /// its own, or begin the application's transactions through [`PgUnitOfWork`] or
+    /// [`CheckpointStore::begin`](orchestrator_core::ports::CheckpointStore::begin).
     pub async fn open(pool: PgPool, prefix: TablePrefix) -> StoreResult<Self> {
         let mut conn = pool.acquire().await.map_err(|e| classify("connect", e))?;
         let slot_count = migrate::stored_slot_count(&mut conn, prefix.as_str(), None).await?;

@@ -44,7 +44,7 @@ pub async fn migrate_with(
     schema: &[SchemaMigration],
 ) -> StoreResult<()> {
     let err = |e| classify("migrate", e);
-    let mut tx = pool.begin().await.map_err(err)?;
+    let mut tx = crate::begin::begin(pool, None).await.map_err(err)?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
         .bind(format!("{prefix}orchestrator_migrations"))
         .execute(&mut *tx)

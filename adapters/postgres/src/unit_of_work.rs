@@ -68,7 +68,7 @@ impl UnitOfWorkStore for PgStore {
 
     async fn begin_unit_of_work(&self, streams: &[StreamId]) -> StoreResult<PgUnitOfWork> {
         let err = |e| classify("begin a unit of work", e);
-        let mut tx = self.pool.begin().await.map_err(err)?;
+        let mut tx = crate::begin::begin(&self.pool, None).await.map_err(err)?;
         self.horizon.register(&mut tx).await?;
         let names: Vec<String> = streams.iter().map(ToString::to_string).collect();
         // One global order (by key) for every lock taker, so units of work never deadlock.
