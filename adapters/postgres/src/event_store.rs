@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::TryStreamExt as _;
 use orchestrator_core::ports::{
     Appended, Backlog, EventStore, ReadRequest, StoreError, StoreResult, append_in_unit_of_work,
 };
@@ -148,8 +149,14 @@ impl PgStore {
             }
             query = query.bind(after.commit as i64).bind(after.global as i64);
         }
-        let rows = query.fetch_all(&self.pool).await.map_err(|e| classify("read events", e))?;
-        rows.iter().map(event_from_row).collect()
+        // Decoded as the rows arrive, so decoding overlaps the server sending the rest (decoding
+        // after `fetch_all` made a read of 1000 events about a millisecond longer).
+        let mut rows = query.fetch(&self.pool);
+        let mut events = Vec::with_capacity(request.limit);
+        while let Some(row) = rows.try_next().await.map_err(|e| classify("read events", e))? {
+            events.push(event_from_row(&row)?);
+        }
+        Ok(events)
     }
 }
 

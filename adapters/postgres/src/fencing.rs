@@ -238,7 +238,8 @@ impl Fencing {
         format!(
             "WITH {owned}, \
              previous AS (SELECT slots, commit_position, global_position FROM {progress} \
-                 WHERE replica_set = $1 AND projection = $2 AND worker_id = $7), \
+                 WHERE replica_set = $1 AND projection = $2 AND worker_id = $7 \
+                   AND slots IS DISTINCT FROM $3::int[]), \
              spilled AS ( \
                  INSERT INTO {checkpoints} AS c (replica_set, projection, slot, commit_position, global_position) \
                  SELECT $1, $2, s, p.commit_position, p.global_position FROM previous AS p, unnest(p.slots) AS s \
