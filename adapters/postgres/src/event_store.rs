@@ -123,22 +123,22 @@ impl PgStore {
                 .collect::<std::collections::BTreeSet<_>>()
                 .len()
                 == request.cursors.len();
-        let (sql, cursors, planned_each_time) = match request.uniform_cursor() {
-            Some(after) if every_slot => {
-                (read_all_slots_sql(&self.tables.events), vec![(None, after)], true)
-            }
+        // The per-slot read costs too much to plan each time (17 ms for 256 slots) and has no
+        // cheaper-looking alternative on a small table; the one-range read has one (`read_plan.rs`).
+        let (sql, cursors, cached) = match request.uniform_cursor() {
+            Some(after) if every_slot => (
+                read_all_slots_sql(&self.tables.events),
+                vec![(None, after)],
+                self.read_plan.cacheable(&self.pool).await,
+            ),
             _ => (
                 read_per_slot_sql(&self.tables.events, request.cursors.len()),
                 request.cursors.iter().map(|(s, p)| (Some(*s), *p)).collect(),
-                false,
+                true,
             ),
         };
-        // The one-range read is planned at every call (0.3 ms): a plan cached while the events
-        // table was empty sorts everything after the cursor instead of walking the index, and
-        // would be kept until autovacuum analyzed the table. The per-slot read costs too much to
-        // plan each time (17 ms for 256 slots) and has no such cheaper-looking alternative.
         let mut query = sqlx::query(&sql)
-            .persistent(!planned_each_time)
+            .persistent(cached)
             .bind(request.limit as i64)
             .bind(&request.scope.aggregate_types)
             .bind(&request.scope.bounded_contexts)
@@ -197,7 +197,7 @@ const SCOPE: &str = "AND (cardinality($2::text[]) = 0 OR aggregate_type = ANY($2
 
 /// Every slot after one common cursor (`$5`, `$6`) and below the horizon (`$4`): one range of
 /// the commit-order index.
-fn read_all_slots_sql(events: &str) -> String {
+pub(crate) fn read_all_slots_sql(events: &str) -> String {
     format!(
         "SELECT {EVENT_COLUMNS} FROM {events} \
          WHERE (transaction_id, global_position) > ($5::text::xid8, $6) \

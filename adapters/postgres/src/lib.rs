@@ -24,6 +24,7 @@ mod event_store;
 mod fencing;
 mod horizon;
 mod migrate;
+mod read_plan;
 pub mod testing;
 mod unit_of_work;
 
@@ -46,6 +47,7 @@ pub use unit_of_work::PgUnitOfWork;
 
 use crate::error::classify;
 use crate::horizon::Horizon;
+use crate::read_plan::ReadPlan;
 
 /// The transaction a transactional projection writes its read model through.
 pub type PgTx = sqlx::Transaction<'static, sqlx::Postgres>;
@@ -57,6 +59,7 @@ pub struct PgStore {
     tables: std::sync::Arc<Tables>,
     slot_count: SlotCount,
     horizon: std::sync::Arc<Horizon>,
+    read_plan: std::sync::Arc<ReadPlan>,
 }
 
 /// Table names under the configured prefix.
@@ -111,7 +114,8 @@ impl PgStore {
             coordination_channel: format!("{p}coordination"),
         };
         let horizon = std::sync::Arc::new(Horizon::new(events_oid));
-        Ok(Self { pool, tables: std::sync::Arc::new(tables), slot_count, horizon })
+        let read_plan = std::sync::Arc::new(ReadPlan::new(events_oid));
+        Ok(Self { pool, tables: std::sync::Arc::new(tables), slot_count, horizon, read_plan })
     }
 
     /// Connects a pool to `url` with sensible defaults (`max_connections` connections, a 5 s
