@@ -7,12 +7,13 @@ use std::sync::Arc;
 
 use orchestrator_core::ports::{BoxError, CheckpointStore, Fence, NewDeadLetter, StoreError};
 use orchestrator_core::processing::{Batch, Input, Outcome, TaskId};
-use orchestrator_core::{Epoch, Position, Slot};
+use orchestrator_core::{Epoch, Event, Position, Slot};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::{Done, Shared};
 use crate::Store;
+use crate::projection::HandlerError;
 
 pub(super) async fn process<S: Store>(
     shared: Arc<Shared<S>>,
@@ -31,8 +32,7 @@ async fn run<S: Store>(
     batch: &Batch,
     letters: &[NewDeadLetter],
 ) -> (Outcome, Option<BoxError>) {
-    let handler = &shared.projections[projection];
-    let name = handler.name();
+    let name = shared.projections[projection].name();
     let metrics = &shared.metrics;
     let started = Instant::now();
     let mut tx = match shared.store.begin().await {
@@ -43,22 +43,17 @@ async fn run<S: Store>(
         }
     };
     let events = batch.events.as_slice();
+    // A batch with nothing of the projection's scope only moves its checkpoints.
     if !events.is_empty() {
-        // A batch with nothing of the projection's scope only moves its checkpoints.
-        match tokio::time::timeout(shared.handler_timeout, handler.handle_batch(&mut tx, events))
-            .await
-        {
-            Ok(Ok(())) => {}
-            Ok(Err(failure)) if shared.store.is_store_failure(&*failure.source) => {
-                // The handler's own query met the store's trouble: not the handler's fault, so
-                // not an attempt.
+        match call_handler(shared, projection, &mut tx, events).await {
+            Handled::Done => {}
+            Handled::StoreFailed(error) => {
                 drop(tx);
-                warn!(projection = name, error = %failure.source, "The store failed under the handler; retrying");
+                warn!(projection = name, %error, "The store failed under the handler; retrying");
                 return (Outcome::StoreFailed, None);
             }
-            Ok(Err(failure)) => {
+            Handled::Failed(failure) => {
                 drop(tx);
-                metrics.handler_failed(name);
                 let permanent = failure.is_permanent();
                 let index = failure.index.map(|i| i.min(events.len() - 1));
                 let event = &events[index.unwrap_or(0)];
@@ -74,12 +69,8 @@ async fn run<S: Store>(
                 let outcome = Outcome::HandlerFailed { index, timed_out: false, permanent };
                 return (outcome, Some(failure.source));
             }
-            Err(_) => {
-                // Dropping the transaction rolls the batch back; the handler's future is dropped
-                // with it, so a hung handler holds no slot past the timeout.
+            Handled::TimedOut => {
                 drop(tx);
-                metrics.handler_failed(name);
-                metrics.handler_timed_out(name);
                 let timeout = shared.handler_timeout;
                 warn!(
                     projection = name,
@@ -88,10 +79,9 @@ async fn run<S: Store>(
                     ?timeout,
                     "Projection handler timed out; its batch was rolled back"
                 );
-                let error = format!("the handler did not return within {timeout:?}");
                 return (
                     Outcome::HandlerFailed { index: None, timed_out: true, permanent: false },
-                    Some(error.into()),
+                    Some(timed_out_error(timeout)),
                 );
             }
         }
@@ -125,6 +115,50 @@ async fn run<S: Store>(
         }
         refused => (refused, None),
     }
+}
+
+/// How a handler's run on a batch ended.
+pub(super) enum Handled {
+    Done,
+    /// The handler's own query met the store's trouble: not the handler's fault, so not an
+    /// attempt.
+    StoreFailed(BoxError),
+    Failed(HandlerError),
+    /// The handler timeout expired; the handler's future was dropped.
+    TimedOut,
+}
+
+/// Runs `projection`'s handler on `events` in `tx`, bounded by the handler timeout, and counts
+/// its failures and timeouts. The caller rolls `tx` back unless it is `Done`; dropping the
+/// handler's future with the timeout means a hung handler holds no slot past it.
+pub(super) async fn call_handler<S: Store>(
+    shared: &Shared<S>,
+    projection: usize,
+    tx: &mut <S as CheckpointStore>::Tx,
+    events: &[Event],
+) -> Handled {
+    let handler = &shared.projections[projection];
+    let handled = tokio::time::timeout(shared.handler_timeout, handler.handle_batch(tx, events));
+    match handled.await {
+        Ok(Ok(())) => Handled::Done,
+        Ok(Err(failure)) if shared.store.is_store_failure(&*failure.source) => {
+            Handled::StoreFailed(failure.source)
+        }
+        Ok(Err(failure)) => {
+            shared.metrics.handler_failed(handler.name());
+            Handled::Failed(failure)
+        }
+        Err(_) => {
+            shared.metrics.handler_failed(handler.name());
+            shared.metrics.handler_timed_out(handler.name());
+            Handled::TimedOut
+        }
+    }
+}
+
+/// The error a timed-out batch is recorded with.
+pub(super) fn timed_out_error(timeout: std::time::Duration) -> BoxError {
+    format!("the handler did not return within {timeout:?}").into()
 }
 
 /// Commits `tx` with `checkpoints` under the fence of `grants`: `Committed`, or why not.

@@ -4,12 +4,12 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use orchestrator_core::ports::{BoxError, CheckpointStore, DeadLetterAction, NewDeadLetter};
+use orchestrator_core::ports::{CheckpointStore, DeadLetterAction, NewDeadLetter};
 use orchestrator_core::processing::{Input, Outcome, PolledState, TaskId};
 use orchestrator_core::{Epoch, Event, Position, Slot};
 use tracing::{info, warn};
 
-use super::batch::commit;
+use super::batch::{Handled, call_handler, commit, timed_out_error};
 use super::{Done, Shared};
 use crate::Store;
 
@@ -71,8 +71,7 @@ pub(super) async fn resolve<S: Store>(
 }
 
 async fn run<S: Store>(shared: &Shared<S>, projection: usize, resolve: &Resolve) -> Outcome {
-    let handler = &shared.projections[projection];
-    let name = handler.name();
+    let name = shared.projections[projection].name();
     let (store, rs, key) = (&shared.store, &shared.replica_set, resolve.key.as_str());
     let parked = match resolve.action {
         DeadLetterAction::Retry => match store.parked_events(rs, name, key).await {
@@ -93,23 +92,17 @@ async fn run<S: Store>(shared: &Shared<S>, projection: usize, resolve: &Resolve)
         }
     };
     if !events.is_empty() {
-        let handled =
-            tokio::time::timeout(shared.handler_timeout, handler.handle_batch(&mut tx, &events))
-                .await;
-        let failure: Option<BoxError> = match handled {
-            Ok(Ok(())) => None,
-            Ok(Err(failure)) if store.is_store_failure(&*failure.source) => {
-                warn!(projection = name, error = %failure.source, "The store failed under the handler; retrying");
+        let failure = match call_handler(shared, projection, &mut tx, &events).await {
+            Handled::Done => None,
+            Handled::StoreFailed(error) => {
+                warn!(projection = name, %error, "The store failed under the handler; retrying");
                 return Outcome::StoreFailed;
             }
-            Ok(Err(failure)) => Some(failure.source),
-            Err(_) => Some(
-                format!("the handler did not return within {:?}", shared.handler_timeout).into(),
-            ),
+            Handled::Failed(failure) => Some(failure.source),
+            Handled::TimedOut => Some(timed_out_error(shared.handler_timeout)),
         };
         if let Some(error) = failure {
             drop(tx);
-            shared.metrics.handler_failed(name);
             warn!(projection = name, key, %error, "Retrying dead letters failed; they stay parked");
             return park_again(shared, projection, resolve, &events, &error.to_string()).await;
         }
