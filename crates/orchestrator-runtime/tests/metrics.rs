@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use orchestrator_core::ports::{
-    BoxError, CheckpointStore, CoordinationStore, EventStore, UnitOfWork, UnitOfWorkStore,
+    BoxError, CheckpointStore, CoordinationStore, DeadLetterAction, DeadLetterFilter,
+    DeadLetterStore, EventStore, UnitOfWork, UnitOfWorkStore,
 };
 use orchestrator_core::{
     Event, EventId, ExpectedVersion, NewEvent, ReplicaSetName, SlotCount, StreamId, Timing,
@@ -17,7 +18,8 @@ use orchestrator_core::{
 };
 use orchestrator_memory::{MemoryStore, MemoryTx};
 use orchestrator_runtime::{
-    Orchestrator, Projection, RunError, Server, Settings, SystemClock, Telemetry,
+    FailurePolicy, HandlerError, Orchestrator, Permanent, Projection, RunError, Server, Settings,
+    SystemClock, Telemetry,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
@@ -155,11 +157,19 @@ struct Running {
 }
 
 async fn start(store: &MemoryStore, worker: &str, projection: Arc<Counting>) -> Running {
+    start_with(store, settings(worker), projection).await
+}
+
+async fn start_with(
+    store: &MemoryStore,
+    settings: Settings,
+    projection: Arc<dyn Projection<MemoryTx>>,
+) -> Running {
     let telemetry = Telemetry::new().unwrap();
     let telemetry_server = telemetry.serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     let orchestrator =
-        Orchestrator::new(store.clone(), settings(worker)).unwrap().with_telemetry(&telemetry);
+        Orchestrator::new(store.clone(), settings).unwrap().with_telemetry(&telemetry);
     let task = tokio::spawn(orchestrator.run(
         async {
             let _ = stopped.await;
@@ -382,6 +392,71 @@ async fn handler_failures_are_counted() {
         Some(2.0)
     );
     assert_eq!(projection.handled.load(Ordering::Relaxed), 30);
+    a.leave().await;
+}
+
+/// Parks `order-3` (a permanent failure on its first event), then hangs when its letters are
+/// retried.
+struct HangsOnRetry {
+    parked: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl Projection<MemoryTx> for HangsOnRetry {
+    fn name(&self) -> &str {
+        "orders"
+    }
+    fn failure_policy(&self) -> Option<FailurePolicy> {
+        Some(FailurePolicy::Park)
+    }
+    async fn handle(&self, _tx: &mut MemoryTx, _event: &Event) -> Result<(), BoxError> {
+        Ok(())
+    }
+    async fn handle_batch(&self, _tx: &mut MemoryTx, events: &[Event]) -> Result<(), HandlerError> {
+        if let Some(index) = events.iter().position(|e| e.stream.aggregate_id == "order-3") {
+            if !self.parked.swap(true, Ordering::SeqCst) {
+                return Err(HandlerError::at(index, Permanent::new("undecodable")));
+            }
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
+        Ok(())
+    }
+}
+
+/// A retry of dead letters whose handler does not return in time counts as a failure and a
+/// timeout, as a batch's does, and the letters stay parked with the timeout as their error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_that_times_out_is_counted() {
+    let store = store();
+    let mut settings = settings("worker-a");
+    settings.handler_timeout = Some(Duration::from_millis(200));
+    let projection = Arc::new(HangsOnRetry { parked: Default::default() });
+    let a = start_with(&store, settings, projection).await;
+    append(&store, 30).await;
+    let rs = ReplicaSetName::new(RS).unwrap();
+    let orders_3 = DeadLetterFilter {
+        projection: Some("orders".to_owned()),
+        key: Some("order-3".to_owned()),
+        ..Default::default()
+    };
+    let orders = [("replica_set", RS), ("projection", "orders")];
+    // 30 events over 7 orders: order-3 has 4 of them, all parked (none applied).
+    a.wait_for("pupsourcing_orchestrator_dead_letters", &orders, |v| v == 4.0).await;
+    let errors = a.scrape().await;
+    assert_eq!(
+        value(&errors, "pupsourcing_orchestrator_projection_errors_total", &orders),
+        Some(1.0)
+    );
+    store.request(&rs, &orders_3, DeadLetterAction::Retry).await.unwrap();
+    a.wait_for("pupsourcing_orchestrator_handler_timeouts_total", &orders, |v| v == 1.0).await;
+    let body = a.scrape().await;
+    assert_eq!(
+        value(&body, "pupsourcing_orchestrator_projection_errors_total", &orders),
+        Some(2.0)
+    );
+    let letters = store.dead_letters(&rs, &orders_3).await.unwrap();
+    assert_eq!(letters.len(), 4);
+    assert!(letters.iter().all(|l| l.error.contains("did not return within")), "{letters:?}");
     a.leave().await;
 }
 
