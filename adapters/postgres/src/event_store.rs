@@ -152,7 +152,8 @@ impl PgStore {
         // Decoded as the rows arrive, so decoding overlaps the server sending the rest (decoding
         // after `fetch_all` made a read of 1000 events about a millisecond longer).
         let mut rows = query.fetch(&self.pool);
-        let mut events = Vec::with_capacity(request.limit);
+        // Room for a usual batch up front; `limit` is the caller's, and may be huge.
+        let mut events = Vec::with_capacity(request.limit.min(PREALLOCATED_EVENTS));
         while let Some(row) = rows.try_next().await.map_err(|e| classify("read events", e))? {
             events.push(event_from_row(&row)?);
         }
@@ -190,6 +191,9 @@ pub(crate) async fn read_stream_on(
 pub(crate) const EVENT_COLUMNS: &str = "global_position, transaction_id, bounded_context, aggregate_type, \
      aggregate_id, aggregate_version, slot, event_id, event_type, event_version, payload, metadata, \
      causation_id, correlation_id, trace_id, created_at, partition_key";
+
+/// Events a read makes room for before the first row arrives, at most.
+const PREALLOCATED_EVENTS: usize = 1000;
 
 /// Scope filters on `$2` (aggregate types) and `$3` (bounded contexts); empty arrays match all.
 const SCOPE: &str = "AND (cardinality($2::text[]) = 0 OR aggregate_type = ANY($2)) \
