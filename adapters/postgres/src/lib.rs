@@ -86,8 +86,9 @@ impl PgStore {
     /// Opens a store on a migrated database (see [`migrate`]).
     ///
     /// The store's own transactions are opened so that a cancelled caller never returns a
-    /// connection to the pool inside a transaction (sqlx's `Pool::begin` can, on PostgreSQL). If the application shares `pool` and cancels its own `pool.begin()` futures
-    /// (a `select!` or a timeout around them), the same can happen to its connections, and the
+    /// connection to the pool inside a transaction (sqlx's `Pool::begin` can, on PostgreSQL).
+    /// If the application shares `pool` and cancels its own `pool.begin()` futures (a
+    /// `select!` or a timeout around them), the same can happen to its connections, and the
     /// store's next statement on one runs in that leaked transaction: give the store a pool of
     /// its own, or begin the application's transactions through [`PgUnitOfWork`] or
     /// [`CheckpointStore::begin`](orchestrator_core::ports::CheckpointStore::begin).

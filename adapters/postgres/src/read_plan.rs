@@ -22,6 +22,10 @@ use sqlx::PgPool;
 /// 910; a test checks it at this size.
 const LARGE_TABLE_PAGES: i64 = 4096;
 
+/// The size on disk of the table whose OID is `$1`, in pages.
+const TABLE_PAGES: &str =
+    "SELECT pg_relation_size($1::int8::oid) / current_setting('block_size')::int8";
+
 /// How often a small table's size is looked at again.
 const RECHECK: Duration = Duration::from_secs(10);
 
@@ -53,12 +57,10 @@ impl ReadPlan {
             }
             *checked_at = Some(Instant::now());
         }
-        let pages = sqlx::query_scalar::<_, i64>(
-            "SELECT pg_relation_size($1::int8::oid) / current_setting('block_size')::int8",
-        )
-        .bind(i64::from(self.table_oid))
-        .fetch_one(pool)
-        .await;
+        let pages = sqlx::query_scalar::<_, i64>(TABLE_PAGES)
+            .bind(i64::from(self.table_oid))
+            .fetch_one(pool)
+            .await;
         let large = pages.is_ok_and(|pages| pages >= LARGE_TABLE_PAGES);
         if large {
             self.large.store(true, Ordering::Relaxed);
@@ -72,7 +74,7 @@ mod tests {
     use orchestrator_core::SlotCount;
     use sqlx::Row;
 
-    use super::{LARGE_TABLE_PAGES, ReadPlan};
+    use super::{LARGE_TABLE_PAGES, ReadPlan, TABLE_PAGES};
     use crate::testing::TestSchema;
 
     /// The generic plan of the one-range read, as a prepared statement would keep it.
@@ -116,12 +118,8 @@ mod tests {
             .await
             .unwrap();
         for batch in 0.. {
-            let pages: i64 = sqlx::query_scalar(
-                "SELECT pg_relation_size('orch_events') / current_setting('block_size')::int8",
-            )
-            .fetch_one(&schema.pool)
-            .await
-            .unwrap();
+            let pages: i64 =
+                sqlx::query_scalar(TABLE_PAGES).bind(oid).fetch_one(&schema.pool).await.unwrap();
             if pages >= LARGE_TABLE_PAGES {
                 break;
             }
