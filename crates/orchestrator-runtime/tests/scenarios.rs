@@ -358,7 +358,11 @@ impl<Tx: Send + 'static> orchestrator_runtime::Projection<Tx> for Blocking<Tx> {
         if event.position.global == self.on
             && !self.blocked.swap(true, std::sync::atomic::Ordering::SeqCst)
         {
-            std::thread::sleep(self.for_);
+            // The handler's thread hangs; block_in_place hands the thread's other tasks to
+            // another one, as separate threads would: a plain sleep here also froze whatever
+            // task sat in the blocked worker's LIFO slot (the heartbeats, at times), so the
+            // owner looked dead instead of hung.
+            tokio::task::block_in_place(|| std::thread::sleep(self.for_));
         }
         self.inner.handle(tx, event).await
     }
