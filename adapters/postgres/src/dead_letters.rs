@@ -22,7 +22,7 @@ use sqlx::postgres::PgRow;
 use crate::error::classify;
 use crate::event_store::{EVENT_COLUMNS, event_from_row};
 use crate::fencing::{Fencing, FencingTx};
-use crate::{PgStore, PgTx};
+use crate::{PgStore, PgTx, Tables};
 
 /// What failed, in error messages.
 const PARK: &str = "park dead letters";
@@ -44,7 +44,7 @@ impl Fencing {
             return Ok(());
         }
         let rows = letters_json(letters);
-        tx.execute_text(PARK, &self.park_sql(), &[replica_set.as_str(), projection, &rows]).await
+        tx.execute_text(PARK, self.park_sql(), &[replica_set.as_str(), projection, &rows]).await
     }
 
     /// Deletes every letter of `key` inside `tx`, recording each in the log of skipped letters when
@@ -60,16 +60,17 @@ impl Fencing {
     ) -> StoreResult<u64> {
         tx.execute_count(
             RESOLVE,
-            &self.resolve_sql(),
+            self.resolve_sql(),
             &[replica_set.as_str(), projection, key, action.as_str()],
         )
         .await
     }
+}
 
-    /// `$1` replica set, `$2` projection, `$3` the letters as a JSON array of objects.
-    fn park_sql(&self) -> String {
-        format!(
-            "INSERT INTO {letters} AS d (replica_set, projection, partition_key, slot, bounded_context, \
+/// `$1` replica set, `$2` projection, `$3` the letters as a JSON array of objects.
+pub(crate) fn park_sql(t: &Tables) -> String {
+    format!(
+        "INSERT INTO {letters} AS d (replica_set, projection, partition_key, slot, bounded_context, \
                  aggregate_type, aggregate_id, commit_position, global_position, event_type, error, attempts) \
              SELECT $1::text, $2::text, l.partition_key, l.slot, l.bounded_context, l.aggregate_type, \
                  l.aggregate_id, l.commit_position, l.global_position, l.event_type, l.error, l.attempts \
@@ -79,16 +80,15 @@ impl Fencing {
              ON CONFLICT (replica_set, projection, global_position) DO UPDATE SET \
                  error = excluded.error, attempts = d.attempts + excluded.attempts, \
                  last_failed_at = clock_timestamp(), requested = NULL",
-            letters = self.tables().dead_letters
-        )
-    }
+        letters = t.dead_letters
+    )
+}
 
-    /// `$1` replica set, `$2` projection, `$3` key, `$4` the action (`retry`, `skip`). The log's
-    /// insert and the delete read the same snapshot, so they see the same letters.
-    fn resolve_sql(&self) -> String {
-        let t = self.tables();
-        format!(
-            "WITH logged AS ( \
+/// `$1` replica set, `$2` projection, `$3` key, `$4` the action (`retry`, `skip`). The log's
+/// insert and the delete read the same snapshot, so they see the same letters.
+pub(crate) fn resolve_sql(t: &Tables) -> String {
+    format!(
+        "WITH logged AS ( \
                  INSERT INTO {skipped} (id, replica_set, projection, partition_key, commit_position, \
                      global_position, aggregate, event_type, error, attempts, first_failed_at) \
                  SELECT id, replica_set, projection, partition_key, commit_position, global_position, \
@@ -99,10 +99,9 @@ impl Fencing {
                    AND $4::text = 'skip') \
              DELETE FROM {letters} \
              WHERE replica_set = $1::text AND projection = $2::text AND partition_key = $3::text",
-            skipped = t.skipped_letters,
-            letters = t.dead_letters
-        )
-    }
+        skipped = t.skipped_letters,
+        letters = t.dead_letters
+    )
 }
 
 /// The letters as `park_sql`'s JSON array, one object per position.

@@ -60,6 +60,7 @@ pub struct PgStore {
     slot_count: SlotCount,
     horizon: std::sync::Arc<Horizon>,
     read_plan: std::sync::Arc<ReadPlan>,
+    fencing: Fencing,
 }
 
 /// Table names under the configured prefix.
@@ -116,7 +117,9 @@ impl PgStore {
         };
         let horizon = std::sync::Arc::new(Horizon::new(events_oid));
         let read_plan = std::sync::Arc::new(ReadPlan::new(events_oid));
-        Ok(Self { pool, tables: std::sync::Arc::new(tables), slot_count, horizon, read_plan })
+        let tables = std::sync::Arc::new(tables);
+        let fencing = Fencing::new(tables.clone());
+        Ok(Self { pool, tables, slot_count, horizon, read_plan, fencing })
     }
 
     /// Connects a pool to `url` with sensible defaults (`max_connections` connections, a 5 s

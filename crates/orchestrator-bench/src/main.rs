@@ -1,7 +1,7 @@
 //! `cargo xtask bench`: each measurement next to a reference done with plain sqlx in the same run,
 //! on the same server, so the ratio is meaningful whatever the machine.
 //!
-//! Usage: `orchestrator-bench [store|runtime|embedded|upsert|scaling|diesel|all] [--events N] [--runs R]`
+//! Usage: `orchestrator-bench [store|runtime|embedded|upsert|scaling|horizon|diesel|processing|projections|all] [--events N] [--runs R]` (`projections` is the first part of `processing` alone)
 //! (defaults: 1,000,000 events, 3 runs, median reported). PostgreSQL from `ORCH_TEST_POSTGRES_URL`
 //! or the local default.
 
@@ -82,18 +82,33 @@ async fn main() -> Result<()> {
     if run("horizon") {
         horizon_suite(&args).await?;
     }
+    if args.suite == "projections" {
+        projections_suite(&args).await?;
+    }
     if run("processing") {
         processing_suite(&args).await?;
     }
     Ok(())
 }
 
-const SUITES: [&str; 9] =
-    ["store", "runtime", "embedded", "upsert", "scaling", "horizon", "diesel", "processing", "all"];
+const SUITES: [&str; 10] = [
+    "store",
+    "runtime",
+    "embedded",
+    "upsert",
+    "scaling",
+    "horizon",
+    "diesel",
+    "processing",
+    "projections",
+    "all",
+];
 
 /// The second-round bars (docs/benchmarks.md): many projections in one worker, the demo
 /// on four processes, isolation, concurrency, scale-out, the per-event handler.
-async fn processing_suite(args: &Args) -> Result<()> {
+/// Ten projections in one worker against one alone: rows read per event and the rate at which
+/// all of them commit.
+async fn projections_suite(args: &Args) -> Result<()> {
     let events = args.events as u64;
     let runs = args.runs;
     let med = |v: &[f64]| median(v.to_vec());
@@ -121,6 +136,16 @@ async fn processing_suite(args: &Args) -> Result<()> {
         med(&one),
         med(&ten) / med(&one)
     );
+    Ok(())
+}
+
+async fn processing_suite(args: &Args) -> Result<()> {
+    let events = args.events as u64;
+    let runs = args.runs;
+    let med = |v: &[f64]| median(v.to_vec());
+    let rounded = |v: &[f64]| v.iter().map(|x| (x * 1000.0).round() / 1000.0).collect::<Vec<_>>();
+
+    projections_suite(args).await?;
 
     let mut demo = vec![];
     for run in 1..=runs {
