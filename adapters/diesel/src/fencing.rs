@@ -4,7 +4,7 @@
 
 use async_trait::async_trait;
 use diesel::QueryableByName;
-use diesel::sql_types::{Array, BigInt, Bool, Integer, Text};
+use diesel::sql_types::{Array, BigInt, Bool, Integer, Nullable, Text};
 use diesel_async::RunQueryDsl;
 use orchestrator_core::ports::StoreResult;
 use orchestrator_postgres::{Claim, FencingTx};
@@ -15,16 +15,16 @@ const COMMIT: &str = "commit checkpoints";
 
 #[derive(QueryableByName)]
 struct Progress {
-    #[diesel(sql_type = Bool)]
-    owned: bool,
+    #[diesel(sql_type = Nullable<Bool>)]
+    owned: Option<bool>,
     #[diesel(sql_type = BigInt)]
     advanced: i64,
 }
 
 #[derive(QueryableByName)]
 struct PerSlot {
-    #[diesel(sql_type = Bool)]
-    owned: bool,
+    #[diesel(sql_type = Nullable<Bool>)]
+    owned: Option<bool>,
     #[diesel(sql_type = Array<Integer>)]
     advanced: Vec<i32>,
 }
@@ -59,7 +59,7 @@ impl FencingTx for DieselTx {
         sql: &str,
         claim: &Claim<'_>,
         to: (i64, i64),
-    ) -> StoreResult<(bool, i64)> {
+    ) -> StoreResult<Option<(bool, i64)>> {
         let row = diesel::sql_query(sql)
             .bind::<Text, _>(claim.replica_set)
             .bind::<Text, _>(claim.projection)
@@ -71,7 +71,7 @@ impl FencingTx for DieselTx {
             .get_result::<Progress>(self.conn())
             .await
             .map_err(|e| classify_error(COMMIT, e))?;
-        Ok((row.owned, row.advanced))
+        Ok(row.owned.map(|owned| (owned, row.advanced)))
     }
 
     async fn advance_slots(
@@ -80,7 +80,7 @@ impl FencingTx for DieselTx {
         claim: &Claim<'_>,
         commits: &[i64],
         globals: &[i64],
-    ) -> StoreResult<(bool, Vec<i32>)> {
+    ) -> StoreResult<Option<(bool, Vec<i32>)>> {
         let row = diesel::sql_query(sql)
             .bind::<Text, _>(claim.replica_set)
             .bind::<Text, _>(claim.projection)
@@ -92,7 +92,7 @@ impl FencingTx for DieselTx {
             .get_result::<PerSlot>(self.conn())
             .await
             .map_err(|e| classify_error(COMMIT, e))?;
-        Ok((row.owned, row.advanced))
+        Ok(row.owned.map(|owned| (owned, row.advanced)))
     }
 
     async fn owned_slots(&mut self, sql: &str, claim: &Claim<'_>) -> StoreResult<Vec<i32>> {

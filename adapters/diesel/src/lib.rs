@@ -5,7 +5,7 @@
 //! pooled [`AsyncPgConnection`] with a transaction open: a projection's handler runs its diesel
 //! queries on it (`&mut **tx`), and the store's `commit` runs the PostgreSQL adapter's fenced
 //! commit on that same connection before `COMMIT`: the replica set's row locked `FOR SHARE`, the
-//! epoch check and the checkpoint upsert in one statement. The read model's writes, the checkpoints
+//! epoch check and the checkpoint upsert, in one statement. The read model's writes, the checkpoints
 //! and the ownership check therefore commit or roll back together, exactly as with sqlx.
 //!
 //! Everything that does not happen inside the projection's transaction (reading events,

@@ -2,7 +2,9 @@
 //!
 //! Lock order: every transaction that changes slot ownership locks the replica set row first
 //! (`register`, `create_generation`, `release_slot`, `deregister`), so they serialize without
-//! deadlocks, and a fenced commit only needs that one row FOR SHARE to hold them all off.
+//! deadlocks, and a fenced commit only needs that one row FOR SHARE to hold them all off. Each of
+//! them also writes a new version of that row before it commits, which is how a fenced commit's
+//! statement learns that an owner change committed after its snapshot (see `fencing.rs`).
 //! The leader lease lives in its own row (`leases`), which no commit locks: heartbeats and leader
 //! failover never wait behind a commit, not even one whose worker froze half way through.
 
@@ -376,8 +378,8 @@ impl CoordinationStore for PgStore {
         let err = |e| classify("release a slot", e);
         let t = &self.tables;
         let mut tx = crate::begin::begin(&self.pool, None).await.map_err(err)?;
-        // A change of owner: lock the replica set row first, which fenced commits hold FOR SHARE.
-        sqlx::query(&format!("SELECT 1 FROM {} WHERE name = $1 FOR NO KEY UPDATE", t.replica_sets))
+        // A change of owner: a new version of the replica set's row first (see `fencing.rs`).
+        sqlx::query(self.fencing.owner_change_sql())
             .bind(replica_set.as_str())
             .execute(&mut *tx)
             .await
@@ -438,7 +440,9 @@ impl CoordinationStore for PgStore {
         let err = |e| classify("deregister", e);
         let t = &self.tables;
         let mut tx = crate::begin::begin(&self.pool, None).await.map_err(err)?;
-        sqlx::query(&format!("SELECT 1 FROM {} WHERE name = $1 FOR UPDATE", t.replica_sets))
+        // The leaver's slots change owner: a new version of the replica set's row first (see
+        // `fencing.rs`).
+        sqlx::query(self.fencing.owner_change_sql())
             .bind(replica_set.as_str())
             .execute(&mut *tx)
             .await

@@ -1,8 +1,9 @@
 //! The fenced commit, the reset and the dead letters' writes, written once and run on any connection to the store's database.
 //!
-//! [`Fencing`] holds the statements (under the store's table names) and the steps between them: the
-//! replica set's row locked `FOR SHARE`, one statement that checks the worker's claims and advances
-//! the checkpoints, the diagnosis of a refusal. What it needs from the connection is
+//! [`Fencing`] holds the statements (under the store's table names) and the steps between them: one
+//! statement that locks the replica set's row `FOR SHARE`, checks the worker's claims and advances
+//! the checkpoints (run a second time when an owner change committed as it began), the diagnosis of
+//! a refusal. What it needs from the connection is
 //! [`FencingTx`]: one method per statement shape, so each driver binds the same parameters the same
 //! way. sqlx's [`PgTx`] implements it here; `orchestrator-diesel` implements it for a diesel-async
 //! connection, so a projection written with diesel commits under the very same SQL.
@@ -22,17 +23,39 @@ use crate::error::classify;
 use crate::{PgStore, PgTx, Tables};
 
 /// The fence check, shared by both write paths: `$1` replica set, `$3` claimed slots (ascending),
-/// `$6` their epochs indexed by slot (`$6[slot + 1]`, `-1` where not claimed), `$7` worker. Yields
-/// `slots`, the claimed slots the worker really owns at those epochs.
+/// `$6` their epochs indexed by slot (`$6[slot + 1]`, `-1` where not claimed), `$7` worker.
 ///
-/// The epoch looked up by index is what tells a claimed slot from another: no epoch is `-1`, and
-/// slots past the array's end look up NULL. `{slot_filter}` only bounds the rows read, through the
-/// primary key: [`DENSE`] for a claim that covers much of its span, [`SPARSE`] otherwise.
-const OWNED: &str = "owned AS ( \
+/// `current`: whether the statement's snapshot is the latest word on owners. The statement locks
+/// the replica set's row `FOR SHARE` (`locked`), which every change of owner updates first
+/// ([`OWNER_CHANGE`]) and holds until it commits: a change committed before the lock is granted
+/// but after the statement's snapshot was taken is invisible to the snapshot, and it shows as a
+/// newer version of the row than the snapshot's (`ctid` differs). Not current: nothing is written,
+/// and the statement runs again under the lock it now holds (see [`Fencing::commit`]).
+///
+/// `owned`: the claimed slots the worker really owns at those epochs. The epoch looked up by index
+/// is what tells a claimed slot from another: no epoch is `-1`, and slots past the array's end look
+/// up NULL. `{slot_filter}` only bounds the rows read, through the primary key: [`DENSE`] for a
+/// claim that covers much of its span, [`SPARSE`] otherwise.
+const OWNED: &str = "locked AS MATERIALIZED ( \
+     SELECT r.ctid FROM {replica_sets} AS r WHERE r.name = $1 FOR SHARE), \
+ current AS (SELECT (SELECT ctid FROM locked) IS NOT DISTINCT FROM \
+     (SELECT r.ctid FROM {replica_sets} AS r WHERE r.name = $1) AS yes), \
+ owned AS ( \
      SELECT array_agg(s.slot) AS slots FROM {slots} AS s \
      WHERE s.replica_set = $1 AND {slot_filter} AND s.owner = $7 \
        AND s.epoch = ($6::bigint[])[s.slot + 1]), \
- fine AS (SELECT cardinality((SELECT slots FROM owned)) IS NOT DISTINCT FROM cardinality($3::int[]) AS ok)";
+ fine AS (SELECT (SELECT yes FROM current) \
+     AND cardinality((SELECT slots FROM owned)) IS NOT DISTINCT FROM cardinality($3::int[]) AS ok)";
+
+/// The fence check's verdict as [`FencingTx::advance_progress`] and [`FencingTx::advance_slots`]
+/// return it: NULL when the snapshot was not current (run again), else whether every claimed slot
+/// is owned.
+const VERDICT: &str = "CASE WHEN (SELECT yes FROM current) THEN (SELECT ok FROM fine) END AS owned";
+
+/// How every change of owner begins, `$1` the replica set: a new version of the replica set's row,
+/// which locks it against fenced commits (they hold it `FOR SHARE`) and tells a commit whose
+/// snapshot is older that it is (see [`OWNED`]). Locking the row without updating it would not.
+const OWNER_CHANGE: &str = "UPDATE {replica_sets} SET slot_count = slot_count WHERE name = $1";
 
 /// The slots from the first claimed to the last. On a small slots table PostgreSQL scans it whole,
 /// and testing `slot = ANY($3)` on every row compared each with every claimed slot: 256 x 256
@@ -89,24 +112,26 @@ pub trait FencingTx: Send {
 
     /// Runs [`Fencing`]'s progress upsert: binds `$1` replica set, `$2` projection, `$3` slots
     /// (`int[]`), `$4` commit position and `$5` global position (`bigint`), `$6` epochs
-    /// (`bigint[]`), `$7` worker; returns its one row's `owned` (bool) and `advanced` (bigint).
+    /// (`bigint[]`), `$7` worker; returns its one row's `owned` (nullable bool) and `advanced`
+    /// (bigint), `None` when `owned` is NULL.
     async fn advance_progress(
         &mut self,
         sql: &str,
         claim: &Claim<'_>,
         to: (i64, i64),
-    ) -> StoreResult<(bool, i64)>;
+    ) -> StoreResult<Option<(bool, i64)>>;
 
     /// Runs [`Fencing`]'s per-slot upsert: binds like [`FencingTx::advance_progress`] but `$4` and
     /// `$5` are the per-slot commit and global positions (`bigint[]`, in slot order); returns its
-    /// one row's `owned` (bool) and `advanced` (the slots advanced, `int[]`).
+    /// one row's `owned` (nullable bool) and `advanced` (the slots advanced, `int[]`), `None` when
+    /// `owned` is NULL.
     async fn advance_slots(
         &mut self,
         sql: &str,
         claim: &Claim<'_>,
         commits: &[i64],
         globals: &[i64],
-    ) -> StoreResult<(bool, Vec<i32>)>;
+    ) -> StoreResult<Option<(bool, Vec<i32>)>>;
 
     /// Runs [`Fencing`]'s ownership query: binds `$1` replica set, `$2` slots (`int[]`), `$3`
     /// epochs (`bigint[]`), `$4` worker; returns the column `slot` (int) of every row.
@@ -125,8 +150,7 @@ pub struct Fencing {
 #[derive(Debug)]
 struct Statements {
     tables: Arc<Tables>,
-    lock_for_share: String,
-    lock_for_update: String,
+    owner_change: String,
     advance_progress: [String; 2],
     advance_slots: [String; 2],
     owned_slots: String,
@@ -175,34 +199,72 @@ impl Fencing {
             slots: &slots,
             epochs: &epochs,
         };
-        // Every change of owner locks the replica set's row first (FOR UPDATE or an UPDATE); holding
-        // it FOR SHARE makes changes wait for this commit, and one that committed before is visible
-        // to the next statement (READ COMMITTED takes a new snapshot per statement). One row lock per
-        // commit instead of one per slot: locking a row writes to it.
-        tx.execute_text(COMMIT, &self.sql.lock_for_share, &[claim.replica_set]).await?;
+        // One statement locks the replica set's row, checks and advances. One row lock per commit
+        // instead of one per slot: locking a row writes to it. When an owner change committed just
+        // before the lock was granted, the statement wrote nothing and says so; run again, it
+        // holds the lock from its start, and its snapshot (READ COMMITTED takes one per
+        // statement) sees every change of owner there will be until this transaction ends.
+        for attempt in 0..2 {
+            if let Some(checked) = self.check_and_advance(tx, &claim, checkpoints, density).await? {
+                return self.verdict(tx, fence, &claim, checked).await;
+            }
+            debug_assert_eq!(attempt, 0, "a statement holding the lock from its start is current");
+        }
+        Err(StoreError::Unavailable {
+            message: "commit checkpoints: the replica set's row changed under its lock".to_owned(),
+            source: None,
+        })
+    }
+
+    /// One run of the statement that fences and advances: `None` if its snapshot was not current
+    /// (nothing written), else (owned, the first slot that did not advance).
+    async fn check_and_advance<T: FencingTx + ?Sized>(
+        &self,
+        tx: &mut T,
+        claim: &Claim<'_>,
+        checkpoints: &BTreeMap<Slot, Position>,
+        density: usize,
+    ) -> StoreResult<Option<(bool, Option<Slot>)>> {
+        let slots = claim.slots;
         let mut positions = checkpoints.values();
         let first = *positions.next().expect("not empty");
-        let (owned, behind) = if checkpoints.len() > 1 && positions.all(|p| *p == first) {
-            let (owned, advanced) = tx
+        Ok(if checkpoints.len() > 1 && positions.all(|p| *p == first) {
+            let checked = tx
                 .advance_progress(
                     &self.sql.advance_progress[density],
-                    &claim,
+                    claim,
                     (first.commit as i64, first.global as i64),
                 )
                 .await?;
-            (owned, (owned && advanced == 0).then(|| Slot(slots[0] as u32)))
+            checked.map(|(owned, advanced)| {
+                (owned, (owned && advanced == 0).then(|| Slot(slots[0] as u32)))
+            })
         } else {
             let commits: Vec<i64> = checkpoints.values().map(|p| p.commit as i64).collect();
             let globals: Vec<i64> = checkpoints.values().map(|p| p.global as i64).collect();
-            let (owned, advanced) = tx
-                .advance_slots(&self.sql.advance_slots[density], &claim, &commits, &globals)
+            let checked = tx
+                .advance_slots(&self.sql.advance_slots[density], claim, &commits, &globals)
                 .await?;
-            let behind = slots.iter().find(|s| !advanced.contains(s)).map(|s| Slot(*s as u32));
-            (owned, if owned { behind } else { None })
-        };
+            checked.map(|(owned, advanced)| {
+                let behind = slots.iter().find(|s| !advanced.contains(s)).map(|s| Slot(*s as u32));
+                (owned, if owned { behind } else { None })
+            })
+        })
+    }
+
+    /// The commit's outcome from a current check: `Fenced` (naming a slot lost),
+    /// `CheckpointRegression`, or done.
+    async fn verdict<T: FencingTx + ?Sized>(
+        &self,
+        tx: &mut T,
+        fence: &Fence,
+        claim: &Claim<'_>,
+        (owned, behind): (bool, Option<Slot>),
+    ) -> StoreResult<()> {
         if !owned {
             // The first claimed slot the worker no longer owns at its epoch, for the error message.
-            let still = tx.owned_slots(&self.sql.owned_slots, &claim).await?;
+            let still = tx.owned_slots(&self.sql.owned_slots, claim).await?;
+            let slots = claim.slots;
             let lost = slots.iter().find(|s| !still.contains(s)).copied().unwrap_or(slots[0]);
             return Err(StoreError::Fenced {
                 worker: fence.worker.clone(),
@@ -211,7 +273,7 @@ impl Fencing {
         }
         if let Some(slot) = behind {
             return Err(StoreError::CheckpointRegression {
-                projection: projection.to_owned(),
+                projection: claim.projection.to_owned(),
                 slot,
             });
         }
@@ -228,9 +290,9 @@ impl Fencing {
         projection: &str,
     ) -> StoreResult<()> {
         let rs = replica_set.as_str();
-        // The lock every commit takes FOR SHARE: commits in flight finish first, later ones see
-        // the new epochs and are fenced.
-        tx.execute_text(RESET, &self.sql.lock_for_update, &[rs]).await?;
+        // A change of owner (new epochs): commits in flight finish first, later ones see the new
+        // epochs and are fenced.
+        tx.execute_text(RESET, &self.sql.owner_change, &[rs]).await?;
         // A reset projection is no longer stopped and has no dead letters: it starts over from the
         // first event. The log of skipped letters stays, as a record.
         for delete in &self.sql.reset_deletes {
@@ -242,10 +304,8 @@ impl Fencing {
     /// The statements under `tables`' names.
     pub(crate) fn new(tables: Arc<Tables>) -> Self {
         let t = &tables;
-        let lock = |mode: &str| format!("SELECT 1 FROM {} WHERE name = $1 {mode}", t.replica_sets);
         let sql = Statements {
-            lock_for_share: lock("FOR SHARE"),
-            lock_for_update: lock("FOR UPDATE"),
+            owner_change: owner_change_sql(t),
             advance_progress: [DENSE, SPARSE].map(|filter| advance_progress(t, filter)),
             advance_slots: [DENSE, SPARSE].map(|filter| advance_slots(t, filter)),
             owned_slots: owned_slots(t),
@@ -263,6 +323,12 @@ impl Fencing {
             tables,
         };
         Self { sql: Arc::new(sql) }
+    }
+
+    /// The statement every change of owner starts with, `$1` the replica set: it locks the
+    /// replica set's row, which fenced commits hold `FOR SHARE`.
+    pub(crate) fn owner_change_sql(&self) -> &str {
+        &self.sql.owner_change
     }
 
     /// The statement parking dead letters.
@@ -314,9 +380,9 @@ fn advance_progress(t: &Tables, slot_filter: &str) -> String {
                  WHERE (p.commit_position, p.global_position) <= (excluded.commit_position, excluded.global_position) \
                     OR NOT (p.slots && excluded.slots) \
                  RETURNING 1) \
-             SELECT (SELECT ok FROM fine) AS owned, (SELECT count(*) FROM advanced) AS advanced, \
+             SELECT {VERDICT}, (SELECT count(*) FROM advanced) AS advanced, \
                  (SELECT count(*) FROM spilled) AS spilled",
-        owned = OWNED.replace("{slots}", &t.slots).replace("{slot_filter}", slot_filter),
+        owned = owned(t, slot_filter),
         progress = t.progress,
         checkpoints = t.checkpoints
     )
@@ -336,10 +402,23 @@ fn advance_slots(t: &Tables, slot_filter: &str) -> String {
                      global_position = excluded.global_position, updated_at = clock_timestamp() \
                  WHERE (c.commit_position, c.global_position) <= (excluded.commit_position, excluded.global_position) \
                  RETURNING slot) \
-             SELECT (SELECT ok FROM fine) AS owned, ARRAY(SELECT slot FROM advanced) AS advanced",
-        owned = OWNED.replace("{slots}", &t.slots).replace("{slot_filter}", slot_filter),
+             SELECT {VERDICT}, ARRAY(SELECT slot FROM advanced) AS advanced",
+        owned = owned(t, slot_filter),
         checkpoints = t.checkpoints
     )
+}
+
+/// [`OWNED`] under `t`'s names, bounded by `slot_filter`.
+fn owned(t: &Tables, slot_filter: &str) -> String {
+    OWNED
+        .replace("{replica_sets}", &t.replica_sets)
+        .replace("{slots}", &t.slots)
+        .replace("{slot_filter}", slot_filter)
+}
+
+/// [`OWNER_CHANGE`] under `t`'s names.
+pub(crate) fn owner_change_sql(t: &Tables) -> String {
+    OWNER_CHANGE.replace("{replica_sets}", &t.replica_sets)
 }
 
 /// The claimed slots the worker still owns at its epochs.
@@ -388,7 +467,7 @@ impl FencingTx for PgTx {
         sql: &str,
         claim: &Claim<'_>,
         to: (i64, i64),
-    ) -> StoreResult<(bool, i64)> {
+    ) -> StoreResult<Option<(bool, i64)>> {
         let row = sqlx::query(sql)
             .bind(claim.replica_set)
             .bind(claim.projection)
@@ -400,7 +479,7 @@ impl FencingTx for PgTx {
             .fetch_one(&mut **self)
             .await
             .map_err(|e| classify(COMMIT, e))?;
-        Ok((row.get("owned"), row.get("advanced")))
+        Ok(row.get::<Option<bool>, _>("owned").map(|owned| (owned, row.get("advanced"))))
     }
 
     async fn advance_slots(
@@ -409,7 +488,7 @@ impl FencingTx for PgTx {
         claim: &Claim<'_>,
         commits: &[i64],
         globals: &[i64],
-    ) -> StoreResult<(bool, Vec<i32>)> {
+    ) -> StoreResult<Option<(bool, Vec<i32>)>> {
         let row = sqlx::query(sql)
             .bind(claim.replica_set)
             .bind(claim.projection)
@@ -421,7 +500,7 @@ impl FencingTx for PgTx {
             .fetch_one(&mut **self)
             .await
             .map_err(|e| classify(COMMIT, e))?;
-        Ok((row.get("owned"), row.get("advanced")))
+        Ok(row.get::<Option<bool>, _>("owned").map(|owned| (owned, row.get("advanced"))))
     }
 
     async fn owned_slots(&mut self, sql: &str, claim: &Claim<'_>) -> StoreResult<Vec<i32>> {
@@ -510,6 +589,66 @@ mod tests {
             let err = commit(&[0, 40], same_position).await.unwrap_err();
             assert!(matches!(err, StoreError::Fenced { slot: Slot(40), .. }), "{shape}: {err}");
         }
+        schema.drop_schema().await;
+    }
+    /// An owner change that commits while a fenced commit waits for the replica set's row fences
+    /// that commit, although the commit's statement began before the change committed.
+    #[tokio::test]
+    async fn a_commit_waiting_on_an_owner_change_is_fenced_by_it() {
+        let Some(schema) = TestSchema::start(SlotCount::new(8).unwrap()).await else { return };
+        sqlx::raw_sql(
+            "INSERT INTO orch_replica_sets (name, slot_count) VALUES ('rs', 8); \
+             INSERT INTO orch_slots (replica_set, slot, owner, epoch) \
+                 SELECT 'rs', s, 'w1', 1 FROM generate_series(0, 7) AS s",
+        )
+        .execute(&schema.pool)
+        .await
+        .unwrap();
+        let fencing = schema.store.fencing();
+        // The change of owner, held open after its first statement (the one every change of owner
+        // starts with) and its move of slot 0.
+        let mut change = schema.pool.begin().await.unwrap();
+        sqlx::query(fencing.owner_change_sql()).bind("rs").execute(&mut *change).await.unwrap();
+        sqlx::query("UPDATE orch_slots SET owner = 'w2', epoch = 2 WHERE slot = 0")
+            .execute(&mut *change)
+            .await
+            .unwrap();
+        let pool = schema.pool.clone();
+        let committing = tokio::spawn(async move {
+            let fence = Fence {
+                replica_set: ReplicaSetName::new("rs").unwrap(),
+                worker: WorkerId::new("w1").unwrap(),
+                grants: [(Slot(0), Epoch(1)), (Slot(1), Epoch(1))].into_iter().collect(),
+            };
+            let checkpoints = [(Slot(0), Position::global(5)), (Slot(1), Position::global(5))];
+            let mut tx = pool.begin().await.unwrap();
+            let result =
+                fencing.commit(&mut tx, &fence, "p", &checkpoints.into_iter().collect()).await;
+            if result.is_ok() {
+                tx.commit().await.unwrap();
+            }
+            result
+        });
+        // The commit's statement is waiting for the row.
+        let waiting = "SELECT count(*) FROM pg_stat_activity \
+                       WHERE application_name = $1 AND wait_event_type = 'Lock'";
+        let mut waited = false;
+        for _ in 0..500 {
+            let n: i64 = sqlx::query_scalar(waiting)
+                .bind(&schema.schema)
+                .fetch_one(&schema.pool)
+                .await
+                .unwrap();
+            waited = n > 0;
+            if waited {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(waited, "the commit never waited for the replica set's row");
+        change.commit().await.unwrap();
+        let err = committing.await.unwrap().unwrap_err();
+        assert!(matches!(err, StoreError::Fenced { slot: Slot(0), .. }), "{err}");
         schema.drop_schema().await;
     }
 }

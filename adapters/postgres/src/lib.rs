@@ -8,9 +8,10 @@
 //!   [`PgStore::horizon_stall`] tells how long the oldest running appender holds readers back.
 //! - Appends, and units of work ([`PgUnitOfWork`]), lock their streams before anything else, so a
 //!   stream's events get increasing transaction ids in version order.
-//! - Commits are fenced: the slot rows are locked `FOR SHARE` in the committing transaction and
-//!   checked against the worker's epochs, so a concurrent change of owner either waits for the
-//!   commit or makes it fail with `Fenced`, rolling back the projection's writes.
+//! - Commits are fenced: one statement in the committing transaction locks the replica set's row
+//!   `FOR SHARE` and checks the slot rows against the worker's epochs, so a concurrent change of
+//!   owner either waits for the commit or makes it fail with `Fenced`, rolling back the
+//!   projection's writes.
 //! - All coordination times use the database's `clock_timestamp()`.
 #![deny(missing_docs)]
 

@@ -131,10 +131,12 @@ async fn projections_suite(args: &Args) -> Result<()> {
         rounded(&ten_rows)
     );
     println!(
-        "| same: events/s committed by all 10 | {:.0} events/s | one projection alone {:.0} events/s | {:.2}x of one alone |",
+        "| same: events/s committed by all 10 | {:.0} events/s | one projection alone {:.0} events/s | {:.2}x of one alone | runs {:?} against {:?} |",
         med(&ten),
         med(&one),
-        med(&ten) / med(&one)
+        med(&ten) / med(&one),
+        ten.iter().map(|r| r.round()).collect::<Vec<_>>(),
+        one.iter().map(|r| r.round()).collect::<Vec<_>>()
     );
     Ok(())
 }
