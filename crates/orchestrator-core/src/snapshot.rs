@@ -34,10 +34,15 @@ impl WorkerRecord {
 }
 
 /// The coordination protocol of this release. Workers of different protocols must not run in one
-/// replica set at once (this release's readers rely on appenders registering with the read
-/// horizon, which earlier releases did not do): a worker that meets a live member of another
-/// protocol leaves with an error instead of taking part.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// replica set at once: a worker that meets a live member of another protocol leaves with an error
+/// instead of taking part.
+///
+/// - 2: readers rely on appenders registering with the read horizon, which earlier releases did
+///   not do.
+/// - 3: on PostgreSQL a fenced commit locks the replica set's row inside its check, and relies on
+///   every change of owner writing a new version of that row; workers of protocol 2 change owners
+///   by only locking it, which a commit of protocol 3 would not notice.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Ownership of one slot.
 ///
