@@ -1,9 +1,10 @@
 //! `cargo xtask bench`: each measurement next to a reference done with plain sqlx in the same run,
 //! on the same server, so the ratio is meaningful whatever the machine.
 //!
-//! Usage: `orchestrator-bench [store|runtime|embedded|upsert|scaling|horizon|diesel|processing|projections|all] [--events N] [--runs R]` (`projections` is the first part of `processing` alone)
-//! (defaults: 1,000,000 events, 3 runs, median reported). PostgreSQL from `ORCH_TEST_POSTGRES_URL`
-//! or the local default.
+//! Usage: `orchestrator-bench [SUITE] [--events N] [--runs R]`, SUITE one of `store`, `runtime`,
+//! `embedded`, `upsert`, `scaling`, `horizon`, `diesel`, `processing`, `projections` (the first part
+//! of `processing` alone) or `all` (defaults: 1,000,000 events, 3 runs, median reported).
+//! PostgreSQL from `ORCH_TEST_POSTGRES_URL` or the local default.
 
 use std::time::{Duration, Instant};
 
@@ -104,8 +105,6 @@ const SUITES: [&str; 10] = [
     "all",
 ];
 
-/// The second-round bars (docs/benchmarks.md): many projections in one worker, the demo
-/// on four processes, isolation, concurrency, scale-out, the per-event handler.
 /// Ten projections in one worker against one alone: rows read per event and the rate at which
 /// all of them commit.
 async fn projections_suite(args: &Args) -> Result<()> {
@@ -141,6 +140,8 @@ async fn projections_suite(args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// The second-round bars (docs/benchmarks.md): many projections in one worker, the demo
+/// on four processes, isolation, concurrency, scale-out, the per-event handler.
 async fn processing_suite(args: &Args) -> Result<()> {
     let events = args.events as u64;
     let runs = args.runs;
