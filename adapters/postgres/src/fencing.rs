@@ -149,7 +149,7 @@ pub struct Fencing {
 /// indexed by [`density`].
 #[derive(Debug)]
 struct Statements {
-    tables: Arc<Tables>,
+    identity: String,
     owner_change: String,
     advance_progress: [String; 2],
     advance_slots: [String; 2],
@@ -302,8 +302,7 @@ impl Fencing {
     }
 
     /// The statements under `tables`' names.
-    pub(crate) fn new(tables: Arc<Tables>) -> Self {
-        let t = &tables;
+    pub(crate) fn new(t: &Tables) -> Self {
         let sql = Statements {
             owner_change: owner_change_sql(t),
             advance_progress: [DENSE, SPARSE].map(|filter| advance_progress(t, filter)),
@@ -320,7 +319,10 @@ impl Fencing {
             ),
             park: crate::dead_letters::park_sql(t),
             resolve: crate::dead_letters::resolve_sql(t),
-            tables,
+            identity: format!(
+                "SELECT current_database()::text || '/' || COALESCE(to_regclass('{}')::oid::text, 'missing') AS identity",
+                t.slots
+            ),
         };
         Self { sql: Arc::new(sql) }
     }
@@ -344,10 +346,7 @@ impl Fencing {
     /// A query whose one row and column (`identity`, text) names the database and the slots table
     /// it resolves to: two connections that return the same value fence against the same rows.
     pub fn identity_sql(&self) -> String {
-        format!(
-            "SELECT current_database()::text || '/' || COALESCE(to_regclass('{}')::oid::text, 'missing') AS identity",
-            self.sql.tables.slots
-        )
+        self.sql.identity.clone()
     }
 }
 
@@ -534,6 +533,26 @@ mod tests {
         assert_eq!(density(&(0..256).collect::<Vec<_>>()), 0);
     }
 
+    /// A replica set `rs` of `count` slots, every one owned by `w1` at epoch 1 but `stale`, at
+    /// epoch 2.
+    async fn owned_by_w1(schema: &TestSchema, count: u32, stale: Option<u32>) {
+        sqlx::query("INSERT INTO orch_replica_sets (name, slot_count) VALUES ('rs', $1)")
+            .bind(count as i32)
+            .execute(&schema.pool)
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO orch_slots (replica_set, slot, owner, epoch) \
+             SELECT 'rs', s, 'w1', CASE WHEN s = $2 THEN 2 ELSE 1 END \
+             FROM generate_series(0, $1 - 1) AS s",
+        )
+        .bind(count as i32)
+        .bind(stale.map(|s| s as i32))
+        .execute(&schema.pool)
+        .await
+        .unwrap();
+    }
+
     /// Both slot filters check every claimed slot, and only those: a slot inside the span that
     /// the worker owns but does not claim never stands in for a claimed one it lost.
     #[tokio::test]
@@ -541,14 +560,7 @@ mod tests {
         let Some(schema) = TestSchema::start(SlotCount::new(64).unwrap()).await else { return };
         // w1 owns every slot at epoch 1, except slot 40: moved on to epoch 2 (given away and
         // back, say), so a claim under epoch 1 is stale.
-        sqlx::raw_sql(
-            "INSERT INTO orch_replica_sets (name, slot_count) VALUES ('rs', 64); \
-             INSERT INTO orch_slots (replica_set, slot, owner, epoch) \
-                 SELECT 'rs', s, 'w1', CASE WHEN s = 40 THEN 2 ELSE 1 END FROM generate_series(0, 63) AS s",
-        )
-        .execute(&schema.pool)
-        .await
-        .unwrap();
+        owned_by_w1(&schema, 64, Some(40)).await;
         let fencing = schema.store.fencing();
         let commit = |slots: &'static [u32], same_position: bool| {
             let (pool, fencing) = (&schema.pool, &fencing);
@@ -591,19 +603,13 @@ mod tests {
         }
         schema.drop_schema().await;
     }
+
     /// An owner change that commits while a fenced commit waits for the replica set's row fences
     /// that commit, although the commit's statement began before the change committed.
     #[tokio::test]
     async fn a_commit_waiting_on_an_owner_change_is_fenced_by_it() {
         let Some(schema) = TestSchema::start(SlotCount::new(8).unwrap()).await else { return };
-        sqlx::raw_sql(
-            "INSERT INTO orch_replica_sets (name, slot_count) VALUES ('rs', 8); \
-             INSERT INTO orch_slots (replica_set, slot, owner, epoch) \
-                 SELECT 'rs', s, 'w1', 1 FROM generate_series(0, 7) AS s",
-        )
-        .execute(&schema.pool)
-        .await
-        .unwrap();
+        owned_by_w1(&schema, 8, None).await;
         let fencing = schema.store.fencing();
         // The change of owner, held open after its first statement (the one every change of owner
         // starts with) and its move of slot 0.

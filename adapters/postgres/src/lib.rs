@@ -119,7 +119,7 @@ impl PgStore {
         let horizon = std::sync::Arc::new(Horizon::new(events_oid));
         let read_plan = std::sync::Arc::new(ReadPlan::new(events_oid));
         let tables = std::sync::Arc::new(tables);
-        let fencing = Fencing::new(tables.clone());
+        let fencing = Fencing::new(&tables);
         Ok(Self { pool, tables, slot_count, horizon, read_plan, fencing })
     }
 
