@@ -13,6 +13,8 @@
 mod batch;
 mod dead_letters;
 mod lag;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
