@@ -123,18 +123,28 @@ impl PgStore {
         Ok(Self { pool, tables, slot_count, horizon, read_plan, fencing })
     }
 
-    /// Connects a pool to `url` with sensible defaults (`max_connections` connections, a 5 s
-    /// acquire timeout so an unreachable database is reported promptly).
+    /// Connects a pool to `url` with [`PgStore::pool_options`] and [`PgStore::tune`]'s session
+    /// settings.
     pub async fn connect_pool(url: &str, max_connections: u32) -> StoreResult<PgPool> {
         let options: PgConnectOptions =
             url.parse().map_err(|e| classify("parse the database URL", e))?;
         let options = Self::tune(options);
-        PgPoolOptions::new()
-            .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(5))
+        Self::pool_options(max_connections)
             .connect_with(options)
             .await
             .map_err(|e| classify("connect to PostgreSQL", e))
+    }
+
+    /// The pool options the store is built for: `max_connections` connections; a 5 s acquire
+    /// timeout, so that an unreachable database is reported promptly; and no test of a connection
+    /// before each acquire. The test is a round trip to the server in front of every batch's
+    /// transaction and every read; a connection the server has dropped fails its first statement
+    /// instead, with an error the workers retry (`Unavailable`), and is not returned to the pool.
+    pub fn pool_options(max_connections: u32) -> PgPoolOptions {
+        PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .test_before_acquire(false)
     }
 
     /// Session settings the store relies on; apply them to a pool you build yourself.

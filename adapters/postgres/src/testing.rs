@@ -68,8 +68,7 @@ impl TestSchema {
             .connect_with(options.clone())
             .await?;
         sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&admin).await?;
-        let pool = PgPoolOptions::new()
-            .max_connections(8)
+        let pool = PgStore::pool_options(8)
             .connect_with(
                 PgStore::tune_with(options, std::time::Duration::from_secs(3))
                     .options([("search_path", schema.as_str())])

@@ -97,6 +97,9 @@ impl SqliteStore {
             let opened = SqlitePoolOptions::new()
                 .max_connections(max_connections)
                 .acquire_timeout(Duration::from_secs(10))
+                // A file's connection cannot be dropped by a server: testing it before each
+                // acquire is only a trip to its thread in front of every transaction.
+                .test_before_acquire(false)
                 .connect_with(options.clone())
                 .await
                 .map_err(|e| classify("open the SQLite database", e));

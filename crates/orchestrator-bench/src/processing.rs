@@ -102,8 +102,7 @@ impl<Tx: Send + 'static> Projection<Tx> for Named {
 pub(crate) async fn store_with_pool(schema: &TestSchema, size: u32) -> Result<PgStore> {
     let url = std::env::var("ORCH_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_TEST_URL.into());
     let options: PgConnectOptions = url.parse()?;
-    let pool = PgPoolOptions::new()
-        .max_connections(size)
+    let pool = PgStore::pool_options(size)
         .connect_with(PgStore::tune(options).options([("search_path", schema.schema.as_str())]))
         .await?;
     Ok(PgStore::open(pool, TablePrefix::default()).await?)
