@@ -11,11 +11,10 @@ use orchestrator_core::{Epoch, Event, Position, Slot};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::{Done, Shared};
-use crate::Store;
+use super::{Done, ProcessingStore, Shared};
 use crate::projection::HandlerError;
 
-pub(super) async fn process<S: Store>(
+pub(super) async fn process<S: ProcessingStore>(
     shared: Arc<Shared<S>>,
     task: TaskId,
     projection: usize,
@@ -26,7 +25,7 @@ pub(super) async fn process<S: Store>(
     (Input::Processed { task, outcome }, error)
 }
 
-async fn run<S: Store>(
+async fn run<S: ProcessingStore>(
     shared: &Shared<S>,
     projection: usize,
     batch: &Batch,
@@ -131,7 +130,7 @@ pub(super) enum Handled {
 /// Runs `projection`'s handler on `events` in `tx`, bounded by the handler timeout, and counts
 /// its failures and timeouts. The caller rolls `tx` back unless it is `Done`; dropping the
 /// handler's future with the timeout means a hung handler holds no slot past it.
-pub(super) async fn call_handler<S: Store>(
+pub(super) async fn call_handler<S: ProcessingStore>(
     shared: &Shared<S>,
     projection: usize,
     tx: &mut <S as CheckpointStore>::Tx,
@@ -162,7 +161,7 @@ pub(super) fn timed_out_error(timeout: std::time::Duration) -> BoxError {
 }
 
 /// Commits `tx` with `checkpoints` under the fence of `grants`: `Committed`, or why not.
-pub(super) async fn commit<S: Store>(
+pub(super) async fn commit<S: ProcessingStore>(
     shared: &Shared<S>,
     projection: usize,
     tx: <S as CheckpointStore>::Tx,

@@ -10,12 +10,11 @@ use orchestrator_core::{Epoch, Event, Position, Slot};
 use tracing::{info, warn};
 
 use super::batch::{Handled, call_handler, commit, timed_out_error};
-use super::{Done, Shared};
-use crate::Store;
+use super::{Done, ProcessingStore, Shared};
 
 /// Reads the recorded stops, the pending requests and the dead-letter counts; records the
 /// `projection_stopped` and `dead_letters` gauges. `None` when the store failed.
-pub(super) async fn poll<S: Store>(shared: &Shared<S>) -> Option<PolledState> {
+pub(super) async fn poll<S: ProcessingStore>(shared: &Shared<S>) -> Option<PolledState> {
     let (store, rs) = (&shared.store, &shared.replica_set);
     let read = async {
         let stopped = CheckpointStore::stopped_projections(store, rs).await?;
@@ -60,7 +59,7 @@ pub(super) struct Resolve {
 /// One fenced transaction: for a retry, the key's parked events through the handler; then the
 /// key's letters resolved and the checkpoint (unchanged) committed. A retry whose handler fails
 /// parks the events again with the new error, fenced the same way.
-pub(super) async fn resolve<S: Store>(
+pub(super) async fn resolve<S: ProcessingStore>(
     shared: Arc<Shared<S>>,
     task: TaskId,
     projection: usize,
@@ -70,7 +69,11 @@ pub(super) async fn resolve<S: Store>(
     (Input::Processed { task, outcome }, None)
 }
 
-async fn run<S: Store>(shared: &Shared<S>, projection: usize, resolve: &Resolve) -> Outcome {
+async fn run<S: ProcessingStore>(
+    shared: &Shared<S>,
+    projection: usize,
+    resolve: &Resolve,
+) -> Outcome {
     let name = shared.projections[projection].name();
     let (store, rs, key) = (&shared.store, &shared.replica_set, resolve.key.as_str());
     let parked = match resolve.action {
@@ -141,7 +144,7 @@ async fn run<S: Store>(shared: &Shared<S>, projection: usize, resolve: &Resolve)
 
 /// A failed retry: the key's events parked again with the new error and one more attempt, the
 /// request cleared, in a fenced transaction of its own.
-async fn park_again<S: Store>(
+async fn park_again<S: ProcessingStore>(
     shared: &Shared<S>,
     projection: usize,
     resolve: &Resolve,

@@ -7,14 +7,13 @@ use std::sync::Arc;
 use orchestrator_core::processing::{LagQuery, estimate_lag};
 use tracing::debug;
 
-use super::Shared;
-use crate::Store;
+use super::{ProcessingStore, Shared};
 
 pub(crate) use orchestrator_core::processing::LAG_COUNT_LIMIT;
 
 /// Records each projection's lag over the owned slots, and the read horizon's stall. Failures
 /// only leave the previous figures in place: lag is a measurement, not a reason to stop.
-pub(super) async fn measure<S: Store>(shared: Arc<Shared<S>>, queries: Vec<LagQuery>) {
+pub(super) async fn measure<S: ProcessingStore>(shared: Arc<Shared<S>>, queries: Vec<LagQuery>) {
     // The store's last position (one index lookup), for the estimates.
     let head = shared.store.head().await.unwrap_or_else(|err| {
         debug!(%err, "Reading the last position failed");

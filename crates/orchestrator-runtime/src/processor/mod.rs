@@ -20,7 +20,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use orchestrator_core::ports::{BoxError, CheckpointStore, NewDeadLetter, ProjectionStop};
+use orchestrator_core::ports::{
+    BoxError, CheckpointStore, DeadLetterStore, EventStore, NewDeadLetter, ProjectionStop,
+};
 use orchestrator_core::processing::{
     Command, FailurePolicy, Input, Outcome, ParkCause, Processing, ProcessingConfig, RetryPolicy,
     TaskId,
@@ -31,11 +33,19 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use crate::Store;
 use crate::metrics::Metrics;
 use crate::projection::Projection;
 
 pub(crate) use self::lag::LAG_COUNT_LIMIT;
+
+/// The ports the processor works through: events, checkpoints and dead letters. Coordination
+/// is the driver's (`worker.rs`); the processor never calls it.
+pub(crate) trait ProcessingStore:
+    EventStore + DeadLetterStore + Send + Sync + 'static
+{
+}
+
+impl<T> ProcessingStore for T where T: EventStore + DeadLetterStore + Send + Sync + 'static {}
 
 /// Orders from the coordination task.
 #[derive(Debug)]
@@ -55,7 +65,7 @@ pub(crate) enum Report {
 }
 
 /// The processing task's settings and store.
-pub(crate) struct Processor<S: Store> {
+pub(crate) struct Processor<S: ProcessingStore> {
     pub(crate) store: S,
     pub(crate) replica_set: ReplicaSetName,
     pub(crate) worker: WorkerId,
@@ -79,7 +89,7 @@ pub(crate) struct Processor<S: Store> {
 }
 
 /// What every spawned task shares.
-pub(crate) struct Shared<S: Store> {
+pub(crate) struct Shared<S: ProcessingStore> {
     pub(crate) store: S,
     pub(crate) replica_set: ReplicaSetName,
     pub(crate) worker: WorkerId,
@@ -114,7 +124,7 @@ impl Drop for AbortOnDrop {
     }
 }
 
-impl<S: Store> Processor<S> {
+impl<S: ProcessingStore> Processor<S> {
     pub(crate) async fn run(
         self,
         mut control: mpsc::UnboundedReceiver<Control>,
@@ -215,7 +225,7 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 /// Runs the state machine's commands as tasks and turns their ends into inputs.
-struct Executor<S: Store> {
+struct Executor<S: ProcessingStore> {
     shared: Arc<Shared<S>>,
     tasks: JoinSet<Done>,
     running: BTreeMap<tokio::task::Id, (TaskId, Kind)>,
@@ -227,7 +237,7 @@ struct Executor<S: Store> {
     reports: mpsc::UnboundedSender<Report>,
 }
 
-impl<S: Store> Executor<S> {
+impl<S: ProcessingStore> Executor<S> {
     fn order(&self, order: Control) -> Input {
         match order {
             Control::Start { slot, epoch } => Input::Start { slot, epoch },

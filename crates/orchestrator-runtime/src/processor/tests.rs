@@ -10,13 +10,12 @@ use async_trait::async_trait;
 use mockall::Sequence;
 use orchestrator_core::ports::{
     Appended, Backlog, DeadLetter, DeadLetterAction, DeadLetterFilter, DeadLetterId,
-    DeadLetterRequest, Fence, GenerationRecord, HeartbeatAck, ProjectionStop, ReadRequest,
-    StoppedProjection, StoreError, StoreResult,
+    DeadLetterRequest, Fence, ProjectionStop, ReadRequest, StoppedProjection, StoreError,
+    StoreResult,
 };
 use orchestrator_core::{
-    Epoch, Event, EventId, ExpectedVersion, Generation, GenerationPlan, Incarnation, NewEvent,
-    PartitionKey, Position, ReplicaSetName, Slot, SlotCount, Snapshot, StreamId, Timestamp,
-    Tracing, WorkerId,
+    Epoch, Event, EventId, ExpectedVersion, NewEvent, PartitionKey, Position, ReplicaSetName, Slot,
+    SlotCount, StreamId, Timestamp, Tracing, WorkerId,
 };
 use tokio::sync::mpsc;
 
@@ -26,12 +25,8 @@ use crate::projection::Projection;
 use crate::settings::Settings;
 
 mockall::mock! {
-    /// Every port of a store at once, as the processor needs them (`Tx` is `()`).
+    /// The ports the processor works through (`ProcessingStore`), `Tx` being `()`.
     Ports {}
-
-    impl Clone for Ports {
-        fn clone(&self) -> Self;
-    }
 
     #[async_trait]
     impl orchestrator_core::ports::EventStore for Ports {
@@ -46,54 +41,6 @@ mockall::mock! {
         async fn read_stream(&self, stream: &StreamId, from_version: u64) -> StoreResult<Vec<Event>>;
         async fn read(&self, request: &ReadRequest) -> StoreResult<Vec<Event>>;
         async fn backlog(&self, request: &ReadRequest) -> StoreResult<Backlog>;
-    }
-
-    #[async_trait]
-    impl orchestrator_core::ports::CoordinationStore for Ports {
-        async fn register(
-            &self,
-            replica_set: &ReplicaSetName,
-            slot_count: SlotCount,
-            worker: &WorkerId,
-        ) -> StoreResult<Incarnation>;
-        async fn heartbeat(
-            &self,
-            replica_set: &ReplicaSetName,
-            worker: &WorkerId,
-            incarnation: Incarnation,
-            lease: Duration,
-        ) -> StoreResult<HeartbeatAck>;
-        async fn snapshot(&self, replica_set: &ReplicaSetName) -> StoreResult<Snapshot>;
-        async fn create_generation(
-            &self,
-            replica_set: &ReplicaSetName,
-            plan: &GenerationPlan,
-        ) -> StoreResult<()>;
-        async fn release_slot(
-            &self,
-            replica_set: &ReplicaSetName,
-            worker: &WorkerId,
-            slot: Slot,
-            epoch: Epoch,
-        ) -> StoreResult<()>;
-        async fn ack_generation(
-            &self,
-            replica_set: &ReplicaSetName,
-            worker: &WorkerId,
-            incarnation: Incarnation,
-            generation: Generation,
-        ) -> StoreResult<()>;
-        async fn deregister(
-            &self,
-            replica_set: &ReplicaSetName,
-            worker: &WorkerId,
-            incarnation: Incarnation,
-        ) -> StoreResult<()>;
-        async fn recent_generations(
-            &self,
-            replica_set: &ReplicaSetName,
-            limit: usize,
-        ) -> StoreResult<Vec<GenerationRecord>>;
     }
 
     #[async_trait]
