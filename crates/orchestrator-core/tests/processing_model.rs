@@ -669,7 +669,7 @@ fn a_batch_handed_to_a_projection_is_shared_by_reference() {
     }
     for pending in &world.pending {
         if let Pending::Process { projection: 0 | 3, batch, .. } = pending {
-            shared.push(batch.events.clone());
+            shared.push(batch.events.parts()[0].clone());
         }
     }
     assert_eq!(shared.len(), 2, "both unscoped projections got the first batch");

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use orchestrator_core::event::Tracing;
 use orchestrator_core::processing::{
-    Batch, Command, DEFAULT_WINDOW_BYTES, FailurePolicy, Input, Outcome, ParkCause, PolledState,
-    Processing, ProcessingConfig, RetryPolicy, TaskId, covering_scope,
+    Batch, Command, DEFAULT_WINDOW_BYTES, FailurePolicy, Input, MAX_SHARED_PER_BATCH, Outcome,
+    ParkCause, PolledState, Processing, ProcessingConfig, RetryPolicy, TaskId, covering_scope,
 };
 use orchestrator_core::{
     Epoch, Event, EventId, Position, Scope, Slot, SlotCount, StreamId, Timestamp,
@@ -236,17 +236,42 @@ fn ten_projections_at_one_position_share_one_read_per_batch() {
 }
 
 #[test]
-fn the_next_batch_is_read_while_the_current_one_is_handled() {
+fn the_next_batches_are_read_while_one_is_handled_and_taken_together() {
     let mut h = Harness::new(vec![Scope::all()], 1, 100, 1000);
     h.start_all();
     assert_eq!(h.answer_reads(), 1);
     assert_eq!(h.processes.len(), 1, "batch 1 handed out");
-    assert_eq!(h.reads.len(), 1, "batch 2 read ahead while batch 1 is handled");
-    h.answer_reads();
-    assert!(h.reads.is_empty(), "one batch ahead, not more");
+    let mut ahead = 0;
+    while !h.reads.is_empty() {
+        ahead += h.answer_reads();
+    }
+    assert_eq!(ahead, MAX_SHARED_PER_BATCH, "as many read ahead as a lane takes at once");
     h.commit(None);
-    assert_eq!(h.processes.len(), 1, "batch 2 handed out at once");
-    assert_eq!(h.reads.len(), 1);
+    assert_eq!(h.processes.len(), 1, "the batches waiting are handed out at once, together");
+    let (_, _, batch) = &h.processes[0];
+    assert_eq!(batch.events.parts().len(), MAX_SHARED_PER_BATCH, "one part per read");
+    let globals: Vec<u64> = batch.events.iter().map(|e| e.position.global).collect();
+    assert_eq!(globals, (101..=500).collect::<Vec<_>>(), "batches 2 to 5, in order");
+    assert!(
+        batch.checkpoints.values().all(|at| *at == Position::global(500)),
+        "one commit to the last batch's end: {:?}",
+        batch.checkpoints
+    );
+    assert_eq!(h.reads.len(), 1, "the stream reads on");
+    h.run_to_end();
+    assert_eq!(h.applied[0], h.expected(&Scope::all()), "every event once, in order");
+}
+
+#[test]
+fn a_lane_at_the_head_takes_each_batch_as_it_is_read() {
+    let mut h = Harness::new(vec![Scope::all()], 1, 100, 1000);
+    h.start_all();
+    while !h.reads.is_empty() {
+        h.answer_reads();
+        assert!(h.processes.iter().all(|(_, _, b)| b.events.parts().len() == 1));
+        h.commit(None);
+    }
+    assert_eq!(h.applied[0], h.expected(&Scope::all()));
 }
 
 #[test]

@@ -146,8 +146,11 @@ pub trait Projection<Tx: Send>: Send + Sync {
         Ok(())
     }
 
-    /// Handles a batch; override to write many rows in one statement. The default calls
-    /// [`Projection::handle`] for each event in order.
+    /// Handles a batch of at most `BATCH_SIZE` events; override to write many rows in one
+    /// statement. The default calls [`Projection::handle`] for each event in order.
+    ///
+    /// A projection behind its shared read may get several calls in one transaction (one per
+    /// read, up to four), committed together; each call is bounded by `HANDLER_TIMEOUT`.
     async fn handle_batch(&self, tx: &mut Tx, events: &[Event]) -> Result<(), HandlerError> {
         for (index, event) in events.iter().enumerate() {
             self.handle(tx, event)

@@ -6,15 +6,17 @@ use std::sync::Arc;
 use super::failure::{AfterFailure, Failure, FailurePolicy, after_failure};
 use super::lag::{Density, LagPart};
 use super::{
-    Batch, Command, Config, FailedEvent, Outcome, ParkCause, ParkedEvent, TaskId, event_size,
+    Batch, BatchEvents, Command, Config, FailedEvent, MAX_SHARED_PER_BATCH, Outcome, ParkCause,
+    ParkedEvent, TaskId, event_size,
 };
 use crate::event::{Event, Position};
 use crate::ids::Epoch;
 use crate::ports::{DeadLetterAction, ReadRequest};
 use crate::slot::Slot;
 
-/// Batches the shared stream reads ahead of its fastest lane.
-const READ_AHEAD: u64 = 1;
+/// Batches the shared stream reads ahead of its fastest lane: as many as a lane takes in one
+/// transaction, so that lanes slower than the read find a full batch's worth waiting.
+const READ_AHEAD: u64 = MAX_SHARED_PER_BATCH as u64;
 
 /// What a task id stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,8 +62,8 @@ pub(crate) struct FailedBatch {
     task: TaskId,
     /// Index in `applied` of the event the handler failed on, if it said.
     index: Option<usize>,
-    events: Arc<Vec<Event>>,
-    applied: Arc<Vec<Event>>,
+    events: BatchEvents,
+    applied: BatchEvents,
     checkpoints: BTreeMap<Slot, Position>,
 }
 
@@ -164,9 +166,9 @@ enum LaneState {
         task: TaskId,
         checkpoints: BTreeMap<Slot, Position>,
         /// Every event of the batch, those being parked included.
-        events: Arc<Vec<Event>>,
+        events: BatchEvents,
         /// The events handed to the handler.
-        applied: Arc<Vec<Event>>,
+        applied: BatchEvents,
         sample: (u64, u64),
     },
     /// Retrying or skipping a parked key.
@@ -220,7 +222,7 @@ struct Lane {
 /// A failed batch being retried one event at a time to find the event that fails.
 #[derive(Debug)]
 struct Isolation {
-    events: Arc<Vec<Event>>,
+    events: BatchEvents,
     /// The batch's checkpoints, committed once every event is through.
     checkpoints: BTreeMap<Slot, Position>,
 }
@@ -672,8 +674,10 @@ impl Group {
         true
     }
 
-    /// Hands shared batch `index` of the window to an idle lane joined at it. Returns whether the
-    /// lane stays idle (nothing of its scope in a batch that needs no commit of its own).
+    /// Hands the shared batches from `index` of the window on to an idle lane joined at the first
+    /// of them: every batch waiting, up to [`MAX_SHARED_PER_BATCH`], in one transaction. Returns
+    /// whether the lane stays idle (nothing of its scope in batches that need no commit of their
+    /// own).
     fn take_shared(
         &mut self,
         lane: usize,
@@ -681,27 +685,38 @@ impl Group {
         config: &Config,
         out: &mut Out<'_>,
     ) -> bool {
-        let batch = &self.stream.window[index];
+        let first = &self.stream.window[index];
         debug_assert_eq!(
-            self.lanes[lane].cursors, batch.from,
+            self.lanes[lane].cursors, first.from,
             "a lane takes a shared batch only at its from cursors"
         );
-        let events = if config.unfiltered[lane] {
-            batch.events.clone()
-        } else {
-            let scope = &config.scopes[lane];
-            Arc::new(batch.events.iter().filter(|e| scope.includes(&e.stream)).cloned().collect())
-        };
-        let checkpoints = checkpoints_to(&batch.from, batch.last);
-        let (seq, last, short, span) = (batch.seq, batch.last, batch.short, batch.span);
+        let mut events = BatchEvents::default();
+        let mut span = 0;
+        let mut last = first;
+        for batch in self.stream.window.range(index..).take(MAX_SHARED_PER_BATCH) {
+            // Each batch was read from where the one before ended, so together they are what one
+            // read from the first's cursors to the last's end returns.
+            if config.unfiltered[lane] {
+                events.push(batch.events.clone());
+            } else {
+                let scope = &config.scopes[lane];
+                events.push(Arc::new(
+                    batch.events.iter().filter(|e| scope.includes(&e.stream)).cloned().collect(),
+                ));
+            }
+            span += batch.span;
+            last = batch;
+        }
+        let checkpoints = checkpoints_to(&first.from, last.last);
+        let (seq, end, short) = (last.seq, last.last, last.short);
         self.lanes[lane].joined = Some(seq + 1);
         self.lanes[lane].behind = !short;
         if events.is_empty() && !short {
-            // Nothing of its scope: the cursors move past the batch without a transaction. The
+            // Nothing of its scope: the cursors move past the batches without a transaction. The
             // stored checkpoint stays behind until the next commit; re-reading the stretch after
             // a failure finds nothing to apply.
             let lane = &mut self.lanes[lane];
-            lane.cursors = advance_all(&lane.cursors, last);
+            lane.cursors = advance_all(&lane.cursors, end);
             lane.density.record(0, span);
             return true;
         }
@@ -714,7 +729,7 @@ impl Group {
     fn dispatch(
         &mut self,
         lane: usize,
-        events: Arc<Vec<Event>>,
+        events: BatchEvents,
         checkpoints: BTreeMap<Slot, Position>,
         span: u64,
         out: &mut Out<'_>,
@@ -741,7 +756,7 @@ impl Group {
                     _ => applied.push(event.clone()),
                 }
             }
-            (Arc::new(applied), park)
+            (BatchEvents::from(applied), park)
         };
         let task = out.task(Task::Process { group: self.index, lane });
         out.emit(Command::Process {
@@ -792,9 +807,10 @@ impl Group {
             })
             .map(|(slot, at)| (*slot, *at))
             .collect();
-        if let Some(event) = isolation.events.iter().find(|e| !through(e)).cloned() {
+        let next = isolation.events.iter().find(|e| !through(e)).cloned();
+        if let Some(event) = next {
             let checkpoints = checkpoints_to(&scope, event.position);
-            self.dispatch(lane, Arc::new(vec![event]), checkpoints, 0, out);
+            self.dispatch(lane, BatchEvents::from(vec![event]), checkpoints, 0, out);
             return true;
         }
         let rest: BTreeMap<Slot, Position> = isolation
@@ -807,7 +823,7 @@ impl Group {
         if rest.is_empty() {
             return false;
         }
-        self.dispatch(lane, Arc::new(Vec::new()), rest, 0, out);
+        self.dispatch(lane, BatchEvents::default(), rest, 0, out);
         true
     }
 
@@ -1025,13 +1041,13 @@ impl Group {
                     l.cursors = advance_all(&l.cursors, at);
                 } else {
                     let checkpoints = checkpoints_to(&request, at);
-                    self.dispatch(lane, Arc::new(events), checkpoints, span, out);
+                    self.dispatch(lane, BatchEvents::from(events), checkpoints, span, out);
                 }
             }
             (None, None) => self.lanes[lane].caught_up = true,
             (None, Some(end)) => {
                 let checkpoints = checkpoints_to(&request, end);
-                self.dispatch(lane, Arc::new(events), checkpoints, span, out);
+                self.dispatch(lane, BatchEvents::from(events), checkpoints, span, out);
             }
         }
         None
@@ -1204,7 +1220,7 @@ impl Group {
         }
         let events: Vec<Event> =
             batch.events.iter().filter(|e| checkpoints.contains_key(&e.slot)).cloned().collect();
-        self.dispatch(lane, Arc::new(events), checkpoints, 0, out);
+        self.dispatch(lane, BatchEvents::from(events), checkpoints, 0, out);
     }
 
     fn reload(&mut self, lane: usize, out: &mut Out<'_>) {

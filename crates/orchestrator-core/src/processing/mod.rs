@@ -15,14 +15,15 @@
 //! speeds keep sharing; a lane further behind reads alone and rejoins through cursor equality (docs/ARCHITECTURE.md, "The processing model", states the
 //! invariants this module keeps).
 
+mod batch_events;
 mod failure;
 mod group;
 mod lag;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
+pub use self::batch_events::BatchEvents;
 pub use self::failure::{AfterFailure, Failure, FailurePolicy, RetryPolicy, after_failure};
 pub use self::lag::{Density, LAG_COUNT_LIMIT, LagEstimate, LagPart, estimate_lag};
 
@@ -34,6 +35,12 @@ use crate::slot::{Slot, SlotCount};
 
 /// Identifies one command the runtime executes, and the input that answers it.
 pub type TaskId = u64;
+
+/// Shared batches a lane takes in one transaction at most, when that many wait for it.
+///
+/// Each costs a transaction and a fenced commit less; the bound keeps a transaction's length
+/// (and the locks its handler's writes hold) to a few handler calls.
+pub const MAX_SHARED_PER_BATCH: usize = 4;
 
 /// Memory a worker gives its shared batches by default, over all its groups: 128 MiB.
 pub const DEFAULT_WINDOW_BYTES: usize = 128 << 20;
@@ -185,11 +192,15 @@ pub enum Outcome {
 
 /// One batch for one projection: handle `events` in a transaction, park `park` in it, then commit
 /// `checkpoints` under the fence of `grants`.
+///
+/// A lane behind its shared read takes the shared batches waiting for it together (up to
+/// [`MAX_SHARED_PER_BATCH`]): one transaction and one commit for all of them, the handler called
+/// once per part of `events`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Batch {
     /// The events to apply, in order (empty: nothing to apply; commit the checkpoints (and park
     /// `park`) only, without calling the handler).
-    pub events: Arc<Vec<Event>>,
+    pub events: BatchEvents,
     /// Events of parked keys, to write as dead letters in the same transaction.
     pub park: Vec<ParkedEvent>,
     /// Every slot the batch advances, with its new checkpoint.

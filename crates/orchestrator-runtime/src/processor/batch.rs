@@ -41,11 +41,12 @@ async fn run<S: ProcessingStore>(
             return (Outcome::StoreFailed, None);
         }
     };
-    let events = batch.events.as_slice();
-    // A batch with nothing of the projection's scope only moves its checkpoints.
-    if !events.is_empty() {
+    // A batch with nothing of the projection's scope only moves its checkpoints. A batch of
+    // several shared reads calls the handler once per read, each call bounded by the timeout.
+    let mut offset = 0;
+    for events in batch.events.parts() {
         match call_handler(shared, projection, &mut tx, events).await {
-            Handled::Done => {}
+            Handled::Done => offset += events.len(),
             Handled::StoreFailed(error) => {
                 drop(tx);
                 warn!(projection = name, %error, "The store failed under the handler; retrying");
@@ -65,6 +66,7 @@ async fn run<S: ProcessingStore>(
                     permanent,
                     "Projection handler failed"
                 );
+                let index = index.map(|i| offset + i);
                 let outcome = Outcome::HandlerFailed { index, timed_out: false, permanent };
                 return (outcome, Some(failure.source));
             }
@@ -94,7 +96,7 @@ async fn run<S: ProcessingStore>(
     match commit(shared, projection, tx, &batch.checkpoints, &batch.grants).await {
         Outcome::Committed => {
             let took = started.elapsed();
-            metrics.batch_committed(name, events.len(), took);
+            metrics.batch_committed(name, batch.events.len(), took);
             if !letters.is_empty() {
                 metrics.parked(name, letters.len());
                 for letter in letters {
@@ -109,7 +111,7 @@ async fn run<S: ProcessingStore>(
                     );
                 }
             }
-            debug!(projection = name, events = events.len(), elapsed = ?took, "Batch committed");
+            debug!(projection = name, events = batch.events.len(), elapsed = ?took, "Batch committed");
             (Outcome::Committed, None)
         }
         refused => (refused, None),
