@@ -269,6 +269,14 @@ impl World {
                     self.pending.push(Pending::Load { task, projection, slots })
                 }
                 Command::Process { task, projection, batch } => {
+                    if let Some(part) =
+                        batch.events.parts().iter().find(|p| p.len() > self.batch_size)
+                    {
+                        self.fail(format!(
+                            "projection {projection} given {} events in one handler call",
+                            part.len()
+                        ));
+                    }
                     for event in batch.events.iter() {
                         if !self.scopes[projection].includes(&event.stream) {
                             self.fail(format!(

@@ -3,11 +3,13 @@
 //! projection behind the others catching up and joining, and slots stopped with batches in flight.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use orchestrator_core::event::Tracing;
 use orchestrator_core::processing::{
-    Batch, Command, DEFAULT_WINDOW_BYTES, FailurePolicy, Input, MAX_SHARED_PER_BATCH, Outcome,
-    ParkCause, PolledState, Processing, ProcessingConfig, RetryPolicy, TaskId, covering_scope,
+    Batch, BatchEvents, Command, DEFAULT_WINDOW_BYTES, FailurePolicy, Input, MAX_SHARED_PER_BATCH,
+    Outcome, ParkCause, PolledState, Processing, ProcessingConfig, RetryPolicy, TaskId,
+    covering_scope,
 };
 use orchestrator_core::{
     Epoch, Event, EventId, Position, Scope, Slot, SlotCount, StreamId, Timestamp,
@@ -221,6 +223,24 @@ impl Harness {
 fn sorted(mut v: Vec<u64>) -> Vec<u64> {
     v.sort();
     v
+}
+
+#[test]
+fn batch_events_read_as_one_sequence_without_copying_a_read() {
+    let first = Arc::new(vec![event(1, "A"), event(2, "A")]);
+    let mut events = BatchEvents::shared(first.clone());
+    events.push(Arc::new(Vec::new()));
+    events.push(Arc::new(vec![event(3, "A")]));
+    assert_eq!(events.len(), 3);
+    assert_eq!(events.parts().len(), 2, "an empty read is not kept");
+    assert!(Arc::ptr_eq(&events.parts()[0], &first), "a shared read is not copied");
+    assert_eq!(events[2].position, Position::global(3));
+    assert!(events.get(3).is_none());
+    let globals: Vec<u64> = events.iter().map(|e| e.position.global).collect();
+    assert_eq!(globals, [1, 2, 3]);
+    let whole = BatchEvents::from(vec![event(1, "A"), event(2, "A"), event(3, "A")]);
+    assert_eq!(events, whole, "equal however the events are split");
+    assert!(BatchEvents::from(Vec::new()).is_empty());
 }
 
 #[test]

@@ -63,6 +63,20 @@ impl BatchEvents {
         self.parts.first().and_then(|part| part.first())
     }
 
+    /// The events `keep` keeps, part by part (so no part grows): a part kept whole stays shared.
+    pub fn filter(&self, mut keep: impl FnMut(&Event) -> bool) -> Self {
+        let mut kept = Self::default();
+        for part in &self.parts {
+            let events: Vec<Event> = part.iter().filter(|e| keep(e)).cloned().collect();
+            if events.len() == part.len() {
+                kept.push(part.clone());
+            } else {
+                kept.push(Arc::new(events));
+            }
+        }
+        kept
+    }
+
     /// Every event, in order.
     pub fn iter(&self) -> impl Iterator<Item = &Event> {
         self.parts.iter().flat_map(|part| part.iter())
@@ -89,47 +103,5 @@ impl std::ops::Index<usize> for BatchEvents {
 
     fn index(&self, index: usize) -> &Event {
         self.get(index).unwrap_or_else(|| panic!("index {index} out of {} events", self.len))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::event::{EventId, Position, StreamId, Tracing};
-    use crate::slot::Slot;
-    use crate::time::Timestamp;
-
-    fn event(global: u64) -> Event {
-        Event {
-            position: Position::global(global),
-            stream: StreamId::new("ctx", "type", "id"),
-            aggregate_version: global,
-            slot: Slot(0),
-            partition_key: "id".into(),
-            event_id: EventId::from_bytes([0; 16]),
-            event_type: "Happened".into(),
-            event_version: 1,
-            payload: Vec::new(),
-            metadata: "{}".into(),
-            tracing: Tracing::default(),
-            created_at: Timestamp(0),
-        }
-    }
-
-    #[test]
-    fn parts_read_as_one_sequence_and_empty_parts_are_dropped() {
-        let first = Arc::new(vec![event(1), event(2)]);
-        let mut events = BatchEvents::shared(first.clone());
-        events.push(Arc::new(Vec::new()));
-        events.push(Arc::new(vec![event(3)]));
-        assert_eq!(events.len(), 3);
-        assert_eq!(events.parts().len(), 2);
-        assert!(Arc::ptr_eq(&events.parts()[0], &first), "a shared read is not copied");
-        assert_eq!(events[2].position, Position::global(3));
-        assert!(events.get(3).is_none());
-        let globals: Vec<u64> = events.iter().map(|e| e.position.global).collect();
-        assert_eq!(globals, [1, 2, 3]);
-        assert_eq!(events, BatchEvents::from(vec![event(1), event(2), event(3)]));
-        assert!(BatchEvents::from(Vec::new()).is_empty());
     }
 }

@@ -696,16 +696,13 @@ impl Group {
         for batch in self.stream.window.range(index..).take(MAX_SHARED_PER_BATCH) {
             // Each batch was read from where the one before ended, so together they are what one
             // read from the first's cursors to the last's end returns.
-            if config.unfiltered[lane] {
-                events.push(batch.events.clone());
-            } else {
-                let scope = &config.scopes[lane];
-                events.push(Arc::new(
-                    batch.events.iter().filter(|e| scope.includes(&e.stream)).cloned().collect(),
-                ));
-            }
+            events.push(batch.events.clone());
             span += batch.span;
             last = batch;
+        }
+        if !config.unfiltered[lane] {
+            let scope = &config.scopes[lane];
+            events = events.filter(|e| scope.includes(&e.stream));
         }
         let checkpoints = checkpoints_to(&first.from, last.last);
         let (seq, end, short) = (last.seq, last.last, last.short);
@@ -740,23 +737,21 @@ impl Group {
         let (applied, park) = if l.parked.is_empty() {
             (events.clone(), Vec::new())
         } else {
-            let mut applied = Vec::with_capacity(events.len());
             let mut park = Vec::new();
-            for event in events.iter() {
-                match l.parked.get(&event.partition_key) {
-                    Some((_, since)) if event.position >= *since => {
-                        let cause = match l.gave_up.get(&event.position) {
-                            Some((task, attempts)) => {
-                                ParkCause::Failed { task: *task, attempts: *attempts }
-                            }
-                            None => ParkCause::Behind { since: *since },
-                        };
-                        park.push(ParkedEvent { event: event.clone(), cause });
-                    }
-                    _ => applied.push(event.clone()),
+            let applied = events.filter(|event| match l.parked.get(&event.partition_key) {
+                Some((_, since)) if event.position >= *since => {
+                    let cause = match l.gave_up.get(&event.position) {
+                        Some((task, attempts)) => {
+                            ParkCause::Failed { task: *task, attempts: *attempts }
+                        }
+                        None => ParkCause::Behind { since: *since },
+                    };
+                    park.push(ParkedEvent { event: event.clone(), cause });
+                    false
                 }
-            }
-            (BatchEvents::from(applied), park)
+                _ => true,
+            });
+            (applied, park)
         };
         let task = out.task(Task::Process { group: self.index, lane });
         out.emit(Command::Process {
@@ -1218,9 +1213,8 @@ impl Group {
         if checkpoints.is_empty() {
             return;
         }
-        let events: Vec<Event> =
-            batch.events.iter().filter(|e| checkpoints.contains_key(&e.slot)).cloned().collect();
-        self.dispatch(lane, BatchEvents::from(events), checkpoints, 0, out);
+        let events = batch.events.filter(|e| checkpoints.contains_key(&e.slot));
+        self.dispatch(lane, events, checkpoints, 0, out);
     }
 
     fn reload(&mut self, lane: usize, out: &mut Out<'_>) {
