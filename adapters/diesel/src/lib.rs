@@ -134,13 +134,13 @@ impl DieselStore {
         use diesel_async::RunQueryDsl;
         let fencing = pg.fencing();
         let sql = fencing.identity_sql();
-        let ours: String = sqlx::query_scalar(&sql)
+        let ours: String = sqlx::query_scalar(sql)
             .fetch_one(pg.pool())
             .await
             .map_err(|e| orchestrator_postgres::classify_error("open the diesel store", e))?;
         let mut conn =
             pool.get().await.map_err(|e| error::classify_pool("open the diesel store", e))?;
-        let theirs = diesel::sql_query(&sql)
+        let theirs = diesel::sql_query(sql)
             .get_result::<Identity>(&mut *conn)
             .await
             .map_err(|e| classify_error("open the diesel store", e))?

@@ -65,15 +65,43 @@ const DENSE: &str = "s.slot BETWEEN ($3::int[])[1] AND ($3::int[])[cardinality($
 /// A few slots spread over a large range: probe the primary key for each one.
 const SPARSE: &str = "s.slot = ANY($3::int[])";
 
-/// Which of [`DENSE`] and [`SPARSE`] bounds a claim of these slots (ascending): dense when it holds
-/// at least a quarter of the slots in its span, so that the rows read stay within four times the
-/// claim.
-fn density(slots: &[i32]) -> usize {
-    let span = match (slots.first(), slots.last()) {
-        (Some(first), Some(last)) => (last - first) as usize + 1,
-        _ => 0,
-    };
-    if slots.len() * 4 >= span { 0 } else { 1 }
+/// Which slot filter bounds a claim: [`DENSE`] or [`SPARSE`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Density {
+    Dense,
+    Sparse,
+}
+
+impl Density {
+    /// Dense when the claim (ascending slots) holds at least a quarter of the slots in its span,
+    /// so that the rows read stay within four times the claim.
+    fn of(slots: &[i32]) -> Self {
+        let span = match (slots.first(), slots.last()) {
+            (Some(first), Some(last)) => (last - first) as usize + 1,
+            _ => 0,
+        };
+        if slots.len() * 4 >= span { Self::Dense } else { Self::Sparse }
+    }
+}
+
+/// One statement built with each slot filter.
+#[derive(Debug)]
+struct ByDensity {
+    dense: String,
+    sparse: String,
+}
+
+impl ByDensity {
+    fn build(statement: impl Fn(&str) -> String) -> Self {
+        Self { dense: statement(DENSE), sparse: statement(SPARSE) }
+    }
+
+    fn get(&self, density: Density) -> &str {
+        match density {
+            Density::Dense => &self.dense,
+            Density::Sparse => &self.sparse,
+        }
+    }
 }
 
 /// What failed, in error messages.
@@ -145,14 +173,13 @@ pub struct Fencing {
     sql: Arc<Statements>,
 }
 
-/// Every statement of [`Fencing`], built once when the store opens; `[dense, sparse]` pairs are
-/// indexed by [`density`].
+/// Every statement of [`Fencing`], built once when the store opens.
 #[derive(Debug)]
 struct Statements {
     identity: String,
     owner_change: String,
-    advance_progress: [String; 2],
-    advance_slots: [String; 2],
+    advance_progress: ByDensity,
+    advance_slots: ByDensity,
     owned_slots: String,
     reset_deletes: Vec<String>,
     reset_epochs: String,
@@ -191,7 +218,7 @@ impl Fencing {
             slots.push(slot.0 as i32);
         }
         let epochs = epochs_by_slot(fence, &slots);
-        let density = density(&slots);
+        let density = Density::of(&slots);
         let claim = Claim {
             replica_set: fence.replica_set.as_str(),
             projection,
@@ -223,7 +250,7 @@ impl Fencing {
         tx: &mut T,
         claim: &Claim<'_>,
         checkpoints: &BTreeMap<Slot, Position>,
-        density: usize,
+        density: Density,
     ) -> StoreResult<Option<(bool, Option<Slot>)>> {
         let slots = claim.slots;
         let mut positions = checkpoints.values();
@@ -231,7 +258,7 @@ impl Fencing {
         Ok(if checkpoints.len() > 1 && positions.all(|p| *p == first) {
             let checked = tx
                 .advance_progress(
-                    &self.sql.advance_progress[density],
+                    self.sql.advance_progress.get(density),
                     claim,
                     (first.commit as i64, first.global as i64),
                 )
@@ -243,7 +270,7 @@ impl Fencing {
             let commits: Vec<i64> = checkpoints.values().map(|p| p.commit as i64).collect();
             let globals: Vec<i64> = checkpoints.values().map(|p| p.global as i64).collect();
             let checked = tx
-                .advance_slots(&self.sql.advance_slots[density], claim, &commits, &globals)
+                .advance_slots(self.sql.advance_slots.get(density), claim, &commits, &globals)
                 .await?;
             checked.map(|(owned, advanced)| {
                 let behind = slots.iter().find(|s| !advanced.contains(s)).map(|s| Slot(*s as u32));
@@ -305,8 +332,8 @@ impl Fencing {
     pub(crate) fn new(t: &Tables) -> Self {
         let sql = Statements {
             owner_change: owner_change_sql(t),
-            advance_progress: [DENSE, SPARSE].map(|filter| advance_progress(t, filter)),
-            advance_slots: [DENSE, SPARSE].map(|filter| advance_slots(t, filter)),
+            advance_progress: ByDensity::build(|filter| advance_progress(t, filter)),
+            advance_slots: ByDensity::build(|filter| advance_slots(t, filter)),
             owned_slots: owned_slots(t),
             reset_deletes: [&t.checkpoints, &t.progress, &t.stopped_projections, &t.dead_letters]
                 .map(|table| {
@@ -345,8 +372,8 @@ impl Fencing {
 
     /// A query whose one row and column (`identity`, text) names the database and the slots table
     /// it resolves to: two connections that return the same value fence against the same rows.
-    pub fn identity_sql(&self) -> String {
-        self.sql.identity.clone()
+    pub fn identity_sql(&self) -> &str {
+        &self.sql.identity
     }
 }
 
@@ -521,16 +548,16 @@ mod tests {
     use orchestrator_core::ports::{Fence, StoreError};
     use orchestrator_core::{Epoch, Position, ReplicaSetName, Slot, SlotCount, WorkerId};
 
-    use super::density;
+    use super::Density;
     use crate::testing::TestSchema;
 
     #[test]
     fn a_claim_is_dense_when_it_holds_a_quarter_of_its_span() {
-        assert_eq!(density(&[3]), 0);
-        assert_eq!(density(&[0, 1, 2, 3]), 0);
-        assert_eq!(density(&[0, 7]), 0, "2 of a span of 8");
-        assert_eq!(density(&[0, 8]), 1, "2 of a span of 9");
-        assert_eq!(density(&(0..256).collect::<Vec<_>>()), 0);
+        assert_eq!(Density::of(&[3]), Density::Dense);
+        assert_eq!(Density::of(&[0, 1, 2, 3]), Density::Dense);
+        assert_eq!(Density::of(&[0, 7]), Density::Dense, "2 of a span of 8");
+        assert_eq!(Density::of(&[0, 8]), Density::Sparse, "2 of a span of 9");
+        assert_eq!(Density::of(&(0..256).collect::<Vec<_>>()), Density::Dense);
     }
 
     /// A replica set `rs` of `count` slots, every one owned by `w1` at epoch 1 but `stale`, at
@@ -586,18 +613,18 @@ mod tests {
         for same_position in [true, false] {
             let shape = if same_position { "one position" } else { "per slot" };
             // Dense, with an owned but unclaimed slot inside the span.
-            assert_eq!(density(&[37, 39]), 0);
+            assert_eq!(Density::of(&[37, 39]), Density::Dense);
             commit(&[37, 39], same_position).await.unwrap();
-            assert_eq!(density(&[39, 40]), 0);
+            assert_eq!(Density::of(&[39, 40]), Density::Dense);
             let err = commit(&[39, 40], same_position).await.unwrap_err();
             assert!(matches!(err, StoreError::Fenced { slot: Slot(40), .. }), "{shape}: {err}");
-            assert_eq!(density(&[38, 40]), 0);
+            assert_eq!(Density::of(&[38, 40]), Density::Dense);
             let err = commit(&[38, 40], same_position).await.unwrap_err();
             assert!(matches!(err, StoreError::Fenced { slot: Slot(40), .. }), "{shape}: {err}");
             // Sparse.
-            assert_eq!(density(&[0, 63]), 1);
+            assert_eq!(Density::of(&[0, 63]), Density::Sparse);
             commit(&[0, 63], same_position).await.unwrap();
-            assert_eq!(density(&[0, 40]), 1);
+            assert_eq!(Density::of(&[0, 40]), Density::Sparse);
             let err = commit(&[0, 40], same_position).await.unwrap_err();
             assert!(matches!(err, StoreError::Fenced { slot: Slot(40), .. }), "{shape}: {err}");
         }

@@ -2,9 +2,11 @@
 //! one statement relies on it to learn that an owner change committed after its snapshot was
 //! taken (see `fencing.rs` and docs/ARCHITECTURE.md, "Fenced commit").
 
-use orchestrator_conformance::coordination::{first_generation, replica_set, slots, worker};
+use orchestrator_conformance::coordination::{
+    first_generation, next_plan, replica_set, slots, worker,
+};
 use orchestrator_core::ports::{CheckpointStore, CoordinationStore};
-use orchestrator_core::{Epoch, Generation, GenerationPlan, Slot, SlotAction, SlotChange};
+use orchestrator_core::{Epoch, Slot, SlotAction, SlotChange};
 use orchestrator_postgres::testing::TestSchema;
 
 /// The replica set row's current version.
@@ -34,19 +36,12 @@ async fn every_change_of_owner_writes_a_new_version_of_the_replica_set_row() {
     changed("register", row_version(&schema).await);
 
     // A generation handing slot 0 to w2, then its release.
-    let plan = GenerationPlan {
-        expected: Generation(1),
-        generation: Generation(2),
-        leader: w1.clone(),
-        leader_incarnation: leader,
-        members: vec![w1.clone(), w2.clone()],
-        changes: vec![SlotChange {
-            slot: Slot(0),
-            epoch: Epoch(1),
-            action: SlotAction::Handoff { to: w2.clone() },
-        }],
-        evict: Vec::new(),
+    let handoff = SlotChange {
+        slot: Slot(0),
+        epoch: Epoch(1),
+        action: SlotAction::Handoff { to: w2.clone() },
     };
+    let plan = next_plan(1, &w1, leader, &[&w1, &w2], vec![handoff]);
     store.create_generation(&rs, &plan).await.unwrap();
     changed("create_generation", row_version(&schema).await);
     store.release_slot(&rs, &w1, Slot(0), Epoch(1)).await.unwrap();

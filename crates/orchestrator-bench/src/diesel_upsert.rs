@@ -195,7 +195,7 @@ pub(crate) async fn suite(args: &Args) -> Result<()> {
         drop(store);
         schema.drop_schema().await;
     }
-    let column = |i: usize| median(runs.iter().map(|r| r[i]).collect());
+    let column = |i: usize| median(&runs.iter().map(|r| r[i]).collect::<Vec<_>>());
     let reference = column(3);
     for (i, what) in [
         "diesel-async, insert_into(..).values(&rows).on_conflict(..) per batch",
@@ -210,7 +210,7 @@ pub(crate) async fn suite(args: &Args) -> Result<()> {
         println!(
             "| single worker, upsert projection through handle_batch, batch 1000: {what} | {:.0} events/s | plain read+UNNEST upsert+checkpoint {reference:.0} events/s | {:.2}x of reference (median of the runs' ratios {:?}) |",
             column(i),
-            median(ratios.clone()),
+            median(&ratios),
             ratios.iter().map(|r| (r * 100.0).round() / 100.0).collect::<Vec<_>>()
         );
     }

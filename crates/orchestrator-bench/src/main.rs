@@ -110,8 +110,6 @@ const SUITES: [&str; 10] = [
 async fn projections_suite(args: &Args) -> Result<()> {
     let events = args.events as u64;
     let runs = args.runs;
-    let med = |v: &[f64]| median(v.to_vec());
-    let rounded = |v: &[f64]| v.iter().map(|x| (x * 1000.0).round() / 1000.0).collect::<Vec<_>>();
 
     let (mut ten, mut one, mut ten_rows, mut one_rows) = (vec![], vec![], vec![], vec![]);
     for run in 1..=runs {
@@ -125,15 +123,15 @@ async fn projections_suite(args: &Args) -> Result<()> {
     }
     println!(
         "| one worker, 10 no-op transactional projections, batch 1000, {events} events from empty checkpoints, heartbeat 1s: rows read per event (all 10, lag included) | {:.3} | one projection alone {:.3} | runs {:?} |",
-        med(&ten_rows),
-        med(&one_rows),
+        median(&ten_rows),
+        median(&one_rows),
         rounded(&ten_rows)
     );
     println!(
         "| same: events/s committed by all 10 | {:.0} events/s | one projection alone {:.0} events/s | {:.2}x of one alone | runs {:?} against {:?} |",
-        med(&ten),
-        med(&one),
-        med(&ten) / med(&one),
+        median(&ten),
+        median(&one),
+        median(&ten) / median(&one),
         ten.iter().map(|r| r.round()).collect::<Vec<_>>(),
         one.iter().map(|r| r.round()).collect::<Vec<_>>()
     );
@@ -145,8 +143,6 @@ async fn projections_suite(args: &Args) -> Result<()> {
 async fn processing_suite(args: &Args) -> Result<()> {
     let events = args.events as u64;
     let runs = args.runs;
-    let med = |v: &[f64]| median(v.to_vec());
-    let rounded = |v: &[f64]| v.iter().map(|x| (x * 1000.0).round() / 1000.0).collect::<Vec<_>>();
 
     projections_suite(args).await?;
 
@@ -157,7 +153,7 @@ async fn processing_suite(args: &Args) -> Result<()> {
     }
     println!(
         "| 4 `orchestrator demo worker` processes (demo_audit and demo_audit_batch), {events}-event backlog from scratch, batch 1000, heartbeat 1s: rows read per event | {:.3} | runs {:?} |",
-        med(&demo),
+        median(&demo),
         rounded(&demo)
     );
 
@@ -170,9 +166,9 @@ async fn processing_suite(args: &Args) -> Result<()> {
     }
     println!(
         "| isolation: 9 no-op projections beside one taking 50 ms per batch, batch 100, {iso_events} events: the slowest of the nine | {:.0} events/s | the nine alone {:.0} events/s | {:.2}x |",
-        med(&with),
-        med(&without),
-        med(&with) / med(&without)
+        median(&with),
+        median(&without),
+        median(&with) / median(&without)
     );
 
     let io_events = 200_000;
@@ -187,15 +183,15 @@ async fn processing_suite(args: &Args) -> Result<()> {
     }
     println!(
         "| handler awaiting 1 ms per event, batch 100: PROCESSING_CONCURRENCY=8 against 1 | {:.0} events/s | concurrency 1: {:.0} events/s | {:.2}x |",
-        med(&c8),
-        med(&c1),
-        med(&c8) / med(&c1)
+        median(&c8),
+        median(&c1),
+        median(&c8) / median(&c1)
     );
     println!(
         "| same handler: 4 workers against 1 (concurrency 1 each) | {:.0} events/s | 1 worker: {:.0} events/s | {:.2}x |",
-        med(&w4),
-        med(&w1),
-        med(&w4) / med(&w1)
+        median(&w4),
+        median(&w1),
+        median(&w4) / median(&w1)
     );
 
     let upsert_events = events.min(200_000);
@@ -212,17 +208,24 @@ async fn processing_suite(args: &Args) -> Result<()> {
         }
         println!(
             "| projection upserting one row per event through `handle` (one statement per event), batch {batch}, {upsert_events} events | {:.0} events/s | plain read+UNNEST upsert+checkpoint, batch {batch}: {:.0} events/s | {:.2}x of reference |",
-            med(&ours),
-            med(&reference),
-            med(&ours) / med(&reference)
+            median(&ours),
+            median(&reference),
+            median(&ours) / median(&reference)
         );
     }
     Ok(())
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
+/// The median of the runs' figures (the upper one of an even count).
+fn median(values: &[f64]) -> f64 {
+    let mut values = values.to_vec();
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
+}
+
+/// Each run's figure to three decimals, for the printed list of runs.
+fn rounded(values: &[f64]) -> Vec<f64> {
+    values.iter().map(|x| (x * 1000.0).round() / 1000.0).collect()
 }
 
 async fn embedded_suite(args: &Args) -> Result<()> {
@@ -234,7 +237,7 @@ async fn embedded_suite(args: &Args) -> Result<()> {
         }
         println!(
             "| single worker, in-memory store, no-op projection, batch {batch} | {:.0} events/s | runs {:?} |",
-            median(rates.clone()),
+            median(&rates),
             rates.iter().map(|r| r.round()).collect::<Vec<_>>()
         );
     }
@@ -263,8 +266,8 @@ async fn upsert_suite(args: &Args) -> Result<()> {
         schema.drop_schema().await;
     }
     report_runs("upsert projection, batch 1000", &pairs);
-    let ours = median(pairs.iter().map(|p| p.0).collect());
-    let reference = median(pairs.iter().map(|p| p.1).collect());
+    let ours = median(&pairs.iter().map(|p| p.0).collect::<Vec<_>>());
+    let reference = median(&pairs.iter().map(|p| p.1).collect::<Vec<_>>());
     println!(
         "| single worker, projection upserting one row per event through handle_batch (UNNEST), batch 1000 | {ours:.0} events/s | plain read+UNNEST upsert+checkpoint {reference:.0} events/s | {:.2}x of reference |",
         ours / reference
@@ -284,9 +287,9 @@ async fn horizon_suite(args: &Args) -> Result<()> {
             );
             runs.push(horizon::latency(foreign).await?);
         }
-        let p50 = median(runs.iter().map(|r| r.0).collect());
-        let p99 = median(runs.iter().map(|r| r.1).collect());
-        let max = median(runs.iter().map(|r| r.2).collect());
+        let p50 = median(&runs.iter().map(|r| r.0).collect::<Vec<_>>());
+        let p99 = median(&runs.iter().map(|r| r.1).collect::<Vec<_>>());
+        let max = median(&runs.iter().map(|r| r.2).collect::<Vec<_>>());
         let label = if foreign {
             "with a writing transaction open 30 s in another database"
         } else {
@@ -309,7 +312,7 @@ async fn scaling_suite(args: &Args) -> Result<()> {
         }
         println!(
             "| rows read from the events table per event processed, {workers} worker(s) | {:.3} | runs {:?} |",
-            median(ratios.clone()),
+            median(&ratios),
             ratios.iter().map(|r| (r * 1000.0).round() / 1000.0).collect::<Vec<_>>()
         );
     }
@@ -417,8 +420,8 @@ async fn runtime_suite(args: &Args) -> Result<()> {
 
 fn report_rates(what: &str, pairs: &[(f64, f64)]) {
     report_runs(what, pairs);
-    let ours = median(pairs.iter().map(|p| p.0).collect());
-    let reference = median(pairs.iter().map(|p| p.1).collect());
+    let ours = median(&pairs.iter().map(|p| p.0).collect::<Vec<_>>());
+    let reference = median(&pairs.iter().map(|p| p.1).collect::<Vec<_>>());
     println!(
         "| {what} | {ours:.0} events/s | plain sqlx read+checkpoint {reference:.0} events/s | {:.2}x of reference |",
         ours / reference
@@ -437,8 +440,10 @@ fn report_runs(what: &str, pairs: &[(f64, f64)]) {
 }
 
 fn report(what: &str, runs: &[(Duration, Duration)], events: usize) {
-    let ours = median(runs.iter().map(|(o, _)| events as f64 / o.as_secs_f64()).collect());
-    let reference = median(runs.iter().map(|(_, r)| events as f64 / r.as_secs_f64()).collect());
+    let ours =
+        median(&runs.iter().map(|(o, _)| events as f64 / o.as_secs_f64()).collect::<Vec<_>>());
+    let reference =
+        median(&runs.iter().map(|(_, r)| events as f64 / r.as_secs_f64()).collect::<Vec<_>>());
     println!(
         "| {what} | {:.0} events/s | plain sqlx {:.0} events/s | {:.2}x of reference |",
         ours,

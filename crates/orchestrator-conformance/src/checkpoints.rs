@@ -6,7 +6,7 @@ use std::time::Duration;
 use orchestrator_core::ports::{CheckpointStore, CoordinationStore, Fence, StoreError};
 use orchestrator_core::{Epoch, Position, ReplicaSetName, Slot, SlotAction, SlotChange, WorkerId};
 
-use crate::coordination::{first_generation, replica_set, slots, worker};
+use crate::coordination::{first_generation, next_plan, replica_set, slots, worker};
 use crate::{Harness, SLOTS};
 
 fn fence(worker: &WorkerId, grants: &[(u32, u64)]) -> Fence {
@@ -52,19 +52,9 @@ pub async fn stale_epoch_is_fenced_and_read_model_writes_roll_back<H: Harness>(h
     let incarnation = first_generation(store, &w1).await;
     store.register(&rs, slots(), &w2).await.unwrap();
 
-    let plan = orchestrator_core::GenerationPlan {
-        expected: orchestrator_core::Generation(1),
-        generation: orchestrator_core::Generation(2),
-        leader: w1.clone(),
-        leader_incarnation: incarnation,
-        members: vec![w2.clone()],
-        changes: vec![SlotChange {
-            slot: Slot(0),
-            epoch: Epoch(1),
-            action: SlotAction::Grant { to: w2.clone() },
-        }],
-        evict: Vec::new(),
-    };
+    let grant =
+        SlotChange { slot: Slot(0), epoch: Epoch(1), action: SlotAction::Grant { to: w2.clone() } };
+    let plan = next_plan(1, &w1, incarnation, &[&w2], vec![grant]);
     store.create_generation(&rs, &plan).await.unwrap();
 
     // The zombie still believes it owns slot 0 at epoch 1 and processes a batch.

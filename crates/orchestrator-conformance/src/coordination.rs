@@ -25,30 +25,32 @@ pub fn slots() -> SlotCount {
 
 /// Registers `leader`, gives it the lease, and creates generation 1 granting it every slot.
 pub async fn first_generation<S: CoordinationStore>(store: &S, leader: &WorkerId) -> Incarnation {
-    let rs = replica_set();
-    let incarnation = store.register(&rs, slots(), leader).await.unwrap();
-    assert!(store.heartbeat(&rs, leader, incarnation, LEASE * 20).await.unwrap().leader);
-    let plan = GenerationPlan {
-        expected: Generation::ZERO,
-        generation: Generation(1),
-        leader: leader.clone(),
-        leader_incarnation: incarnation,
-        members: vec![leader.clone()],
-        changes: slots()
-            .all()
-            .map(|slot| SlotChange {
-                slot,
-                epoch: Epoch::ZERO,
-                action: SlotAction::Grant { to: leader.clone() },
-            })
-            .collect(),
-        evict: Vec::new(),
-    };
-    store.create_generation(&rs, &plan).await.unwrap();
+    first_generation_in(store, &replica_set(), leader).await
+}
+
+/// [`first_generation`] in replica set `rs`.
+pub async fn first_generation_in<S: CoordinationStore>(
+    store: &S,
+    rs: &ReplicaSetName,
+    leader: &WorkerId,
+) -> Incarnation {
+    let incarnation = store.register(rs, slots(), leader).await.unwrap();
+    assert!(store.heartbeat(rs, leader, incarnation, LEASE * 20).await.unwrap().leader);
+    let grants = slots()
+        .all()
+        .map(|slot| SlotChange {
+            slot,
+            epoch: Epoch::ZERO,
+            action: SlotAction::Grant { to: leader.clone() },
+        })
+        .collect();
+    let plan = next_plan(0, leader, incarnation, &[leader], grants);
+    store.create_generation(rs, &plan).await.unwrap();
     incarnation
 }
 
-fn next_plan(
+/// The plan of the generation after `expected`, by `leader`, with `members` and `changes`.
+pub fn next_plan(
     expected: u64,
     leader: &WorkerId,
     incarnation: Incarnation,

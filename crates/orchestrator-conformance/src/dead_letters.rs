@@ -9,37 +9,18 @@ use orchestrator_core::ports::{
     UnitOfWorkStore,
 };
 use orchestrator_core::{
-    Epoch, Event, ExpectedVersion, Generation, GenerationPlan, PartitionKey, Position,
-    ReplicaSetName, Slot, SlotAction, SlotChange, StreamId,
+    Epoch, Event, ExpectedVersion, PartitionKey, Position, ReplicaSetName, Slot, StreamId,
 };
 
-use crate::coordination::{replica_set, slots, worker};
+use crate::Harness;
+use crate::coordination::{first_generation_in, replica_set, slots, worker};
 use crate::events::{new_events, read_all};
-use crate::{Harness, LEASE};
 
 /// Registers `leader` in `rs`, gives it the lease and every slot (generation 1), and returns the
 /// fence of a commit on every slot.
 async fn own_every_slot<S: CoordinationStore>(store: &S, rs: &ReplicaSetName) -> Fence {
     let leader = worker("w1");
-    let incarnation = store.register(rs, slots(), &leader).await.unwrap();
-    assert!(store.heartbeat(rs, &leader, incarnation, LEASE * 20).await.unwrap().leader);
-    let plan = GenerationPlan {
-        expected: Generation::ZERO,
-        generation: Generation(1),
-        leader: leader.clone(),
-        leader_incarnation: incarnation,
-        members: vec![leader.clone()],
-        changes: slots()
-            .all()
-            .map(|slot| SlotChange {
-                slot,
-                epoch: Epoch::ZERO,
-                action: SlotAction::Grant { to: leader.clone() },
-            })
-            .collect(),
-        evict: Vec::new(),
-    };
-    store.create_generation(rs, &plan).await.unwrap();
+    first_generation_in(store, rs, &leader).await;
     let snapshot = store.snapshot(rs).await.unwrap();
     Fence {
         replica_set: rs.clone(),
