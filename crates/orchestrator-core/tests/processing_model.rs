@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use orchestrator_core::event::Tracing;
 use orchestrator_core::ports::{DeadLetterAction, ReadRequest};
@@ -349,11 +350,13 @@ impl World {
             }
             Pending::Process { task, projection, batch } => {
                 let outcome = self.process(projection, &batch);
-                Input::Processed { task, outcome }
+                // Batches of every pace: some lanes take one read at a time, some several.
+                let took = Duration::from_millis(self.rng.below(40));
+                Input::Processed { task, outcome, took }
             }
             Pending::Resolve { task, projection, key, grants } => {
                 let outcome = self.retry(projection, &key, &grants);
-                Input::Processed { task, outcome }
+                Input::Processed { task, outcome, took: Duration::ZERO }
             }
             Pending::Poll { task } => {
                 let state = (!self.faults || !self.rng.chance(5)).then(|| PolledState {

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use orchestrator_core::event::Tracing;
 use orchestrator_core::processing::{
@@ -182,7 +183,7 @@ impl Harness {
                 self.checkpoints.insert((p, *slot), *at);
             }
             self.applied[p].extend(batch.events.iter().map(|e| e.position.global));
-            self.feed(Input::Processed { task, outcome: Outcome::Committed });
+            self.feed(Input::Processed { took: Duration::ZERO, task, outcome: Outcome::Committed });
             committed += 1;
         }
         committed
@@ -194,7 +195,7 @@ impl Harness {
             self.checkpoints.insert((0, *slot), *at);
         }
         self.applied[0].extend(batch.events.iter().map(|e| e.position.global));
-        self.feed(Input::Processed { task, outcome: Outcome::Committed });
+        self.feed(Input::Processed { took: Duration::ZERO, task, outcome: Outcome::Committed });
     }
 
     /// Answers everything until nothing is left to do; returns the reads made.
@@ -278,6 +279,38 @@ fn the_next_batches_are_read_while_one_is_handled_and_taken_together() {
         batch.checkpoints
     );
     assert_eq!(h.reads.len(), 1, "the stream reads on");
+    h.run_to_end();
+    assert_eq!(h.applied[0], h.expected(&Scope::all()), "every event once, in order");
+}
+
+#[test]
+fn a_lane_takes_as_many_waiting_batches_as_fit_its_pace() {
+    let mut h = Harness::new(vec![Scope::all()], 1, 100, 2000);
+    h.start_all();
+    let fill = |h: &mut Harness| {
+        while !h.reads.is_empty() {
+            h.answer_reads();
+        }
+    };
+    // Commits the batch in flight as taking `ms`; returns how many reads the next one holds.
+    let commit_after = |h: &mut Harness, ms: u64| {
+        fill(h);
+        let (task, p, batch) = h.processes.remove(0);
+        for (slot, at) in &batch.checkpoints {
+            h.checkpoints.insert((p, *slot), *at);
+        }
+        h.applied[p].extend(batch.events.iter().map(|e| e.position.global));
+        let took = Duration::from_millis(ms);
+        h.feed(Input::Processed { task, outcome: Outcome::Committed, took });
+        fill(h);
+        h.processes[0].2.events.parts().len()
+    };
+    h.answer_reads();
+    assert_eq!(h.processes[0].2.events.parts().len(), 1, "the first batch: one read");
+    assert_eq!(commit_after(&mut h, 30), 1, "30 ms for one read: past the budget alone");
+    assert_eq!(commit_after(&mut h, 10), 2, "10 ms a read: two fit 25 ms");
+    assert_eq!(commit_after(&mut h, 10), 4, "5 ms a read: four (and no more)");
+    assert_eq!(commit_after(&mut h, 200), 1, "50 ms a read: one again");
     h.run_to_end();
     assert_eq!(h.applied[0], h.expected(&Scope::all()), "every event once, in order");
 }
@@ -403,6 +436,7 @@ fn a_failing_projection_stops_alone_and_the_others_go_on() {
             h.processes.remove(h.processes.iter().position(|(_, p, _)| *p == 1).unwrap());
         assert_eq!(p, 1);
         h.feed(Input::Processed {
+            took: Duration::ZERO,
             task,
             outcome: Outcome::HandlerFailed { index: Some(4), timed_out: false, permanent: false },
         });
@@ -480,6 +514,7 @@ fn a_poll_issued_before_the_stop_was_recorded_does_not_resume_it() {
     let Some(Command::Poll { task: poll }) = h.reports.pop() else { panic!("a poll") };
     let (task, _, _) = h.processes.pop().unwrap();
     h.feed(Input::Processed {
+        took: Duration::ZERO,
         task,
         outcome: Outcome::HandlerFailed { index: Some(0), timed_out: false, permanent: true },
     });
@@ -504,6 +539,7 @@ fn park_sets_the_failing_key_aside_and_the_rest_of_the_batch_goes_on() {
     let (task, _, batch) = h.processes.pop().unwrap();
     let poison = batch.events[5].clone();
     h.feed(Input::Processed {
+        took: Duration::ZERO,
         task,
         outcome: Outcome::HandlerFailed { index: Some(5), timed_out: false, permanent: true },
     });
@@ -532,6 +568,7 @@ fn park_without_the_failing_index_goes_one_event_at_a_time() {
     h.answer_reads();
     let (task, _, batch) = h.processes.pop().unwrap();
     h.feed(Input::Processed {
+        took: Duration::ZERO,
         task,
         outcome: Outcome::HandlerFailed { index: None, timed_out: true, permanent: false },
     });
@@ -543,6 +580,7 @@ fn park_without_the_failing_index_goes_one_event_at_a_time() {
         h.answer_reads();
         let (task, _, _) = h.processes.pop().unwrap();
         h.feed(Input::Processed {
+            took: Duration::ZERO,
             task,
             outcome: Outcome::HandlerFailed { index: None, timed_out: true, permanent: false },
         });
@@ -551,7 +589,7 @@ fn park_without_the_failing_index_goes_one_event_at_a_time() {
     while let Some((task, _, single)) = h.processes.pop() {
         if single.events.is_empty() && single.park.is_empty() {
             assert_eq!(single.checkpoints, batch.checkpoints, "the batch's own end, last");
-            h.feed(Input::Processed { task, outcome: Outcome::Committed });
+            h.feed(Input::Processed { took: Duration::ZERO, task, outcome: Outcome::Committed });
             break;
         }
         assert_eq!(single.events.len() + single.park.len(), 1, "one event at a time");
@@ -559,6 +597,7 @@ fn park_without_the_failing_index_goes_one_event_at_a_time() {
         let event = single.events.first().cloned();
         if event.as_ref().is_some_and(|e| e.position == batch.events[3].position) {
             h.feed(Input::Processed {
+                took: Duration::ZERO,
                 task,
                 outcome: Outcome::HandlerFailed {
                     index: Some(0),
@@ -569,7 +608,7 @@ fn park_without_the_failing_index_goes_one_event_at_a_time() {
             let (_, _, parked) = h.processes.last().unwrap();
             assert_eq!(parked.park.len(), 1, "the one that failed is parked, at once");
         } else {
-            h.feed(Input::Processed { task, outcome: Outcome::Committed });
+            h.feed(Input::Processed { took: Duration::ZERO, task, outcome: Outcome::Committed });
         }
     }
     assert!(singles >= batch.events.len());
@@ -601,7 +640,11 @@ fn a_fenced_commit_drops_the_slot_from_every_projection_and_reloads() {
     h.answer_reads();
     let lost = h.processes[0].2.checkpoints.keys().next().copied().unwrap();
     let (task, _, _) = h.processes.remove(0);
-    h.feed(Input::Processed { task, outcome: Outcome::Fenced { slot: lost } });
+    h.feed(Input::Processed {
+        took: Duration::ZERO,
+        task,
+        outcome: Outcome::Fenced { slot: lost },
+    });
     assert!(h.reports.is_empty(), "the other projection's batch still covers it");
     assert_eq!(h.loads.len(), 1, "the fenced lane reloads its checkpoints");
     h.commit(None);
@@ -684,6 +727,7 @@ fn stop_without_the_failing_index_finds_the_event_one_at_a_time_and_names_it() {
     let (task, _, batch) = h.processes.pop().unwrap();
     let culprit = batch.events[5].position;
     h.feed(Input::Processed {
+        took: Duration::ZERO,
         task,
         outcome: Outcome::HandlerFailed { index: None, timed_out: false, permanent: true },
     });
@@ -691,6 +735,7 @@ fn stop_without_the_failing_index_finds_the_event_one_at_a_time_and_names_it() {
         assert_eq!(single.events.len(), 1, "one event at a time");
         if single.events[0].position == culprit {
             h.feed(Input::Processed {
+                took: Duration::ZERO,
                 task,
                 outcome: Outcome::HandlerFailed { index: None, timed_out: false, permanent: true },
             });

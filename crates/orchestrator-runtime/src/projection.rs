@@ -150,7 +150,8 @@ pub trait Projection<Tx: Send>: Send + Sync {
     /// statement. The default calls [`Projection::handle`] for each event in order.
     ///
     /// A projection behind its shared read may get several calls in one transaction (one per
-    /// read, up to four), committed together; each call is bounded by `HANDLER_TIMEOUT`.
+    /// read, up to four, while its batches take under 25 ms a read), committed together; each
+    /// call is bounded by `HANDLER_TIMEOUT`.
     async fn handle_batch(&self, tx: &mut Tx, events: &[Event]) -> Result<(), HandlerError> {
         for (index, event) in events.iter().enumerate() {
             self.handle(tx, event)

@@ -2,12 +2,13 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::failure::{AfterFailure, Failure, FailurePolicy, after_failure};
 use super::lag::{Density, LagPart};
 use super::{
     Batch, BatchEvents, Command, Config, FailedEvent, MAX_SHARED_PER_BATCH, Outcome, ParkCause,
-    ParkedEvent, TaskId, event_size,
+    ParkedEvent, SHARED_BATCH_BUDGET, TaskId, event_size,
 };
 use crate::event::{Event, Position};
 use crate::ids::Epoch;
@@ -170,6 +171,8 @@ enum LaneState {
         /// The events handed to the handler.
         applied: BatchEvents,
         sample: (u64, u64),
+        /// Reads it holds (shared batches taken together; 1 otherwise).
+        reads: usize,
     },
     /// Retrying or skipping a parked key.
     Resolving {
@@ -212,6 +215,9 @@ struct Lane {
     gave_up: BTreeMap<Position, (TaskId, u32)>,
     /// A batch the handler failed on without saying which event: retried one event at a time.
     isolating: Option<Isolation>,
+    /// Time per read of its last committed batch (`None` before the first): how many shared
+    /// batches it takes together.
+    pace: Option<Duration>,
     /// Retries and skips to carry out: key -> (slot, action).
     requests: BTreeMap<String, (Slot, DeadLetterAction)>,
     /// The completion count when each key was last resolved here (a poll issued before cannot
@@ -228,6 +234,19 @@ struct Isolation {
 }
 
 impl Lane {
+    /// Shared batches to take together: as many as fit [`SHARED_BATCH_BUDGET`] at the lane's
+    /// pace, at least one and at most [`MAX_SHARED_PER_BATCH`]; one until a batch committed.
+    fn reads_per_batch(&self) -> usize {
+        match self.pace {
+            None => 1,
+            Some(pace) if pace.is_zero() => MAX_SHARED_PER_BATCH,
+            Some(pace) => {
+                let fit = SHARED_BATCH_BUDGET.as_nanos() / pace.as_nanos();
+                usize::try_from(fit).unwrap_or(usize::MAX).clamp(1, MAX_SHARED_PER_BATCH)
+            }
+        }
+    }
+
     fn covers(&self, slot: Slot) -> bool {
         match &self.state {
             LaneState::Busy { checkpoints, .. } => checkpoints.contains_key(&slot),
@@ -292,6 +311,7 @@ impl Group {
                     parked: BTreeMap::new(),
                     gave_up: BTreeMap::new(),
                     isolating: None,
+                    pace: None,
                     requests: BTreeMap::new(),
                     resolved: BTreeMap::new(),
                 })
@@ -675,7 +695,7 @@ impl Group {
     }
 
     /// Hands the shared batches from `index` of the window on to an idle lane joined at the first
-    /// of them: every batch waiting, up to [`MAX_SHARED_PER_BATCH`], in one transaction. Returns
+    /// of them: every batch waiting, up to [`Lane::reads_per_batch`], in one transaction. Returns
     /// whether the lane stays idle (nothing of its scope in batches that need no commit of their
     /// own).
     fn take_shared(
@@ -691,13 +711,15 @@ impl Group {
             "a lane takes a shared batch only at its from cursors"
         );
         let mut events = BatchEvents::default();
-        let mut span = 0;
+        let (mut span, mut reads) = (0, 0);
         let mut last = first;
-        for batch in self.stream.window.range(index..).take(MAX_SHARED_PER_BATCH) {
+        let take = self.lanes[lane].reads_per_batch();
+        for batch in self.stream.window.range(index..).take(take) {
             // Each batch was read from where the one before ended, so together they are what one
             // read from the first's cursors to the last's end returns.
             events.push(batch.events.clone());
             span += batch.span;
+            reads += 1;
             last = batch;
         }
         if !config.unfiltered[lane] {
@@ -718,6 +740,9 @@ impl Group {
             return true;
         }
         self.dispatch(lane, events, checkpoints, span, out);
+        if let LaneState::Busy { reads: held, .. } = &mut self.lanes[lane].state {
+            *held = reads;
+        }
         false
     }
 
@@ -765,7 +790,8 @@ impl Group {
             },
         });
         let sample = (applied.len() as u64, span);
-        self.lanes[lane].state = LaneState::Busy { task, checkpoints, events, applied, sample };
+        self.lanes[lane].state =
+            LaneState::Busy { task, checkpoints, events, applied, sample, reads: 1 };
     }
 
     /// Carries out an operator's retry or skip of a parked key, as the lane's next step.
@@ -1053,6 +1079,7 @@ impl Group {
         lane: usize,
         task: TaskId,
         outcome: Outcome,
+        took: Duration,
         config: &Config,
         out: &mut Out<'_>,
     ) -> Option<StopInfo> {
@@ -1063,7 +1090,7 @@ impl Group {
             }
             _ => return None,
         }
-        let LaneState::Busy { checkpoints, events, applied, sample, .. } =
+        let LaneState::Busy { checkpoints, events, applied, sample, reads, .. } =
             std::mem::replace(&mut self.lanes[lane].state, LaneState::Idle)
         else {
             unreachable!("checked")
@@ -1080,6 +1107,7 @@ impl Group {
             l.attempts = 0;
             l.gave_up.clear();
             l.density.record(sample.0, sample.1);
+            l.pace = Some(took / reads.max(1) as u32);
             return None;
         }
         l.cursors.retain(|slot, _| slots.contains_key(slot));

@@ -42,6 +42,15 @@ pub type TaskId = u64;
 /// (and the locks its handler's writes hold) to a few handler calls.
 pub const MAX_SHARED_PER_BATCH: usize = 4;
 
+/// The time a lane's batch of shared batches taken together is meant to stay within, judged by
+/// its last committed batch: a lane whose batch of one read took longer takes one read at a
+/// time.
+///
+/// Taking reads together saves a transaction's cost (about a millisecond) per read, which only
+/// matters while a read's handling is short; past that it would only hold a transaction's locks
+/// longer (SQLite's one write lock, read-model rows, a slot being handed over).
+pub const SHARED_BATCH_BUDGET: Duration = Duration::from_millis(25);
+
 /// Memory a worker gives its shared batches by default, over all its groups: 128 MiB.
 pub const DEFAULT_WINDOW_BYTES: usize = 128 << 20;
 
@@ -117,12 +126,15 @@ pub enum Input {
         /// The events read.
         events: Option<Vec<Event>>,
     },
-    /// A [`Command::Process`] finished.
+    /// A [`Command::Process`] (or [`Command::Resolve`]) finished.
     Processed {
         /// The command's task.
         task: TaskId,
         /// How it ended.
         outcome: Outcome,
+        /// How long it took, from `begin` to the commit's answer: a committed batch's time sets
+        /// how many shared batches its lane takes together next ([`SHARED_BATCH_BUDGET`]).
+        took: Duration,
     },
     /// A [`Command::Wait`] elapsed.
     Elapsed {
@@ -547,12 +559,13 @@ impl Processing {
                 }
                 _ => {}
             },
-            Input::Processed { task, outcome } => {
+            Input::Processed { task, outcome, took } => {
                 if let Some(Task::Process { group, lane }) = out.tasks.remove(&task) {
                     stops.extend(self.groups[group].on_processed(
                         lane,
                         task,
                         outcome,
+                        took,
                         &self.config,
                         &mut out,
                     ));

@@ -21,8 +21,9 @@ pub(super) async fn process<S: ProcessingStore>(
     batch: Batch,
     letters: Vec<NewDeadLetter>,
 ) -> Done {
+    let started = Instant::now();
     let (outcome, error) = run(&shared, projection, &batch, &letters).await;
-    (Input::Processed { task, outcome }, error)
+    (Input::Processed { task, outcome, took: started.elapsed() }, error)
 }
 
 async fn run<S: ProcessingStore>(

@@ -65,8 +65,9 @@ pub(super) async fn resolve<S: ProcessingStore>(
     projection: usize,
     resolve: Resolve,
 ) -> Done {
+    let started = tokio::time::Instant::now();
     let outcome = run(&shared, projection, &resolve).await;
-    (Input::Processed { task, outcome }, None)
+    (Input::Processed { task, outcome, took: started.elapsed() }, None)
 }
 
 async fn run<S: ProcessingStore>(

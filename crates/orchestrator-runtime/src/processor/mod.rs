@@ -405,6 +405,7 @@ impl<S: ProcessingStore> Executor<S> {
                     Kind::Record => Input::Recorded { task, ok: false },
                     Kind::Process => Input::Processed {
                         task,
+                        took: std::time::Duration::ZERO,
                         outcome: Outcome::HandlerFailed {
                             index: None,
                             timed_out: false,
