@@ -179,11 +179,7 @@ impl Harness {
             .partition(|(_, p, _)| projection.is_none_or(|want| *p == want));
         self.processes = later;
         for (task, p, batch) in now {
-            for (slot, at) in &batch.checkpoints {
-                self.checkpoints.insert((p, *slot), *at);
-            }
-            self.applied[p].extend(batch.events.iter().map(|e| e.position.global));
-            self.feed(Input::Processed { took: Duration::ZERO, task, outcome: Outcome::Committed });
+            self.commit_taking(task, p, &batch, Duration::ZERO);
             committed += 1;
         }
         committed
@@ -191,11 +187,23 @@ impl Harness {
 
     /// Commits one batch of projection 0 handed out earlier.
     fn commit_one(&mut self, task: TaskId, batch: Batch) {
+        self.commit_taking(task, 0, &batch, Duration::ZERO);
+    }
+
+    /// Commits a batch of `projection` handed out earlier, reported as taking `took`.
+    fn commit_taking(&mut self, task: TaskId, projection: usize, batch: &Batch, took: Duration) {
         for (slot, at) in &batch.checkpoints {
-            self.checkpoints.insert((0, *slot), *at);
+            self.checkpoints.insert((projection, *slot), *at);
         }
-        self.applied[0].extend(batch.events.iter().map(|e| e.position.global));
-        self.feed(Input::Processed { took: Duration::ZERO, task, outcome: Outcome::Committed });
+        self.applied[projection].extend(batch.events.iter().map(|e| e.position.global));
+        self.feed(Input::Processed { took, task, outcome: Outcome::Committed });
+    }
+
+    /// Answers reads until none is asked for.
+    fn answer_all_reads(&mut self) {
+        while !self.reads.is_empty() {
+            self.answer_reads();
+        }
     }
 
     /// Answers everything until nothing is left to do; returns the reads made.
@@ -287,22 +295,12 @@ fn the_next_batches_are_read_while_one_is_handled_and_taken_together() {
 fn a_lane_takes_as_many_waiting_batches_as_fit_its_pace() {
     let mut h = Harness::new(vec![Scope::all()], 1, 100, 2000);
     h.start_all();
-    let fill = |h: &mut Harness| {
-        while !h.reads.is_empty() {
-            h.answer_reads();
-        }
-    };
     // Commits the batch in flight as taking `ms`; returns how many reads the next one holds.
     let commit_after = |h: &mut Harness, ms: u64| {
-        fill(h);
+        h.answer_all_reads();
         let (task, p, batch) = h.processes.remove(0);
-        for (slot, at) in &batch.checkpoints {
-            h.checkpoints.insert((p, *slot), *at);
-        }
-        h.applied[p].extend(batch.events.iter().map(|e| e.position.global));
-        let took = Duration::from_millis(ms);
-        h.feed(Input::Processed { task, outcome: Outcome::Committed, took });
-        fill(h);
+        h.commit_taking(task, p, &batch, Duration::from_millis(ms));
+        h.answer_all_reads();
         h.processes[0].2.events.parts().len()
     };
     h.answer_reads();
