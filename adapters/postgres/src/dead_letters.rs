@@ -206,18 +206,13 @@ impl DeadLetterStore for PgStore {
             return Ok(Vec::new());
         }
         let wanted: Vec<i32> = slots.iter().map(|s| s.0 as i32).collect();
-        let rows: Vec<(i32, String)> = sqlx::query_as(&format!(
-            "SELECT DISTINCT slot, partition_key FROM {} \
-             WHERE replica_set = $1 AND projection = $2 AND slot = ANY($3) \
-             ORDER BY slot, partition_key",
-            self.tables.dead_letters
-        ))
-        .bind(replica_set.as_str())
-        .bind(projection)
-        .bind(&wanted)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| classify("list parked keys", e))?;
+        let rows: Vec<(i32, String)> = sqlx::query_as(&self.sql.dead_letters.parked_keys)
+            .bind(replica_set.as_str())
+            .bind(projection)
+            .bind(&wanted)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| classify("list parked keys", e))?;
         Ok(rows.into_iter().map(|(slot, key)| (Slot(slot as u32), key)).collect())
     }
 
@@ -227,18 +222,14 @@ impl DeadLetterStore for PgStore {
         filter: &DeadLetterFilter,
     ) -> StoreResult<Vec<DeadLetter>> {
         let err = |e| classify("list dead letters", e);
-        let rows = sqlx::query(&format!(
-            "SELECT {LETTER_COLUMNS} FROM {} WHERE replica_set = $1 AND {FILTER} \
-             ORDER BY commit_position, global_position, projection",
-            self.tables.dead_letters
-        ))
-        .bind(replica_set.as_str())
-        .bind(filter.id)
-        .bind(filter.projection.as_deref())
-        .bind(filter.key.as_deref())
-        .fetch_all(&self.pool)
-        .await
-        .map_err(err)?;
+        let rows = sqlx::query(&self.sql.dead_letters.dead_letters)
+            .bind(replica_set.as_str())
+            .bind(filter.id)
+            .bind(filter.projection.as_deref())
+            .bind(filter.key.as_deref())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(err)?;
         rows.iter().map(|row| letter_from_row(row).map_err(err)).collect()
     }
 
@@ -246,14 +237,11 @@ impl DeadLetterStore for PgStore {
         &self,
         replica_set: &ReplicaSetName,
     ) -> StoreResult<BTreeMap<String, u64>> {
-        let rows: Vec<(String, i64)> = sqlx::query_as(&format!(
-            "SELECT projection, count(*) FROM {} WHERE replica_set = $1 GROUP BY projection",
-            self.tables.dead_letters
-        ))
-        .bind(replica_set.as_str())
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| classify("count dead letters", e))?;
+        let rows: Vec<(String, i64)> = sqlx::query_as(&self.sql.dead_letters.dead_letter_counts)
+            .bind(replica_set.as_str())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| classify("count dead letters", e))?;
         Ok(rows.into_iter().map(|(p, n)| (p, n.max(0) as u64)).collect())
     }
 
@@ -264,33 +252,25 @@ impl DeadLetterStore for PgStore {
         action: DeadLetterAction,
     ) -> StoreResult<u64> {
         // Every letter of each key that has a matching letter: keys move as a whole.
-        let marked = sqlx::query(&format!(
-            "UPDATE {t} SET requested = $5 WHERE replica_set = $1 AND (projection, partition_key) IN \
-                 (SELECT projection, partition_key FROM {t} WHERE replica_set = $1 AND {FILTER})",
-            t = self.tables.dead_letters
-        ))
-        .bind(replica_set.as_str())
-        .bind(filter.id)
-        .bind(filter.projection.as_deref())
-        .bind(filter.key.as_deref())
-        .bind(action.as_str())
-        .execute(&self.pool)
-        .await
-        .map_err(|e| classify("request a retry or skip of dead letters", e))?;
+        let marked = sqlx::query(&self.sql.dead_letters.request)
+            .bind(replica_set.as_str())
+            .bind(filter.id)
+            .bind(filter.projection.as_deref())
+            .bind(filter.key.as_deref())
+            .bind(action.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(|e| classify("request a retry or skip of dead letters", e))?;
         Ok(marked.rows_affected())
     }
 
     async fn requests(&self, replica_set: &ReplicaSetName) -> StoreResult<Vec<DeadLetterRequest>> {
-        let rows: Vec<(String, i32, String, String)> = sqlx::query_as(&format!(
-            "SELECT DISTINCT ON (projection, partition_key) projection, slot, partition_key, requested \
-             FROM {} WHERE replica_set = $1 AND requested IS NOT NULL \
-             ORDER BY projection, partition_key, requested",
-            self.tables.dead_letters
-        ))
-        .bind(replica_set.as_str())
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| classify("list dead-letter requests", e))?;
+        let rows: Vec<(String, i32, String, String)> =
+            sqlx::query_as(&self.sql.dead_letters.requests)
+                .bind(replica_set.as_str())
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| classify("list dead-letter requests", e))?;
         Ok(rows
             .into_iter()
             .filter_map(|(projection, slot, key, requested)| {
@@ -311,21 +291,13 @@ impl DeadLetterStore for PgStore {
         key: &str,
     ) -> StoreResult<Vec<(DeadLetterId, Event)>> {
         let err = |e| classify("read parked events", e);
-        let rows = sqlx::query(&format!(
-            "SELECT {EVENT_COLUMNS}, d.letter_id FROM {events} AS e \
-             JOIN (SELECT id AS letter_id, global_position AS letter_position FROM {letters} \
-                   WHERE replica_set = $1 AND projection = $2 AND partition_key = $3) AS d \
-               ON e.global_position = d.letter_position \
-             ORDER BY e.transaction_id, e.global_position",
-            events = self.tables.events,
-            letters = self.tables.dead_letters
-        ))
-        .bind(replica_set.as_str())
-        .bind(projection)
-        .bind(key)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(err)?;
+        let rows = sqlx::query(&self.sql.dead_letters.parked_events)
+            .bind(replica_set.as_str())
+            .bind(projection)
+            .bind(key)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(err)?;
         rows.iter()
             .map(|row| {
                 let id: i64 = row.try_get("letter_id").map_err(err)?;
@@ -343,5 +315,64 @@ impl DeadLetterStore for PgStore {
         action: DeadLetterAction,
     ) -> StoreResult<u64> {
         self.fencing().resolve(tx, replica_set, projection, key, action).await
+    }
+}
+
+/// The dead-letter store's administrative statements, built once when the store opens.
+#[derive(Debug)]
+pub(crate) struct DeadLetterSql {
+    /// The parked keys of the wanted slots.
+    parked_keys: String,
+    /// The letters the filter matches, in stream order.
+    dead_letters: String,
+    /// Letters per projection.
+    dead_letter_counts: String,
+    /// Marks every letter of each matching key with the operator's request.
+    request: String,
+    /// One request per key.
+    requests: String,
+    /// A key's parked events, in stream order, with their letters' ids.
+    parked_events: String,
+}
+
+impl DeadLetterSql {
+    pub(crate) fn new(t: &Tables) -> Self {
+        Self {
+            parked_keys: format!(
+                "SELECT DISTINCT slot, partition_key FROM {} \
+     WHERE replica_set = $1 AND projection = $2 AND slot = ANY($3) \
+     ORDER BY slot, partition_key",
+                t.dead_letters
+            ),
+            dead_letters: format!(
+                "SELECT {LETTER_COLUMNS} FROM {} WHERE replica_set = $1 AND {FILTER} \
+     ORDER BY commit_position, global_position, projection",
+                t.dead_letters
+            ),
+            dead_letter_counts: format!(
+                "SELECT projection, count(*) FROM {} WHERE replica_set = $1 GROUP BY projection",
+                t.dead_letters
+            ),
+            request: format!(
+                "UPDATE {t} SET requested = $5 WHERE replica_set = $1 AND (projection, partition_key) IN \
+         (SELECT projection, partition_key FROM {t} WHERE replica_set = $1 AND {FILTER})",
+                t = t.dead_letters
+            ),
+            requests: format!(
+                "SELECT DISTINCT ON (projection, partition_key) projection, slot, partition_key, requested \
+     FROM {} WHERE replica_set = $1 AND requested IS NOT NULL \
+     ORDER BY projection, partition_key, requested",
+                t.dead_letters
+            ),
+            parked_events: format!(
+                "SELECT {EVENT_COLUMNS}, d.letter_id FROM {events} AS e \
+     JOIN (SELECT id AS letter_id, global_position AS letter_position FROM {letters} \
+           WHERE replica_set = $1 AND projection = $2 AND partition_key = $3) AS d \
+       ON e.global_position = d.letter_position \
+     ORDER BY e.transaction_id, e.global_position",
+                events = t.events,
+                letters = t.dead_letters
+            ),
+        }
     }
 }

@@ -1,6 +1,8 @@
 //! The event store port on PostgreSQL.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -15,8 +17,8 @@ use orchestrator_core::{
 use sqlx::Row;
 use sqlx::postgres::PgRow;
 
-use crate::PgStore;
 use crate::error::{classify, unique_violation_detail};
+use crate::{PgStore, Tables};
 
 #[async_trait]
 impl EventStore for PgStore {
@@ -36,7 +38,7 @@ impl EventStore for PgStore {
 
     async fn read_stream(&self, stream: &StreamId, from_version: u64) -> StoreResult<Vec<Event>> {
         let mut conn = self.pool.acquire().await.map_err(|e| classify("read a stream", e))?;
-        read_stream_on(&mut conn, &self.tables.events, stream, from_version).await
+        read_stream_on(&mut conn, &self.sql.events.read_stream, stream, from_version).await
     }
 
     async fn read(&self, request: &ReadRequest) -> StoreResult<Vec<Event>> {
@@ -73,25 +75,13 @@ impl EventStore for PgStore {
         // Every committed event counts, also those above the read horizon: they are lag too.
         // The count stops at the limit ($1): counting a backlog of millions every few seconds
         // would cost more than processing it. The age comes from each slot's next event.
-        let sql = format!(
-            "WITH c AS (SELECT * FROM unnest($4::int[], $5::bigint[], $6::bigint[]) \
-                 AS c(slot, commit_position, global_position)) \
-             SELECT (SELECT count(*) FROM (SELECT 1 FROM c JOIN {events} AS e ON e.slot = c.slot \
-                       AND (e.transaction_id, e.global_position) > (c.commit_position::text::xid8, c.global_position) \
-                       WHERE true {SCOPE} LIMIT $1) AS counted), \
-                    (SELECT EXTRACT(EPOCH FROM clock_timestamp() - min(next.created_at))::float8 \
-                     FROM c CROSS JOIN LATERAL (SELECT e.created_at FROM {events} AS e WHERE e.slot = c.slot \
-                       AND (e.transaction_id, e.global_position) > (c.commit_position::text::xid8, c.global_position) \
-                       {SCOPE} ORDER BY e.transaction_id, e.global_position LIMIT 1) AS next)",
-            events = self.tables.events
-        );
         let (slots, (commits, globals)): (Vec<i32>, (Vec<i64>, Vec<i64>)) = request
             .cursors
             .iter()
             .map(|(slot, p)| (slot.0 as i32, (p.commit as i64, p.global as i64)))
             .unzip();
         let err = |e| classify("count the backlog", e);
-        let row = sqlx::query(&sql)
+        let row = sqlx::query(&self.sql.events.backlog)
             .bind(i64::try_from(request.limit).unwrap_or(i64::MAX))
             .bind(&request.scope.aggregate_types)
             .bind(&request.scope.bounded_contexts)
@@ -115,8 +105,7 @@ impl EventStore for PgStore {
 
     async fn head(&self) -> StoreResult<Option<u64>> {
         // The primary key's last entry: one index lookup (committed events only).
-        let sql = format!("SELECT max(global_position) FROM {}", self.tables.events);
-        let last: Option<i64> = sqlx::query_scalar(&sql)
+        let last: Option<i64> = sqlx::query_scalar(&self.sql.events.head)
             .fetch_one(&self.pool)
             .await
             .map_err(|e| classify("read the last position", e))?;
@@ -139,12 +128,12 @@ impl PgStore {
         // cheaper-looking alternative on a small table; the one-range read has one (`read_plan.rs`).
         let (sql, cursors, cached) = match request.uniform_cursor() {
             Some(after) if every_slot => (
-                read_all_slots_sql(&self.tables.events),
+                Cow::Borrowed(self.sql.events.read_all_slots.as_str()),
                 vec![(None, after)],
                 self.read_plan.cacheable(&self.pool).await,
             ),
             _ => (
-                read_per_slot_sql(&self.tables.events, request.cursors.len()),
+                self.sql.events.read_per_slot(request.cursors.len()),
                 request.cursors.iter().map(|(s, p)| (Some(*s), *p)).collect(),
                 true,
             ),
@@ -178,15 +167,11 @@ impl PgStore {
 /// lock), so this reads everything whose append has returned.
 pub(crate) async fn read_stream_on(
     conn: &mut sqlx::PgConnection,
-    events: &str,
+    sql: &str,
     stream: &StreamId,
     from_version: u64,
 ) -> StoreResult<Vec<Event>> {
-    let sql = format!(
-        "SELECT {EVENT_COLUMNS} FROM {events} WHERE bounded_context = $1 AND aggregate_type = $2 \
-         AND aggregate_id = $3 AND aggregate_version >= $4 ORDER BY aggregate_version"
-    );
-    let rows = sqlx::query(&sql)
+    let rows = sqlx::query(sql)
         .bind(&stream.bounded_context)
         .bind(&stream.aggregate_type)
         .bind(&stream.aggregate_id)
@@ -325,8 +310,8 @@ pub(crate) fn event_from_row(row: &PgRow) -> StoreResult<Event> {
 }
 
 /// A unique violation on the event id becomes `DuplicateEvent`, naming the id from the detail.
-pub(crate) fn duplicate_or(err: sqlx::Error, events_table: &str, batch: &[NewEvent]) -> StoreError {
-    match unique_violation_detail(&err, &format!("{events_table}_event_id_key")) {
+pub(crate) fn duplicate_or(err: sqlx::Error, events: &EventSql, batch: &[NewEvent]) -> StoreError {
+    match unique_violation_detail(&err, &events.event_id_key) {
         Some(detail) => {
             let event_id = batch
                 .iter()
@@ -336,5 +321,62 @@ pub(crate) fn duplicate_or(err: sqlx::Error, events_table: &str, batch: &[NewEve
             StoreError::DuplicateEvent { event_id }
         }
         None => classify("append", err),
+    }
+}
+
+/// The event store's statements, built once when the store opens.
+#[derive(Debug)]
+pub(crate) struct EventSql {
+    /// One stream's events from a version on (`read_stream_on`).
+    pub(crate) read_stream: String,
+    /// Events after the cursors, up to a limit, and the oldest one's age.
+    backlog: String,
+    /// The last committed position.
+    head: String,
+    /// Every slot after one common cursor (`read_all_slots_sql`).
+    pub(crate) read_all_slots: String,
+    /// The per-slot read for each number of slots, built the first time a reader owns that many.
+    read_per_slot: Box<[OnceLock<String>]>,
+    /// The unique constraint on event ids, which tells a duplicate event from other conflicts.
+    event_id_key: String,
+    events: String,
+}
+
+impl EventSql {
+    pub(crate) fn new(t: &Tables, slot_count: SlotCount) -> Self {
+        let events = &t.events;
+        Self {
+            read_stream: format!(
+                "SELECT {EVENT_COLUMNS} FROM {events} WHERE bounded_context = $1 AND aggregate_type = $2 \
+                 AND aggregate_id = $3 AND aggregate_version >= $4 ORDER BY aggregate_version"
+            ),
+            backlog: format!(
+                "WITH c AS (SELECT * FROM unnest($4::int[], $5::bigint[], $6::bigint[]) \
+                 AS c(slot, commit_position, global_position)) \
+             SELECT (SELECT count(*) FROM (SELECT 1 FROM c JOIN {events} AS e ON e.slot = c.slot \
+                       AND (e.transaction_id, e.global_position) > (c.commit_position::text::xid8, c.global_position) \
+                       WHERE true {SCOPE} LIMIT $1) AS counted), \
+                    (SELECT EXTRACT(EPOCH FROM clock_timestamp() - min(next.created_at))::float8 \
+                     FROM c CROSS JOIN LATERAL (SELECT e.created_at FROM {events} AS e WHERE e.slot = c.slot \
+                       AND (e.transaction_id, e.global_position) > (c.commit_position::text::xid8, c.global_position) \
+                       {SCOPE} ORDER BY e.transaction_id, e.global_position LIMIT 1) AS next)",
+            ),
+            head: format!("SELECT max(global_position) FROM {events}"),
+            read_all_slots: read_all_slots_sql(events),
+            read_per_slot: (0..=slot_count.get()).map(|_| OnceLock::new()).collect(),
+            event_id_key: format!("{events}_event_id_key"),
+            events: events.clone(),
+        }
+    }
+
+    /// The per-slot read of `n_slots` slots.
+    fn read_per_slot(&self, n_slots: usize) -> Cow<'_, str> {
+        match self.read_per_slot.get(n_slots) {
+            Some(built) => {
+                Cow::Borrowed(built.get_or_init(|| read_per_slot_sql(&self.events, n_slots)))
+            }
+            // More cursors than the store has slots: a request naming a slot twice.
+            None => Cow::Owned(read_per_slot_sql(&self.events, n_slots)),
+        }
     }
 }

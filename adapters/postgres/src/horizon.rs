@@ -27,6 +27,7 @@
 //! it reaches it. Transactions that append must not `PREPARE TRANSACTION` (a prepared transaction's
 //! locks have no backend to match against its transaction id).
 
+use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -52,6 +53,31 @@ pub(crate) struct Horizon {
 const REGISTERED: &str = "a.locktype = 'advisory' AND a.granted AND a.objsubid = 1 \
      AND a.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
      AND a.classid = $1::int8::oid AND a.objid = $2::int8::oid";
+
+/// The horizon now (see `Horizon::refresh`), on `$1`, `$2` as in `REGISTERED`.
+static REFRESH_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH s AS MATERIALIZED (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax), \
+              l AS MATERIALIZED (SELECT locktype, granted, objsubid, database, classid, objid, \
+                                        pid, transactionid, mode FROM pg_locks), \
+              ids AS (SELECT (SELECT xmax FROM s) AS xmax, x.transactionid::text::bigint AS id \
+                      FROM l AS a JOIN l AS x ON x.pid = a.pid \
+                      WHERE {REGISTERED} AND x.locktype = 'transactionid' AND x.granted \
+                        AND x.mode = 'ExclusiveLock') \
+         SELECT LEAST((SELECT xmax FROM s), \
+                      (SELECT min(xmax - ((xmax - id) & 4294967295)) FROM ids \
+                       WHERE ((xmax - id) & 4294967295) < 2147483648))"
+    )
+});
+
+/// How long the oldest registered appender has run, in seconds (see `Horizon::stall`).
+static STALL_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - MIN(act.xact_start)), 0)::float8 \
+         FROM pg_locks AS a JOIN pg_stat_activity AS act ON act.pid = a.pid \
+         WHERE {REGISTERED} AND act.backend_xid IS NOT NULL"
+    )
+});
 
 impl Horizon {
     /// The horizon of the events table whose OID is `table_oid`.
@@ -105,19 +131,7 @@ impl Horizon {
         // than 2^31 ids ahead of any running transaction. A registered transaction whose id was
         // assigned after S (it would wrap around here) is at or above xmax(S) and left out.
         // pg_locks is read once (materialized), as one consistent view of the lock table.
-        let sql = format!(
-            "WITH s AS MATERIALIZED (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax), \
-                  l AS MATERIALIZED (SELECT locktype, granted, objsubid, database, classid, objid, \
-                                            pid, transactionid, mode FROM pg_locks), \
-                  ids AS (SELECT (SELECT xmax FROM s) AS xmax, x.transactionid::text::bigint AS id \
-                          FROM l AS a JOIN l AS x ON x.pid = a.pid \
-                          WHERE {REGISTERED} AND x.locktype = 'transactionid' AND x.granted \
-                            AND x.mode = 'ExclusiveLock') \
-             SELECT LEAST((SELECT xmax FROM s), \
-                          (SELECT min(xmax - ((xmax - id) & 4294967295)) FROM ids \
-                           WHERE ((xmax - id) & 4294967295) < 2147483648))"
-        );
-        let horizon: i64 = sqlx::query_scalar(&sql)
+        let horizon: i64 = sqlx::query_scalar(&REFRESH_SQL)
             .bind(APPENDER_SPACE)
             .bind(i64::from(self.table_oid))
             .fetch_one(pool)
@@ -130,12 +144,7 @@ impl Horizon {
     /// How long the oldest registered appender that has written anything has been running: how
     /// long readers may have been held back. Zero when none runs.
     pub(crate) async fn stall(&self, pool: &sqlx::PgPool) -> StoreResult<Duration> {
-        let sql = format!(
-            "SELECT COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - MIN(act.xact_start)), 0)::float8 \
-             FROM pg_locks AS a JOIN pg_stat_activity AS act ON act.pid = a.pid \
-             WHERE {REGISTERED} AND act.backend_xid IS NOT NULL"
-        );
-        let seconds: f64 = sqlx::query_scalar(&sql)
+        let seconds: f64 = sqlx::query_scalar(&STALL_SQL)
             .bind(APPENDER_SPACE)
             .bind(i64::from(self.table_oid))
             .fetch_one(pool)

@@ -46,9 +46,14 @@ pub use fencing::{Claim, Fencing, FencingTx};
 pub use migrate::{migrate, migrate_with};
 pub use unit_of_work::PgUnitOfWork;
 
+use crate::checkpoint_store::CheckpointSql;
+use crate::coordination_store::CoordinationSql;
+use crate::dead_letters::DeadLetterSql;
 use crate::error::classify;
+use crate::event_store::EventSql;
 use crate::horizon::Horizon;
 use crate::read_plan::ReadPlan;
+use crate::unit_of_work::UnitOfWorkSql;
 
 /// The transaction a transactional projection writes its read model through.
 pub type PgTx = sqlx::Transaction<'static, sqlx::Postgres>;
@@ -58,6 +63,7 @@ pub type PgTx = sqlx::Transaction<'static, sqlx::Postgres>;
 pub struct PgStore {
     pool: PgPool,
     tables: std::sync::Arc<Tables>,
+    sql: std::sync::Arc<Statements>,
     slot_count: SlotCount,
     horizon: std::sync::Arc<Horizon>,
     read_plan: std::sync::Arc<ReadPlan>,
@@ -82,6 +88,29 @@ pub(crate) struct Tables {
     pub(crate) events_channel: String,
     /// NOTIFY channel of coordination changes (payload: the replica set).
     coordination_channel: String,
+}
+
+/// Every statement whose text does not depend on the call, built once when the store opens
+/// (the fenced commit's are in [`Fencing`]).
+#[derive(Debug)]
+struct Statements {
+    coordination: CoordinationSql,
+    checkpoints: CheckpointSql,
+    dead_letters: DeadLetterSql,
+    events: EventSql,
+    units_of_work: UnitOfWorkSql,
+}
+
+impl Statements {
+    fn new(tables: &Tables, slot_count: SlotCount) -> Self {
+        Self {
+            coordination: CoordinationSql::new(tables),
+            checkpoints: CheckpointSql::new(tables),
+            dead_letters: DeadLetterSql::new(tables),
+            events: EventSql::new(tables, slot_count),
+            units_of_work: UnitOfWorkSql::new(tables),
+        }
+    }
 }
 
 impl PgStore {
@@ -118,9 +147,10 @@ impl PgStore {
         };
         let horizon = std::sync::Arc::new(Horizon::new(events_oid));
         let read_plan = std::sync::Arc::new(ReadPlan::new(events_oid));
+        let sql = std::sync::Arc::new(Statements::new(&tables, slot_count));
         let tables = std::sync::Arc::new(tables);
         let fencing = Fencing::new(&tables);
-        Ok(Self { pool, tables, slot_count, horizon, read_plan, fencing })
+        Ok(Self { pool, tables, sql, slot_count, horizon, read_plan, fencing })
     }
 
     /// Connects a pool to `url` with [`PgStore::pool_options`] and [`PgStore::tune`]'s session

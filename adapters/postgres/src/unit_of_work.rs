@@ -19,7 +19,7 @@ use orchestrator_core::{
 
 use crate::error::classify;
 use crate::event_store::{duplicate_or, read_stream_on};
-use crate::{PgStore, PgTx};
+use crate::{PgStore, PgTx, Tables};
 
 /// A unit of work on PostgreSQL: appends to its declared streams and the application's own writes
 /// ([`PgUnitOfWork::tx`]) in one transaction.
@@ -42,13 +42,7 @@ impl PgUnitOfWork {
     }
 
     async fn head(&mut self, stream: &StreamId) -> StoreResult<StreamHead> {
-        let sql = format!(
-            "SELECT aggregate_version, COALESCE(partition_key, aggregate_id) FROM {} \
-             WHERE bounded_context = $1 AND aggregate_type = $2 AND aggregate_id = $3 \
-             ORDER BY aggregate_version DESC LIMIT 1",
-            self.store.tables.events
-        );
-        let row: Option<(i64, String)> = sqlx::query_as(&sql)
+        let row: Option<(i64, String)> = sqlx::query_as(&self.store.sql.units_of_work.stream_head)
             .bind(&stream.bounded_context)
             .bind(&stream.aggregate_type)
             .bind(&stream.aggregate_id)
@@ -131,39 +125,28 @@ impl UnitOfWork for PgUnitOfWork {
             events.iter().map(|e| e.tracing.correlation_id.as_deref()).collect();
         let trace: Vec<Option<&str>> =
             events.iter().map(|e| e.tracing.trace_id.as_deref()).collect();
-        let tables = &self.store.tables;
-        let inserted: Vec<(i64, i64)> = sqlx::query_as(&format!(
-            "INSERT INTO {} (bounded_context, aggregate_type, aggregate_id, aggregate_version, slot, \
-                 partition_hash, partition_key, event_id, event_type, event_version, payload, \
-                 metadata, causation_id, correlation_id, trace_id) \
-             SELECT $1, $2, $3, v, $4, $5, $6, id::uuid, t, tv, p, m::jsonb, c, r, tr \
-             FROM unnest($7::bigint[], $8::text[], $9::text[], $10::int[], $11::bytea[], $12::text[], \
-                         $13::text[], $14::text[], $15::text[]) \
-                  AS e(v, id, t, tv, p, m, c, r, tr) \
-             RETURNING global_position, transaction_id::text::bigint",
-            tables.events
-        ))
-        .bind(&stream.bounded_context)
-        .bind(&stream.aggregate_type)
-        .bind(&stream.aggregate_id)
-        .bind(slot.0 as i32)
-        .bind(i64::from(hash))
-        .bind(&partition_key)
-        .bind(&versions)
-        .bind(&ids)
-        .bind(&types)
-        .bind(&type_versions)
-        .bind(&payloads)
-        .bind(&metadata)
-        .bind(&causation)
-        .bind(&correlation)
-        .bind(&trace)
-        .fetch_all(&mut *self.tx)
-        .await
-        .map_err(|e| duplicate_or(e, &tables.events, &events))?;
+        let inserted: Vec<(i64, i64)> = sqlx::query_as(&self.store.sql.units_of_work.insert_events)
+            .bind(&stream.bounded_context)
+            .bind(&stream.aggregate_type)
+            .bind(&stream.aggregate_id)
+            .bind(slot.0 as i32)
+            .bind(i64::from(hash))
+            .bind(&partition_key)
+            .bind(&versions)
+            .bind(&ids)
+            .bind(&types)
+            .bind(&type_versions)
+            .bind(&payloads)
+            .bind(&metadata)
+            .bind(&causation)
+            .bind(&correlation)
+            .bind(&trace)
+            .fetch_all(&mut *self.tx)
+            .await
+            .map_err(|e| duplicate_or(e, &self.store.sql.events, &events))?;
         // Delivered at commit, and only if it commits: wakes idle readers at once.
         sqlx::query("SELECT pg_notify($1, '')")
-            .bind(&tables.events_channel)
+            .bind(&self.store.tables.events_channel)
             .execute(&mut *self.tx)
             .await
             .map_err(|e| classify("append", e))?;
@@ -185,11 +168,44 @@ impl UnitOfWork for PgUnitOfWork {
         stream: &StreamId,
         from_version: u64,
     ) -> StoreResult<Vec<Event>> {
-        read_stream_on(&mut self.tx, &self.store.tables.events, stream, from_version).await
+        read_stream_on(&mut self.tx, &self.store.sql.events.read_stream, stream, from_version).await
     }
 
     async fn commit(self) -> StoreResult<Vec<Appended>> {
         self.tx.commit().await.map_err(|e| classify("commit a unit of work", e))?;
         Ok(self.appended)
+    }
+}
+
+/// A unit of work's statements, built once when the store opens.
+#[derive(Debug)]
+pub(crate) struct UnitOfWorkSql {
+    /// Inserts a stream's new events; their positions and transaction id.
+    insert_events: String,
+    /// A stream's last version and partition key.
+    stream_head: String,
+}
+
+impl UnitOfWorkSql {
+    pub(crate) fn new(t: &Tables) -> Self {
+        Self {
+            insert_events: format!(
+                "INSERT INTO {} (bounded_context, aggregate_type, aggregate_id, aggregate_version, slot, \
+         partition_hash, partition_key, event_id, event_type, event_version, payload, \
+         metadata, causation_id, correlation_id, trace_id) \
+     SELECT $1, $2, $3, v, $4, $5, $6, id::uuid, t, tv, p, m::jsonb, c, r, tr \
+     FROM unnest($7::bigint[], $8::text[], $9::text[], $10::int[], $11::bytea[], $12::text[], \
+                 $13::text[], $14::text[], $15::text[]) \
+          AS e(v, id, t, tv, p, m, c, r, tr) \
+     RETURNING global_position, transaction_id::text::bigint",
+                t.events
+            ),
+            stream_head: format!(
+                "SELECT aggregate_version, COALESCE(partition_key, aggregate_id) FROM {} \
+                 WHERE bounded_context = $1 AND aggregate_type = $2 AND aggregate_id = $3 \
+                 ORDER BY aggregate_version DESC LIMIT 1",
+                t.events
+            ),
+        }
     }
 }
