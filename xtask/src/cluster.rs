@@ -5,7 +5,6 @@
 //! `worker-N.log` per worker. Worker N serves metrics on 127.0.0.1:(9100 + N).
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -149,28 +148,8 @@ fn scale(procs: &Procs, target: u32) -> Result<()> {
 fn start(procs: &Procs, n: u32) -> Result<()> {
     let id = format!("worker-{n}");
     let port = METRICS_BASE_PORT + n as u16;
-    let log = std::fs::File::create(procs.dir.join(format!("{id}.log")))?;
     let metrics = format!("127.0.0.1:{port}");
-    let child = procs
-        .command(&[
-            "demo",
-            "worker",
-            "--worker-id",
-            &id,
-            "--metrics-addr",
-            &metrics,
-            "--heartbeat-interval",
-            "1s",
-            "--stale-worker-timeout",
-            "5s",
-            "--registration-wait",
-            "500ms",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("cannot start {id}"))?;
+    let child = procs.spawn_demo_worker(&id, &metrics)?;
     std::fs::write(pid_file(procs, n), child.id().to_string())?;
     println!("{id}: started (pid {}, metrics http://{metrics}/metrics)", child.id());
     Ok(())

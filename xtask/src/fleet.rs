@@ -44,29 +44,7 @@ impl<'a> Fleet<'a> {
         self.started += 1;
         let id = format!("worker-{}", self.started);
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let log = std::fs::File::create(self.procs.dir.join(format!("{id}.log")))?;
-        let metrics = addr.to_string();
-        let child = self
-            .procs
-            .command(&[
-                "demo",
-                "worker",
-                "--worker-id",
-                &id,
-                "--metrics-addr",
-                &metrics,
-                "--heartbeat-interval",
-                "1s",
-                "--stale-worker-timeout",
-                "5s",
-                "--registration-wait",
-                "500ms",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("cannot start {id}"))?;
+        let child = self.procs.spawn_demo_worker(&id, &addr.to_string())?;
         eprintln!("    {id}: pid {}, http://{addr}/", child.id());
         self.workers.push(Worker { id, addr, child });
         Ok(self.workers.last().expect("just pushed"))

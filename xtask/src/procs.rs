@@ -59,6 +59,32 @@ impl Procs {
         command
     }
 
+    /// Starts a demo worker named `id` serving metrics on `metrics`, logging to `<id>.log` in
+    /// the work folder, with the short timings of a local cluster (1 s heartbeats, stale after
+    /// 5 s, joins gathered for 500 ms).
+    pub(crate) fn spawn_demo_worker(&self, id: &str, metrics: &str) -> Result<Child> {
+        let log = std::fs::File::create(self.dir.join(format!("{id}.log")))?;
+        self.command(&[
+            "demo",
+            "worker",
+            "--worker-id",
+            id,
+            "--metrics-addr",
+            metrics,
+            "--heartbeat-interval",
+            "1s",
+            "--stale-worker-timeout",
+            "5s",
+            "--registration-wait",
+            "500ms",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot start {id}"))
+    }
+
     /// Runs a command to completion, failing with its stderr if it fails.
     pub(crate) fn orchestrator(&self, args: &[&str]) -> Result<String> {
         let output = self.command(args).output().context("cannot run orchestrator")?;
