@@ -12,7 +12,170 @@ use orchestrator_core::{
 use sqlx::Row;
 
 use crate::error::classify;
-use crate::{NOW_MS, SqliteStore, from_millis, millis};
+use crate::{NOW_MS, SqliteStore, Tables, from_millis, millis};
+
+/// The coordination store's statements, built once when the store opens.
+#[derive(Debug)]
+pub(crate) struct CoordinationSql {
+    /// Creates the replica set's row unless it exists.
+    create_replica_set: String,
+    /// Creates the slots of a new replica set, unowned.
+    create_slots: String,
+    /// Numbers a new incarnation; returns the slot count and the incarnation.
+    next_incarnation: String,
+    /// Registers a worker, or restarts it under its new incarnation.
+    upsert_worker: String,
+    /// Fences a worker id's previous incarnation out of its slots.
+    fence_owner: String,
+    /// Records a worker's heartbeat.
+    beat: String,
+    /// Takes or renews the leader's lease when free, expired or already held.
+    take_lease: String,
+    /// Reads the replica set's row, with the lease's remaining time.
+    read_replica_set: String,
+    /// Reads the workers, with their ages.
+    read_workers: String,
+    /// Reads the slots.
+    read_slots: String,
+    /// Reads the generation and whether the planner holds a live lease.
+    check_leader: String,
+    /// Grants, hands off or revokes one slot at its epoch.
+    change_slot: String,
+    /// Evicts one worker.
+    evict_worker: String,
+    /// Sets the new generation and its members.
+    advance_generation: String,
+    /// Records a generation in the history.
+    record_generation: String,
+    /// Keeps the last 100 generations of the history.
+    prune_generations: String,
+    /// Hands a slot over to its pending new owner.
+    release_slot: String,
+    /// Records the generation a worker acknowledged.
+    ack_generation: String,
+    /// Removes one incarnation of a worker.
+    delete_worker: String,
+    /// Frees a leaver's slots and cancels handoffs pending to it.
+    free_slots: String,
+    /// Gives up the leader's lease.
+    resign: String,
+    /// Reads the last generations, newest first.
+    recent_generations: String,
+}
+
+impl CoordinationSql {
+    pub(crate) fn new(t: &Tables) -> Self {
+        Self {
+            create_replica_set: format!(
+                "INSERT INTO {} (name, slot_count, created_at) VALUES (?, ?, {NOW_MS}) ON CONFLICT (name) DO NOTHING",
+                t.replica_sets
+            ),
+            create_slots: format!(
+                "WITH RECURSIVE s(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM s WHERE n + 1 < ?) \
+                 INSERT INTO {} (replica_set, slot) SELECT ?, n FROM s",
+                t.slots
+            ),
+            next_incarnation: format!(
+                "UPDATE {} SET last_incarnation = last_incarnation + 1 WHERE name = ? \
+                 RETURNING slot_count, last_incarnation",
+                t.replica_sets
+            ),
+            upsert_worker: format!(
+                "INSERT INTO {} (replica_set, worker_id, incarnation, registered_at, last_heartbeat, protocol) \
+                 VALUES (?, ?, ?, {NOW_MS}, {NOW_MS}, {PROTOCOL_VERSION}) \
+                 ON CONFLICT (replica_set, worker_id) DO UPDATE SET incarnation = excluded.incarnation, \
+                     registered_at = excluded.registered_at, last_heartbeat = excluded.last_heartbeat, \
+                     acked_generation = 0, protocol = excluded.protocol",
+                t.workers
+            ),
+            fence_owner: format!(
+                "UPDATE {} SET epoch = epoch + 1 WHERE replica_set = ? AND owner = ?",
+                t.slots
+            ),
+            beat: format!(
+                "UPDATE {} SET last_heartbeat = {NOW_MS} WHERE replica_set = ? AND worker_id = ? AND incarnation = ?",
+                t.workers
+            ),
+            take_lease: format!(
+                "UPDATE {} SET leader = ?2, leader_incarnation = ?3, lease_expires_at = {NOW_MS} + ?4 \
+                 WHERE name = ?1 AND (leader IS NULL OR lease_expires_at IS NULL OR lease_expires_at <= {NOW_MS} \
+                     OR (leader = ?2 AND leader_incarnation = ?3))",
+                t.replica_sets
+            ),
+            read_replica_set: format!(
+                "SELECT slot_count, generation, members, leader, leader_incarnation, \
+                     MAX(COALESCE(lease_expires_at, 0) - {NOW_MS}, 0) FROM {} WHERE name = ?",
+                t.replica_sets
+            ),
+            read_workers: format!(
+                "SELECT worker_id, incarnation, {NOW_MS} - last_heartbeat, {NOW_MS} - registered_at, acked_generation, protocol \
+                 FROM {} WHERE replica_set = ? ORDER BY worker_id",
+                t.workers
+            ),
+            read_slots: format!(
+                "SELECT slot, owner, epoch, next_owner FROM {} WHERE replica_set = ?",
+                t.slots
+            ),
+            check_leader: format!(
+                "SELECT generation, COALESCE(leader = ? AND leader_incarnation = ? AND lease_expires_at > {NOW_MS}, 0) \
+                 FROM {} WHERE name = ?",
+                t.replica_sets
+            ),
+            change_slot: format!(
+                "UPDATE {} SET owner = CASE WHEN ?3 = 'grant' THEN ?4 ELSE owner END, \
+                     next_owner = CASE WHEN ?3 = 'handoff' THEN ?4 ELSE NULL END, \
+                     epoch = CASE WHEN ?3 = 'grant' THEN epoch + 1 ELSE epoch END \
+                 WHERE replica_set = ?1 AND slot = ?2 AND epoch = ?5",
+                t.slots
+            ),
+            evict_worker: format!(
+                "DELETE FROM {} WHERE replica_set = ? AND worker_id = ?",
+                t.workers
+            ),
+            advance_generation: format!(
+                "UPDATE {} SET generation = ?, members = ? WHERE name = ?",
+                t.replica_sets
+            ),
+            record_generation: format!(
+                "INSERT INTO {} (replica_set, generation, members, leader, created_at) VALUES (?, ?, ?, ?, {NOW_MS})",
+                t.generations
+            ),
+            prune_generations: format!(
+                "DELETE FROM {} WHERE replica_set = ? AND generation <= ? - 100",
+                t.generations
+            ),
+            release_slot: format!(
+                "UPDATE {} SET owner = next_owner, next_owner = NULL, epoch = epoch + 1 \
+                 WHERE replica_set = ? AND slot = ? AND owner = ? AND epoch = ? AND next_owner IS NOT NULL",
+                t.slots
+            ),
+            ack_generation: format!(
+                "UPDATE {} SET acked_generation = MAX(acked_generation, ?) \
+                 WHERE replica_set = ? AND worker_id = ? AND incarnation = ?",
+                t.workers
+            ),
+            delete_worker: format!(
+                "DELETE FROM {} WHERE replica_set = ? AND worker_id = ? AND incarnation = ?",
+                t.workers
+            ),
+            free_slots: format!(
+                "UPDATE {} SET owner = CASE WHEN owner = ?2 THEN next_owner ELSE owner END, \
+                     epoch = CASE WHEN owner = ?2 THEN epoch + 1 ELSE epoch END, next_owner = NULL \
+                 WHERE replica_set = ?1 AND (owner = ?2 OR next_owner = ?2)",
+                t.slots
+            ),
+            resign: format!(
+                "UPDATE {} SET leader = NULL, lease_expires_at = NULL WHERE name = ? AND leader = ? AND leader_incarnation = ?",
+                t.replica_sets
+            ),
+            recent_generations: format!(
+                "SELECT generation, members, leader, MAX({NOW_MS} - created_at, 0) \
+                 FROM {} WHERE replica_set = ? ORDER BY generation DESC LIMIT ?",
+                t.generations
+            ),
+        }
+    }
+}
 
 fn worker_id(text: String) -> StoreResult<WorkerId> {
     WorkerId::new(text)
@@ -37,13 +200,9 @@ impl CoordinationStore for SqliteStore {
         worker: &WorkerId,
     ) -> StoreResult<Incarnation> {
         let err = |e| classify("register", e);
-        let t = &self.tables;
+        let sql = &self.sql.coordination;
         let mut tx = self.begin_write("register").await?;
-        let create = format!(
-            "INSERT INTO {} (name, slot_count, created_at) VALUES (?, ?, {NOW_MS}) ON CONFLICT (name) DO NOTHING",
-            t.replica_sets
-        );
-        let created = sqlx::query(&create)
+        let created = sqlx::query(&sql.create_replica_set)
             .bind(replica_set.as_str())
             .bind(i64::from(slot_count.get()))
             .execute(&mut *tx)
@@ -52,36 +211,21 @@ impl CoordinationStore for SqliteStore {
             .rows_affected()
             == 1;
         if created {
-            let slots = format!(
-                "WITH RECURSIVE s(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM s WHERE n + 1 < ?) \
-                 INSERT INTO {} (replica_set, slot) SELECT ?, n FROM s",
-                t.slots
-            );
-            sqlx::query(&slots)
+            sqlx::query(&sql.create_slots)
                 .bind(i64::from(slot_count.get()))
                 .bind(replica_set.as_str())
                 .execute(&mut *tx)
                 .await
                 .map_err(err)?;
         }
-        let bump = format!(
-            "UPDATE {} SET last_incarnation = last_incarnation + 1 WHERE name = ? \
-             RETURNING slot_count, last_incarnation",
-            t.replica_sets
-        );
-        let row =
-            sqlx::query(&bump).bind(replica_set.as_str()).fetch_one(&mut *tx).await.map_err(err)?;
+        let row = sqlx::query(&sql.next_incarnation)
+            .bind(replica_set.as_str())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(err)?;
         StoreError::check_slot_count(replica_set, row.get::<i64, _>(0) as u64, slot_count)?;
         let incarnation: i64 = row.get(1);
-        let upsert = format!(
-            "INSERT INTO {} (replica_set, worker_id, incarnation, registered_at, last_heartbeat, protocol) \
-             VALUES (?, ?, ?, {NOW_MS}, {NOW_MS}, {PROTOCOL_VERSION}) \
-             ON CONFLICT (replica_set, worker_id) DO UPDATE SET incarnation = excluded.incarnation, \
-                 registered_at = excluded.registered_at, last_heartbeat = excluded.last_heartbeat, \
-                 acked_generation = 0, protocol = excluded.protocol",
-            t.workers
-        );
-        sqlx::query(&upsert)
+        sqlx::query(&sql.upsert_worker)
             .bind(replica_set.as_str())
             .bind(worker.as_str())
             .bind(incarnation)
@@ -89,9 +233,7 @@ impl CoordinationStore for SqliteStore {
             .await
             .map_err(err)?;
         // Fence the previous incarnation of this id out of the slots it still owns.
-        let fence =
-            format!("UPDATE {} SET epoch = epoch + 1 WHERE replica_set = ? AND owner = ?", t.slots);
-        sqlx::query(&fence)
+        sqlx::query(&sql.fence_owner)
             .bind(replica_set.as_str())
             .bind(worker.as_str())
             .execute(&mut *tx)
@@ -109,13 +251,9 @@ impl CoordinationStore for SqliteStore {
         lease: Duration,
     ) -> StoreResult<HeartbeatAck> {
         let err = |e| classify("heartbeat", e);
-        let t = &self.tables;
+        let sql = &self.sql.coordination;
         let mut tx = self.begin_write("heartbeat").await?;
-        let beat = format!(
-            "UPDATE {} SET last_heartbeat = {NOW_MS} WHERE replica_set = ? AND worker_id = ? AND incarnation = ?",
-            t.workers
-        );
-        let beat = sqlx::query(&beat)
+        let beat = sqlx::query(&sql.beat)
             .bind(replica_set.as_str())
             .bind(worker.as_str())
             .bind(incarnation.0 as i64)
@@ -128,13 +266,7 @@ impl CoordinationStore for SqliteStore {
                 worker: worker.clone(),
             });
         }
-        let take = format!(
-            "UPDATE {} SET leader = ?2, leader_incarnation = ?3, lease_expires_at = {NOW_MS} + ?4 \
-             WHERE name = ?1 AND (leader IS NULL OR lease_expires_at IS NULL OR lease_expires_at <= {NOW_MS} \
-                 OR (leader = ?2 AND leader_incarnation = ?3))",
-            t.replica_sets
-        );
-        let leader = sqlx::query(&take)
+        let leader = sqlx::query(&sql.take_lease)
             .bind(replica_set.as_str())
             .bind(worker.as_str())
             .bind(incarnation.0 as i64)
@@ -150,15 +282,10 @@ impl CoordinationStore for SqliteStore {
 
     async fn snapshot(&self, replica_set: &ReplicaSetName) -> StoreResult<Snapshot> {
         let err = |e| classify("read coordination state", e);
-        let t = &self.tables;
+        let sql = &self.sql.coordination;
         // A read transaction: the three reads see one snapshot of the file.
         let mut tx = self.pool.begin().await.map_err(err)?;
-        let set_sql = format!(
-            "SELECT slot_count, generation, members, leader, leader_incarnation, \
-                 MAX(COALESCE(lease_expires_at, 0) - {NOW_MS}, 0) FROM {} WHERE name = ?",
-            t.replica_sets
-        );
-        let Some(set) = sqlx::query(&set_sql)
+        let Some(set) = sqlx::query(&sql.read_replica_set)
             .bind(replica_set.as_str())
             .fetch_optional(&mut *tx)
             .await
@@ -175,12 +302,7 @@ impl CoordinationStore for SqliteStore {
             }),
             None => None,
         };
-        let workers_sql = format!(
-            "SELECT worker_id, incarnation, {NOW_MS} - last_heartbeat, {NOW_MS} - registered_at, acked_generation, protocol \
-             FROM {} WHERE replica_set = ? ORDER BY worker_id",
-            t.workers
-        );
-        let workers = sqlx::query(&workers_sql)
+        let workers = sqlx::query(&sql.read_workers)
             .bind(replica_set.as_str())
             .fetch_all(&mut *tx)
             .await
@@ -197,10 +319,8 @@ impl CoordinationStore for SqliteStore {
                 })
             })
             .collect::<StoreResult<Vec<_>>>()?;
-        let slots_sql =
-            format!("SELECT slot, owner, epoch, next_owner FROM {} WHERE replica_set = ?", t.slots);
         let mut slots = vec![SlotRecord::default(); slot_count.get() as usize];
-        for row in sqlx::query(&slots_sql)
+        for row in sqlx::query(&sql.read_slots)
             .bind(replica_set.as_str())
             .fetch_all(&mut *tx)
             .await
@@ -232,14 +352,9 @@ impl CoordinationStore for SqliteStore {
         plan: &GenerationPlan,
     ) -> StoreResult<()> {
         let err = |e| classify("create a generation", e);
-        let t = &self.tables;
+        let sql = &self.sql.coordination;
         let mut tx = self.begin_write("create a generation").await?;
-        let check = format!(
-            "SELECT generation, COALESCE(leader = ? AND leader_incarnation = ? AND lease_expires_at > {NOW_MS}, 0) \
-             FROM {} WHERE name = ?",
-            t.replica_sets
-        );
-        let Some(row) = sqlx::query(&check)
+        let Some(row) = sqlx::query(&sql.check_leader)
             .bind(plan.leader.as_str())
             .bind(plan.leader_incarnation.0 as i64)
             .bind(replica_set.as_str())
@@ -252,17 +367,10 @@ impl CoordinationStore for SqliteStore {
         let actual = Generation(row.get::<i64, _>(0) as u64);
         let leads = row.get::<i64, _>(1) == 1;
         plan.check_applies(replica_set, actual, leads)?;
-        let change = format!(
-            "UPDATE {} SET owner = CASE WHEN ?3 = 'grant' THEN ?4 ELSE owner END, \
-                 next_owner = CASE WHEN ?3 = 'handoff' THEN ?4 ELSE NULL END, \
-                 epoch = CASE WHEN ?3 = 'grant' THEN epoch + 1 ELSE epoch END \
-             WHERE replica_set = ?1 AND slot = ?2 AND epoch = ?5",
-            t.slots
-        );
         for slot_change in &plan.changes {
             let (kind, target) =
                 (slot_change.action.kind(), slot_change.action.target().map(WorkerId::as_str));
-            let updated = sqlx::query(&change)
+            let updated = sqlx::query(&sql.change_slot)
                 .bind(replica_set.as_str())
                 .bind(i64::from(slot_change.slot.0))
                 .bind(kind)
@@ -275,9 +383,8 @@ impl CoordinationStore for SqliteStore {
                 return Err(plan.conflict(replica_set, actual));
             }
         }
-        let evict = format!("DELETE FROM {} WHERE replica_set = ? AND worker_id = ?", t.workers);
         for worker in &plan.evict {
-            sqlx::query(&evict)
+            sqlx::query(&sql.evict_worker)
                 .bind(replica_set.as_str())
                 .bind(worker.as_str())
                 .execute(&mut *tx)
@@ -285,20 +392,14 @@ impl CoordinationStore for SqliteStore {
                 .map_err(err)?;
         }
         let members = members_to(&plan.members);
-        let advance =
-            format!("UPDATE {} SET generation = ?, members = ? WHERE name = ?", t.replica_sets);
-        sqlx::query(&advance)
+        sqlx::query(&sql.advance_generation)
             .bind(plan.generation.0 as i64)
             .bind(&members)
             .bind(replica_set.as_str())
             .execute(&mut *tx)
             .await
             .map_err(err)?;
-        let history = format!(
-            "INSERT INTO {} (replica_set, generation, members, leader, created_at) VALUES (?, ?, ?, ?, {NOW_MS})",
-            t.generations
-        );
-        sqlx::query(&history)
+        sqlx::query(&sql.record_generation)
             .bind(replica_set.as_str())
             .bind(plan.generation.0 as i64)
             .bind(&members)
@@ -306,11 +407,7 @@ impl CoordinationStore for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(err)?;
-        let prune = format!(
-            "DELETE FROM {} WHERE replica_set = ? AND generation <= ? - 100",
-            t.generations
-        );
-        sqlx::query(&prune)
+        sqlx::query(&sql.prune_generations)
             .bind(replica_set.as_str())
             .bind(plan.generation.0 as i64)
             .execute(&mut *tx)
@@ -328,12 +425,7 @@ impl CoordinationStore for SqliteStore {
     ) -> StoreResult<()> {
         let err = |e| classify("release a slot", e);
         let mut tx = self.begin_write("release a slot").await?;
-        let release = format!(
-            "UPDATE {} SET owner = next_owner, next_owner = NULL, epoch = epoch + 1 \
-             WHERE replica_set = ? AND slot = ? AND owner = ? AND epoch = ? AND next_owner IS NOT NULL",
-            self.tables.slots
-        );
-        let released = sqlx::query(&release)
+        let released = sqlx::query(&self.sql.coordination.release_slot)
             .bind(replica_set.as_str())
             .bind(i64::from(slot.0))
             .bind(worker.as_str())
@@ -356,12 +448,7 @@ impl CoordinationStore for SqliteStore {
     ) -> StoreResult<()> {
         let err = |e| classify("acknowledge a generation", e);
         let mut tx = self.begin_write("acknowledge a generation").await?;
-        let ack = format!(
-            "UPDATE {} SET acked_generation = MAX(acked_generation, ?) \
-             WHERE replica_set = ? AND worker_id = ? AND incarnation = ?",
-            self.tables.workers
-        );
-        let acked = sqlx::query(&ack)
+        let acked = sqlx::query(&self.sql.coordination.ack_generation)
             .bind(generation.0 as i64)
             .bind(replica_set.as_str())
             .bind(worker.as_str())
@@ -385,13 +472,9 @@ impl CoordinationStore for SqliteStore {
         incarnation: Incarnation,
     ) -> StoreResult<()> {
         let err = |e| classify("deregister", e);
-        let t = &self.tables;
+        let sql = &self.sql.coordination;
         let mut tx = self.begin_write("deregister").await?;
-        let delete = format!(
-            "DELETE FROM {} WHERE replica_set = ? AND worker_id = ? AND incarnation = ?",
-            t.workers
-        );
-        let deleted = sqlx::query(&delete)
+        let deleted = sqlx::query(&sql.delete_worker)
             .bind(replica_set.as_str())
             .bind(worker.as_str())
             .bind(incarnation.0 as i64)
@@ -403,23 +486,13 @@ impl CoordinationStore for SqliteStore {
         }
         // The leaver's slots go to their pending new owners (or none); handoffs pending to the
         // leaver are cancelled, so no slot is ever handed to a worker that has gone.
-        let free = format!(
-            "UPDATE {} SET owner = CASE WHEN owner = ?2 THEN next_owner ELSE owner END, \
-                 epoch = CASE WHEN owner = ?2 THEN epoch + 1 ELSE epoch END, next_owner = NULL \
-             WHERE replica_set = ?1 AND (owner = ?2 OR next_owner = ?2)",
-            t.slots
-        );
-        sqlx::query(&free)
+        sqlx::query(&sql.free_slots)
             .bind(replica_set.as_str())
             .bind(worker.as_str())
             .execute(&mut *tx)
             .await
             .map_err(err)?;
-        let resign = format!(
-            "UPDATE {} SET leader = NULL, lease_expires_at = NULL WHERE name = ? AND leader = ? AND leader_incarnation = ?",
-            t.replica_sets
-        );
-        sqlx::query(&resign)
+        sqlx::query(&sql.resign)
             .bind(replica_set.as_str())
             .bind(worker.as_str())
             .bind(incarnation.0 as i64)
@@ -435,12 +508,7 @@ impl CoordinationStore for SqliteStore {
         limit: usize,
     ) -> StoreResult<Vec<orchestrator_core::ports::GenerationRecord>> {
         let err = |e| classify("read the generations", e);
-        let sql = format!(
-            "SELECT generation, members, leader, MAX({NOW_MS} - created_at, 0) \
-             FROM {} WHERE replica_set = ? ORDER BY generation DESC LIMIT ?",
-            self.tables.generations
-        );
-        sqlx::query(&sql)
+        sqlx::query(&self.sql.coordination.recent_generations)
             .bind(replica_set.as_str())
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
             .fetch_all(&self.pool)

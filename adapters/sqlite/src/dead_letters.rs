@@ -18,7 +18,7 @@ use sqlx::sqlite::SqliteRow;
 
 use crate::error::classify;
 use crate::event_store::{EVENT_COLUMNS, event_from_row};
-use crate::{NOW_MS, SqliteStore, SqliteTx};
+use crate::{NOW_MS, SqliteStore, SqliteTx, Tables};
 
 /// The filter on `?2` id, `?3` projection, `?4` key; a null parameter matches all.
 const FILTER: &str = "(?2 IS NULL OR id = ?2) AND (?3 IS NULL OR projection = ?3) \
@@ -28,6 +28,100 @@ const FILTER: &str = "(?2 IS NULL OR id = ?2) AND (?3 IS NULL OR projection = ?3
 const LETTER_COLUMNS: &str = "id, projection, partition_key, slot, bounded_context, aggregate_type, \
      aggregate_id, commit_position, global_position, event_type, error, attempts, first_failed_at, \
      last_failed_at, requested";
+
+/// The dead-letter store's statements, built once when the store opens.
+#[derive(Debug)]
+pub(crate) struct DeadLetterSql {
+    /// Parks letters given as a JSON array, adding to the letter of a position parked already.
+    park: String,
+    /// Lists the parked keys of a projection in the slots of a JSON array.
+    parked_keys: String,
+    /// Lists the letters matching [`FILTER`].
+    list: String,
+    /// Counts the letters of each projection.
+    counts: String,
+    /// Marks every letter of each key with a letter matching [`FILTER`].
+    request: String,
+    /// Lists the keys marked for a retry or a skip.
+    requests: String,
+    /// Reads the parked events of one key, with their letters' ids.
+    parked_events: String,
+    /// Logs the letters of one key as skipped.
+    log_skipped: String,
+    /// Deletes the letters of one key.
+    delete_key: String,
+}
+
+impl DeadLetterSql {
+    pub(crate) fn new(t: &Tables) -> Self {
+        Self {
+            park: format!(
+                "INSERT INTO {t} (replica_set, projection, partition_key, slot, bounded_context, \
+                     aggregate_type, aggregate_id, commit_position, global_position, event_type, error, \
+                     attempts, first_failed_at, last_failed_at) \
+                 SELECT ?1, ?2, json_extract(value, '$.partition_key'), json_extract(value, '$.slot'), \
+                     json_extract(value, '$.bounded_context'), json_extract(value, '$.aggregate_type'), \
+                     json_extract(value, '$.aggregate_id'), json_extract(value, '$.commit_position'), \
+                     json_extract(value, '$.global_position'), json_extract(value, '$.event_type'), \
+                     json_extract(value, '$.error'), json_extract(value, '$.attempts'), {NOW_MS}, {NOW_MS} \
+                 FROM json_each(?3) WHERE true \
+                 ON CONFLICT (replica_set, projection, global_position) DO UPDATE SET \
+                     error = excluded.error, attempts = {t}.attempts + excluded.attempts, \
+                     last_failed_at = excluded.last_failed_at, requested = NULL",
+                t = t.dead_letters
+            ),
+            parked_keys: format!(
+                "SELECT DISTINCT slot, partition_key FROM {} \
+                 WHERE replica_set = ?1 AND projection = ?2 AND slot IN (SELECT value FROM json_each(?3)) \
+                 ORDER BY slot, partition_key",
+                t.dead_letters
+            ),
+            list: format!(
+                "SELECT {LETTER_COLUMNS} FROM {} WHERE replica_set = ?1 AND {FILTER} \
+                 ORDER BY commit_position, global_position, projection",
+                t.dead_letters
+            ),
+            counts: format!(
+                "SELECT projection, count(*) FROM {} WHERE replica_set = ? GROUP BY projection",
+                t.dead_letters
+            ),
+            request: format!(
+                "UPDATE {t} SET requested = ?5 WHERE replica_set = ?1 AND (projection, partition_key) IN \
+                     (SELECT projection, partition_key FROM {t} WHERE replica_set = ?1 AND {FILTER})",
+                t = t.dead_letters
+            ),
+            requests: format!(
+                "SELECT projection, MIN(slot), partition_key, MIN(requested) FROM {} \
+                 WHERE replica_set = ? AND requested IS NOT NULL \
+                 GROUP BY projection, partition_key ORDER BY projection, partition_key",
+                t.dead_letters
+            ),
+            parked_events: format!(
+                "SELECT {EVENT_COLUMNS}, d.letter_id FROM {events} AS e \
+                 JOIN (SELECT id AS letter_id, global_position AS letter_position FROM {letters} \
+                       WHERE replica_set = ? AND projection = ? AND partition_key = ?) AS d \
+                   ON e.global_position = d.letter_position \
+                 ORDER BY e.global_position",
+                events = t.events,
+                letters = t.dead_letters
+            ),
+            log_skipped: format!(
+                "INSERT INTO {skipped} (id, replica_set, projection, partition_key, commit_position, \
+                     global_position, aggregate, event_type, error, attempts, first_failed_at, skipped_at) \
+                 SELECT id, replica_set, projection, partition_key, commit_position, global_position, \
+                     bounded_context || '/' || aggregate_type || '/' || aggregate_id, event_type, error, \
+                     attempts, first_failed_at, {NOW_MS} \
+                 FROM {letters} WHERE replica_set = ? AND projection = ? AND partition_key = ?",
+                skipped = t.skipped_letters,
+                letters = t.dead_letters
+            ),
+            delete_key: format!(
+                "DELETE FROM {} WHERE replica_set = ? AND projection = ? AND partition_key = ?",
+                t.dead_letters
+            ),
+        }
+    }
+}
 
 fn from_millis(ms: i64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
@@ -110,22 +204,7 @@ impl DeadLetterStore for SqliteStore {
         if letters.is_empty() {
             return Ok(());
         }
-        let sql = format!(
-            "INSERT INTO {t} (replica_set, projection, partition_key, slot, bounded_context, \
-                 aggregate_type, aggregate_id, commit_position, global_position, event_type, error, \
-                 attempts, first_failed_at, last_failed_at) \
-             SELECT ?1, ?2, json_extract(value, '$.partition_key'), json_extract(value, '$.slot'), \
-                 json_extract(value, '$.bounded_context'), json_extract(value, '$.aggregate_type'), \
-                 json_extract(value, '$.aggregate_id'), json_extract(value, '$.commit_position'), \
-                 json_extract(value, '$.global_position'), json_extract(value, '$.event_type'), \
-                 json_extract(value, '$.error'), json_extract(value, '$.attempts'), {NOW_MS}, {NOW_MS} \
-             FROM json_each(?3) WHERE true \
-             ON CONFLICT (replica_set, projection, global_position) DO UPDATE SET \
-                 error = excluded.error, attempts = {t}.attempts + excluded.attempts, \
-                 last_failed_at = excluded.last_failed_at, requested = NULL",
-            t = self.tables.dead_letters
-        );
-        sqlx::query(&sql)
+        sqlx::query(&self.sql.dead_letters.park)
             .bind(replica_set.as_str())
             .bind(projection)
             .bind(letters_json(letters))
@@ -145,13 +224,7 @@ impl DeadLetterStore for SqliteStore {
             return Ok(Vec::new());
         }
         let wanted = serde_json::Value::from(slots.iter().map(|s| s.0).collect::<Vec<u32>>());
-        let sql = format!(
-            "SELECT DISTINCT slot, partition_key FROM {} \
-             WHERE replica_set = ?1 AND projection = ?2 AND slot IN (SELECT value FROM json_each(?3)) \
-             ORDER BY slot, partition_key",
-            self.tables.dead_letters
-        );
-        let rows: Vec<(i64, String)> = sqlx::query_as(&sql)
+        let rows: Vec<(i64, String)> = sqlx::query_as(&self.sql.dead_letters.parked_keys)
             .bind(replica_set.as_str())
             .bind(projection)
             .bind(wanted.to_string())
@@ -167,12 +240,7 @@ impl DeadLetterStore for SqliteStore {
         filter: &DeadLetterFilter,
     ) -> StoreResult<Vec<DeadLetter>> {
         let err = |e| classify("list dead letters", e);
-        let sql = format!(
-            "SELECT {LETTER_COLUMNS} FROM {} WHERE replica_set = ?1 AND {FILTER} \
-             ORDER BY commit_position, global_position, projection",
-            self.tables.dead_letters
-        );
-        let rows = sqlx::query(&sql)
+        let rows = sqlx::query(&self.sql.dead_letters.list)
             .bind(replica_set.as_str())
             .bind(filter.id)
             .bind(filter.projection.as_deref())
@@ -187,11 +255,7 @@ impl DeadLetterStore for SqliteStore {
         &self,
         replica_set: &ReplicaSetName,
     ) -> StoreResult<BTreeMap<String, u64>> {
-        let sql = format!(
-            "SELECT projection, count(*) FROM {} WHERE replica_set = ? GROUP BY projection",
-            self.tables.dead_letters
-        );
-        let rows: Vec<(String, i64)> = sqlx::query_as(&sql)
+        let rows: Vec<(String, i64)> = sqlx::query_as(&self.sql.dead_letters.counts)
             .bind(replica_set.as_str())
             .fetch_all(&self.pool)
             .await
@@ -207,13 +271,8 @@ impl DeadLetterStore for SqliteStore {
     ) -> StoreResult<u64> {
         let what = "request a retry or skip of dead letters";
         // Every letter of each key that has a matching letter: keys move as a whole.
-        let sql = format!(
-            "UPDATE {t} SET requested = ?5 WHERE replica_set = ?1 AND (projection, partition_key) IN \
-                 (SELECT projection, partition_key FROM {t} WHERE replica_set = ?1 AND {FILTER})",
-            t = self.tables.dead_letters
-        );
         let mut tx = self.begin_write(what).await?;
-        let marked = sqlx::query(&sql)
+        let marked = sqlx::query(&self.sql.dead_letters.request)
             .bind(replica_set.as_str())
             .bind(filter.id)
             .bind(filter.projection.as_deref())
@@ -228,17 +287,12 @@ impl DeadLetterStore for SqliteStore {
 
     async fn requests(&self, replica_set: &ReplicaSetName) -> StoreResult<Vec<DeadLetterRequest>> {
         // One row per key: its slot and the (alphabetically first) action asked for.
-        let sql = format!(
-            "SELECT projection, MIN(slot), partition_key, MIN(requested) FROM {} \
-             WHERE replica_set = ? AND requested IS NOT NULL \
-             GROUP BY projection, partition_key ORDER BY projection, partition_key",
-            self.tables.dead_letters
-        );
-        let rows: Vec<(String, i64, String, String)> = sqlx::query_as(&sql)
-            .bind(replica_set.as_str())
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| classify("list dead-letter requests", e))?;
+        let rows: Vec<(String, i64, String, String)> =
+            sqlx::query_as(&self.sql.dead_letters.requests)
+                .bind(replica_set.as_str())
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| classify("list dead-letter requests", e))?;
         Ok(rows
             .into_iter()
             .filter_map(|(projection, slot, key, requested)| {
@@ -259,16 +313,7 @@ impl DeadLetterStore for SqliteStore {
         key: &str,
     ) -> StoreResult<Vec<(DeadLetterId, Event)>> {
         let err = |e| classify("read parked events", e);
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS}, d.letter_id FROM {events} AS e \
-             JOIN (SELECT id AS letter_id, global_position AS letter_position FROM {letters} \
-                   WHERE replica_set = ? AND projection = ? AND partition_key = ?) AS d \
-               ON e.global_position = d.letter_position \
-             ORDER BY e.global_position",
-            events = self.tables.events,
-            letters = self.tables.dead_letters
-        );
-        let rows = sqlx::query(&sql)
+        let rows = sqlx::query(&self.sql.dead_letters.parked_events)
             .bind(replica_set.as_str())
             .bind(projection)
             .bind(key)
@@ -292,19 +337,9 @@ impl DeadLetterStore for SqliteStore {
         action: DeadLetterAction,
     ) -> StoreResult<u64> {
         let err = |e| classify("resolve dead letters", e);
-        let t = &self.tables;
+        let sql = &self.sql.dead_letters;
         if action == DeadLetterAction::Skip {
-            let log = format!(
-                "INSERT INTO {skipped} (id, replica_set, projection, partition_key, commit_position, \
-                     global_position, aggregate, event_type, error, attempts, first_failed_at, skipped_at) \
-                 SELECT id, replica_set, projection, partition_key, commit_position, global_position, \
-                     bounded_context || '/' || aggregate_type || '/' || aggregate_id, event_type, error, \
-                     attempts, first_failed_at, {NOW_MS} \
-                 FROM {letters} WHERE replica_set = ? AND projection = ? AND partition_key = ?",
-                skipped = t.skipped_letters,
-                letters = t.dead_letters
-            );
-            sqlx::query(&log)
+            sqlx::query(&sql.log_skipped)
                 .bind(replica_set.as_str())
                 .bind(projection)
                 .bind(key)
@@ -312,11 +347,7 @@ impl DeadLetterStore for SqliteStore {
                 .await
                 .map_err(err)?;
         }
-        let delete = format!(
-            "DELETE FROM {} WHERE replica_set = ? AND projection = ? AND partition_key = ?",
-            t.dead_letters
-        );
-        let deleted = sqlx::query(&delete)
+        let deleted = sqlx::query(&sql.delete_key)
             .bind(replica_set.as_str())
             .bind(projection)
             .bind(key)

@@ -1,6 +1,5 @@
 //! The event store port on SQLite.
 
-use std::fmt::Write as _;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -15,7 +14,109 @@ use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 
 use crate::error::classify;
-use crate::{NOW_MS, SqliteStore};
+use crate::{NOW_MS, SqliteStore, Tables};
+
+/// The event store's statements, built once when the store opens. Slot lists, cursors and scopes
+/// are bound as JSON arrays (`json_each`), so each read is one fixed statement.
+#[derive(Debug)]
+pub(crate) struct EventSql {
+    /// Reads one stream from a version on.
+    read_stream: String,
+    /// Reads every slot after one common cursor.
+    read_after: String,
+    /// Reads the slots of a JSON array after one common cursor.
+    read_slots_after: String,
+    /// Reads each slot of a JSON array of `[slot, cursor]` after its own cursor.
+    read_merge: String,
+    /// Counts the events after a JSON array of cursors, and the age of the oldest next one.
+    backlog: String,
+    /// Reads the last position.
+    head: String,
+}
+
+impl EventSql {
+    pub(crate) fn new(t: &Tables) -> Self {
+        let events = &t.events;
+        // The scope on the columns of `alias`: `?n` aggregate types and `?n+1` bounded contexts,
+        // each a JSON array, or null for all. (Unlike an `IN (?, ...)` list, which made the planner
+        // pick the stream index and read every event of the scope from the first.)
+        let scope = |alias: &str, n: usize| {
+            format!(
+                " AND (?{n} IS NULL OR {alias}aggregate_type IN (SELECT value FROM json_each(?{n}))) \
+                 AND (?{m} IS NULL OR {alias}bounded_context IN (SELECT value FROM json_each(?{m})))",
+                m = n + 1
+            )
+        };
+        Self {
+            read_stream: format!(
+                "SELECT {EVENT_COLUMNS} FROM {events} WHERE bounded_context = ? AND aggregate_type = ? \
+                 AND aggregate_id = ? AND aggregate_version >= ? ORDER BY aggregate_version"
+            ),
+            // Every requested slot after one common cursor: one range of the primary key, filtered
+            // by slot. SQLite materializes and sorts a merge of per-slot ranges (77 ms for 256 slots
+            // against 1 ms for the range), so this is the read of a worker whose cursors moved
+            // together, which is the usual case. With several workers it reads the others' rows
+            // too, which an embedded store can afford.
+            // ?1 cursor, ?2 limit, ?3 and ?4 scope.
+            read_after: format!(
+                "SELECT {EVENT_COLUMNS} FROM {events} WHERE global_position > ?1{} \
+                 ORDER BY global_position LIMIT ?2",
+                scope("", 3)
+            ),
+            // ?1 cursor, ?2 slots, ?3 limit, ?4 and ?5 scope.
+            read_slots_after: format!(
+                "SELECT {EVENT_COLUMNS} FROM {events} WHERE global_position > ?1 \
+                 AND slot IN (SELECT value FROM json_each(?2)){} ORDER BY global_position LIMIT ?3",
+                scope("", 4)
+            ),
+            // One ordered index range per requested slot, each after that slot's cursor, merged by
+            // position: for cursors that differ (just after a slot started from its own
+            // checkpoint). Each range ends at the slot's `limit`-th event in scope (found in the
+            // same index), so at most `limit` rows per slot are sorted.
+            // ?1 cursors, ?2 limit, ?3 and ?4 scope.
+            read_merge: format!(
+                "SELECT {EVENT_COLUMNS} FROM json_each(?1) AS c JOIN {events} AS e \
+                   ON e.slot = json_extract(c.value, '$[0]') \
+                  AND e.global_position > json_extract(c.value, '$[1]'){e_scope} \
+                  AND e.global_position <= COALESCE((SELECT x.global_position FROM {events} AS x \
+                        WHERE x.slot = json_extract(c.value, '$[0]') \
+                          AND x.global_position > json_extract(c.value, '$[1]'){x_scope} \
+                        ORDER BY x.global_position LIMIT 1 OFFSET ?2 - 1), {max}) \
+                 ORDER BY e.global_position LIMIT ?2",
+                e_scope = scope("e.", 3),
+                x_scope = scope("x.", 3),
+                max = i64::MAX
+            ),
+            // The count stops at the limit, so its cost stays bounded however far behind the
+            // cursors are; the age comes from each slot's next event.
+            // ?1 cursors, ?2 limit, ?3 and ?4 scope.
+            backlog: format!(
+                "SELECT (SELECT count(*) FROM (SELECT 1 FROM json_each(?1) AS c \
+                           JOIN {events} AS e ON e.slot = json_extract(c.value, '$[0]') \
+                            AND e.global_position > json_extract(c.value, '$[1]'){scope} LIMIT ?2)), \
+                        {NOW_MS} - (SELECT min((SELECT e.created_at FROM {events} AS e \
+                            WHERE e.slot = json_extract(c.value, '$[0]') \
+                              AND e.global_position > json_extract(c.value, '$[1]'){scope} \
+                            ORDER BY e.global_position LIMIT 1)) FROM json_each(?1) AS c)",
+                scope = scope("e.", 3)
+            ),
+            // The primary key's last entry: one index lookup.
+            head: format!("SELECT max(global_position) FROM {events}"),
+        }
+    }
+}
+
+/// Cursors as a JSON array of `[slot, position]`.
+fn cursors_json(cursors: &[(Slot, Position)]) -> String {
+    let cursors: Vec<String> =
+        cursors.iter().map(|(slot, p)| format!("[{},{}]", slot.0, p.global)).collect();
+    format!("[{}]", cursors.join(","))
+}
+
+/// Scope values as a JSON array, or null (every value) when there are none.
+fn scope_json(values: &[String]) -> Option<String> {
+    (!values.is_empty()).then(|| serde_json::Value::from(values).to_string())
+}
 
 #[async_trait]
 impl EventStore for SqliteStore {
@@ -35,41 +136,29 @@ impl EventStore for SqliteStore {
 
     async fn read_stream(&self, stream: &StreamId, from_version: u64) -> StoreResult<Vec<Event>> {
         let mut conn = self.pool.acquire().await.map_err(|e| classify("read a stream", e))?;
-        read_stream_on(&mut conn, &self.tables.events, stream, from_version).await
+        read_stream_on(&mut conn, &self.sql.events, stream, from_version).await
     }
 
     async fn read(&self, request: &ReadRequest) -> StoreResult<Vec<Event>> {
         if request.cursors.is_empty() || request.limit == 0 {
             return Ok(Vec::new());
         }
-        let scope_values =
-            request.scope.aggregate_types.iter().chain(&request.scope.bounded_contexts);
-        let mut query;
-        let sql;
-        if let Some(after) = request.uniform_cursor() {
-            let every_slot = request.cursors.len() == self.slot_count.get() as usize;
-            sql = read_range_sql(&self.tables.events, request, every_slot);
-            query = sqlx::query(&sql).bind(after.global as i64);
-            if !every_slot {
-                for (slot, _) in &request.cursors {
-                    query = query.bind(slot.0 as i64);
-                }
+        let sql = &self.sql.events;
+        let every_slot = request.cursors.len() == self.slot_count.get() as usize;
+        let query = match request.uniform_cursor() {
+            Some(after) if every_slot => sqlx::query(&sql.read_after).bind(after.global as i64),
+            Some(after) => {
+                let slots: Vec<u32> = request.cursors.iter().map(|(slot, _)| slot.0).collect();
+                sqlx::query(&sql.read_slots_after)
+                    .bind(after.global as i64)
+                    .bind(serde_json::Value::from(slots).to_string())
             }
-            for value in scope_values {
-                query = query.bind(value);
-            }
-        } else {
-            sql = read_merge_sql(&self.tables.events, request);
-            query = sqlx::query(&sql);
-            for (slot, after) in &request.cursors {
-                query = query.bind(slot.0 as i64).bind(after.global as i64);
-                for value in scope_values.clone() {
-                    query = query.bind(value);
-                }
-                query = query.bind(request.limit as i64);
-            }
-        }
-        query = query.bind(request.limit as i64);
+            None => sqlx::query(&sql.read_merge).bind(cursors_json(&request.cursors)),
+        };
+        let query = query
+            .bind(i64::try_from(request.limit).unwrap_or(i64::MAX))
+            .bind(scope_json(&request.scope.aggregate_types))
+            .bind(scope_json(&request.scope.bounded_contexts));
         let rows = query.fetch_all(&self.pool).await.map_err(|e| classify("read events", e))?;
         rows.iter().map(event_from_row).collect()
     }
@@ -78,38 +167,11 @@ impl EventStore for SqliteStore {
         if request.cursors.is_empty() {
             return Ok(Backlog::default());
         }
-        let cursors: Vec<String> =
-            request.cursors.iter().map(|(slot, p)| format!("[{},{}]", slot.0, p.global)).collect();
-        // Scope values are numbered from ?3, so the filter can appear twice with one binding.
-        let types = request.scope.aggregate_types.len();
-        let numbered = |column: &str, first: usize, n: usize| {
-            if n == 0 {
-                String::new()
-            } else {
-                let params: Vec<String> = (first..first + n).map(|i| format!("?{i}")).collect();
-                format!(" AND e.{column} IN ({})", params.join(", "))
-            }
-        };
-        let scope = numbered("aggregate_type", 3, types)
-            + &numbered("bounded_context", 3 + types, request.scope.bounded_contexts.len());
-        // The count stops at the limit, so its cost stays bounded however far behind the cursors
-        // are; the age comes from each slot's next event.
-        let sql = format!(
-            "SELECT (SELECT count(*) FROM (SELECT 1 FROM json_each(?1) AS c \
-                       JOIN {events} AS e ON e.slot = json_extract(c.value, '$[0]') \
-                        AND e.global_position > json_extract(c.value, '$[1]'){scope} LIMIT ?2)), \
-                    {NOW_MS} - (SELECT min((SELECT e.created_at FROM {events} AS e \
-                        WHERE e.slot = json_extract(c.value, '$[0]') \
-                          AND e.global_position > json_extract(c.value, '$[1]'){scope} \
-                        ORDER BY e.global_position LIMIT 1)) FROM json_each(?1) AS c)",
-            events = self.tables.events,
-        );
-        let mut query = sqlx::query(&sql)
-            .bind(format!("[{}]", cursors.join(",")))
-            .bind(i64::try_from(request.limit).unwrap_or(i64::MAX));
-        for value in request.scope.aggregate_types.iter().chain(&request.scope.bounded_contexts) {
-            query = query.bind(value);
-        }
+        let query = sqlx::query(&self.sql.events.backlog)
+            .bind(cursors_json(&request.cursors))
+            .bind(i64::try_from(request.limit).unwrap_or(i64::MAX))
+            .bind(scope_json(&request.scope.aggregate_types))
+            .bind(scope_json(&request.scope.bounded_contexts));
         let row =
             query.fetch_one(&self.pool).await.map_err(|e| classify("count the backlog", e))?;
         let events: i64 = row.try_get(0).map_err(|e| classify("count the backlog", e))?;
@@ -121,9 +183,7 @@ impl EventStore for SqliteStore {
     }
 
     async fn head(&self) -> StoreResult<Option<u64>> {
-        // The primary key's last entry: one index lookup.
-        let sql = format!("SELECT max(global_position) FROM {}", self.tables.events);
-        let last: Option<i64> = sqlx::query_scalar(&sql)
+        let last: Option<i64> = sqlx::query_scalar(&self.sql.events.head)
             .fetch_one(&self.pool)
             .await
             .map_err(|e| classify("read the last position", e))?;
@@ -131,60 +191,15 @@ impl EventStore for SqliteStore {
     }
 }
 
-/// ` AND column IN (?, ...)` for `n` values, or nothing when `n` is 0.
-fn in_list(column: &str, n: usize) -> String {
-    if n == 0 { String::new() } else { format!(" AND {column} IN ({})", vec!["?"; n].join(", ")) }
-}
-
-fn scope_sql(request: &ReadRequest) -> String {
-    in_list("aggregate_type", request.scope.aggregate_types.len())
-        + &in_list("bounded_context", request.scope.bounded_contexts.len())
-}
-
-/// Every requested slot after one common cursor: one range of the primary key, filtered by slot.
-/// SQLite materializes and sorts a merge of per-slot ranges (77 ms for 256 slots against 1 ms for
-/// the range), so this is the read of a worker whose cursors moved together, which is the usual
-/// case. With several workers it reads the others' rows too, which an embedded store can afford.
-fn read_range_sql(events: &str, request: &ReadRequest, every_slot: bool) -> String {
-    let slots = if every_slot { String::new() } else { in_list("slot", request.cursors.len()) };
-    format!(
-        "SELECT {EVENT_COLUMNS} FROM {events} WHERE global_position > ?{slots}{scope} ORDER BY global_position LIMIT ?",
-        scope = scope_sql(request)
-    )
-}
-
-/// One ordered index range per requested slot, each after that slot's cursor, merged by position:
-/// for cursors that differ (just after a slot started from its own checkpoint).
-fn read_merge_sql(events: &str, request: &ReadRequest) -> String {
-    let scope = scope_sql(request);
-    let mut sql = format!("SELECT {EVENT_COLUMNS} FROM (");
-    for i in 0..request.cursors.len() {
-        if i > 0 {
-            sql.push_str(" UNION ALL ");
-        }
-        let _ = write!(
-            sql,
-            "SELECT * FROM (SELECT {EVENT_COLUMNS} FROM {events} WHERE slot = ? AND global_position > ?{scope} \
-             ORDER BY global_position LIMIT ?)"
-        );
-    }
-    sql.push_str(") ORDER BY global_position LIMIT ?");
-    sql
-}
-
 /// The events of one stream from `from_version` on, in version order, on `conn` (a unit of work's
 /// transaction sees its own appends).
 pub(crate) async fn read_stream_on(
     conn: &mut sqlx::SqliteConnection,
-    events: &str,
+    sql: &EventSql,
     stream: &StreamId,
     from_version: u64,
 ) -> StoreResult<Vec<Event>> {
-    let sql = format!(
-        "SELECT {EVENT_COLUMNS} FROM {events} WHERE bounded_context = ? AND aggregate_type = ? \
-         AND aggregate_id = ? AND aggregate_version >= ? ORDER BY aggregate_version"
-    );
-    let rows = sqlx::query(&sql)
+    let rows = sqlx::query(&sql.read_stream)
         .bind(&stream.bounded_context)
         .bind(&stream.aggregate_type)
         .bind(&stream.aggregate_id)

@@ -30,7 +30,12 @@ pub use error::classify as classify_error;
 pub use migrate::{migrate, migrate_with};
 pub use unit_of_work::SqliteUnitOfWork;
 
+use crate::checkpoint_store::CheckpointSql;
+use crate::coordination_store::CoordinationSql;
+use crate::dead_letters::DeadLetterSql;
 use crate::error::classify;
+use crate::event_store::EventSql;
+use crate::unit_of_work::UnitOfWorkSql;
 
 /// The transaction a transactional projection writes its read model through.
 pub type SqliteTx = sqlx::Transaction<'static, sqlx::Sqlite>;
@@ -42,13 +47,14 @@ pub(crate) const NOW_MS: &str = "CAST((julianday('now') - 2440587.5) * 86400000.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
-    tables: Arc<Tables>,
+    sql: Arc<Statements>,
     slot_count: SlotCount,
 }
 
+/// The store's tables, named under its prefix: what its statements are built from.
 #[derive(Debug)]
 pub(crate) struct Tables {
-    pub(crate) events: String,
+    events: String,
     replica_sets: String,
     workers: String,
     slots: String,
@@ -57,6 +63,28 @@ pub(crate) struct Tables {
     stopped_projections: String,
     dead_letters: String,
     skipped_letters: String,
+}
+
+/// Every statement of the store, built once when it opens: a call only binds its arguments.
+#[derive(Debug)]
+pub(crate) struct Statements {
+    coordination: CoordinationSql,
+    checkpoints: CheckpointSql,
+    dead_letters: DeadLetterSql,
+    events: EventSql,
+    unit_of_work: UnitOfWorkSql,
+}
+
+impl Statements {
+    fn new(t: &Tables) -> Self {
+        Self {
+            coordination: CoordinationSql::new(t),
+            checkpoints: CheckpointSql::new(t),
+            dead_letters: DeadLetterSql::new(t),
+            events: EventSql::new(t),
+            unit_of_work: UnitOfWorkSql::new(t),
+        }
+    }
 }
 
 impl SqliteStore {
@@ -77,7 +105,7 @@ impl SqliteStore {
             dead_letters: format!("{p}dead_letters"),
             skipped_letters: format!("{p}skipped_letters"),
         };
-        Ok(Self { pool, tables: Arc::new(tables), slot_count })
+        Ok(Self { pool, sql: Arc::new(Statements::new(&tables)), slot_count })
     }
 
     /// Opens (creating if missing) the database at `url` (`sqlite:orchestrator.db`) in WAL mode

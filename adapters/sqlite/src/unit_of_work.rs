@@ -15,14 +15,43 @@ use orchestrator_core::{
 
 use crate::error::{classify, is_unique_violation_on};
 use crate::event_store::read_stream_on;
-use crate::{NOW_MS, SqliteStore, SqliteTx, Tables};
+use crate::{NOW_MS, SqliteStore, SqliteTx, Statements, Tables};
+
+/// The unit of work's statements, built once when the store opens.
+#[derive(Debug)]
+pub(crate) struct UnitOfWorkSql {
+    /// Reads a stream's last version and partition key.
+    head: String,
+    /// Appends one event; returns its global position.
+    append: String,
+}
+
+impl UnitOfWorkSql {
+    pub(crate) fn new(t: &Tables) -> Self {
+        Self {
+            head: format!(
+                "SELECT aggregate_version, COALESCE(partition_key, aggregate_id) FROM {} \
+                 WHERE bounded_context = ? AND aggregate_type = ? AND aggregate_id = ? \
+                 ORDER BY aggregate_version DESC LIMIT 1",
+                t.events
+            ),
+            append: format!(
+                "INSERT INTO {} (bounded_context, aggregate_type, aggregate_id, aggregate_version, slot, \
+                     partition_hash, partition_key, event_id, event_type, event_version, payload, \
+                     metadata, causation_id, correlation_id, trace_id, created_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {NOW_MS}) RETURNING global_position",
+                t.events
+            ),
+        }
+    }
+}
 
 /// A unit of work on SQLite: appends to its declared streams and the application's own writes
 /// ([`SqliteUnitOfWork::tx`]) in one transaction.
 #[derive(Debug)]
 pub struct SqliteUnitOfWork {
     tx: SqliteTx,
-    tables: Arc<Tables>,
+    sql: Arc<Statements>,
     slot_count: SlotCount,
     declared: BTreeSet<StreamId>,
     appended: Vec<Appended>,
@@ -36,13 +65,7 @@ impl SqliteUnitOfWork {
     }
 
     async fn head(&mut self, stream: &StreamId) -> StoreResult<StreamHead> {
-        let sql = format!(
-            "SELECT aggregate_version, COALESCE(partition_key, aggregate_id) FROM {} \
-             WHERE bounded_context = ? AND aggregate_type = ? AND aggregate_id = ? \
-             ORDER BY aggregate_version DESC LIMIT 1",
-            self.tables.events
-        );
-        let row: Option<(i64, String)> = sqlx::query_as(&sql)
+        let row: Option<(i64, String)> = sqlx::query_as(&self.sql.unit_of_work.head)
             .bind(&stream.bounded_context)
             .bind(&stream.aggregate_type)
             .bind(&stream.aggregate_id)
@@ -63,7 +86,7 @@ impl UnitOfWorkStore for SqliteStore {
     async fn begin_unit_of_work(&self, streams: &[StreamId]) -> StoreResult<SqliteUnitOfWork> {
         Ok(SqliteUnitOfWork {
             tx: self.begin_write("begin a unit of work").await?,
-            tables: Arc::clone(&self.tables),
+            sql: Arc::clone(&self.sql),
             slot_count: self.slot_count,
             declared: streams.iter().cloned().collect(),
             appended: Vec::new(),
@@ -86,16 +109,9 @@ impl UnitOfWork for SqliteUnitOfWork {
         let current = head.version;
         let hash = fnv1a_32(partition_key.as_bytes());
         let slot = self.slot_count.slot_of_hash(hash);
-        let insert_sql = format!(
-            "INSERT INTO {} (bounded_context, aggregate_type, aggregate_id, aggregate_version, slot, \
-                 partition_hash, partition_key, event_id, event_type, event_version, payload, \
-                 metadata, causation_id, correlation_id, trace_id, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {NOW_MS}) RETURNING global_position",
-            self.tables.events
-        );
         let (mut first_global, mut last_global) = (u64::MAX, 0);
         for (i, event) in events.iter().enumerate() {
-            let position: i64 = sqlx::query_scalar(&insert_sql)
+            let position: i64 = sqlx::query_scalar(&self.sql.unit_of_work.append)
                 .bind(&stream.bounded_context)
                 .bind(&stream.aggregate_type)
                 .bind(&stream.aggregate_id)
@@ -149,7 +165,7 @@ impl UnitOfWork for SqliteUnitOfWork {
         stream: &StreamId,
         from_version: u64,
     ) -> StoreResult<Vec<Event>> {
-        read_stream_on(&mut self.tx, &self.tables.events, stream, from_version).await
+        read_stream_on(&mut self.tx, &self.sql.events, stream, from_version).await
     }
 
     async fn commit(self) -> StoreResult<Vec<Appended>> {
