@@ -109,10 +109,6 @@ impl MemoryStore {
     }
 }
 
-fn not_registered(replica_set: &ReplicaSetName, worker: &WorkerId) -> StoreError {
-    StoreError::NotRegistered { replica_set: replica_set.clone(), worker: worker.clone() }
-}
-
 impl State {
     /// The stream's events from `from_version` on, in version order.
     pub(crate) fn stream_events(&self, stream: &StreamId, from_version: u64) -> Vec<Event> {
@@ -136,7 +132,7 @@ impl ReplicaSetState {
         self.workers
             .get_mut(worker)
             .filter(|w| w.incarnation == incarnation)
-            .ok_or_else(|| not_registered(replica_set, worker))
+            .ok_or_else(|| StoreError::not_registered(replica_set, worker))
     }
 }
 

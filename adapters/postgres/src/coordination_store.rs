@@ -35,11 +35,6 @@ async fn notify(
         .map(drop)
 }
 
-fn worker_id(text: String) -> StoreResult<WorkerId> {
-    WorkerId::new(text)
-        .map_err(|e| StoreError::Other { message: format!("corrupt worker id: {e}"), source: None })
-}
-
 impl PgStore {
     async fn notify_coordination(&self, replica_set: &ReplicaSetName) -> StoreResult<()> {
         let mut conn = self.pool.acquire().await.map_err(|e| classify("notify", e))?;
@@ -125,10 +120,7 @@ impl CoordinationStore for PgStore {
             .await
             .map_err(err)?;
         if beat.rows_affected() == 0 {
-            return Err(StoreError::NotRegistered {
-                replica_set: replica_set.clone(),
-                worker: worker.clone(),
-            });
+            return Err(StoreError::not_registered(replica_set, worker));
         }
         let leader = sqlx::query(&self.sql.coordination.take_lease)
             .bind(replica_set.as_str())
@@ -165,7 +157,7 @@ impl CoordinationStore for PgStore {
         let leader: Option<String> = set.get(3);
         let lease = match leader {
             Some(holder) => Some(Lease {
-                holder: worker_id(holder)?,
+                holder: StoreError::stored_worker_id(holder)?,
                 incarnation: Incarnation(set.get::<i64, _>(4) as u64),
                 remaining: from_millis(set.get::<Option<i64>, _>(5).unwrap_or(0)),
             }),
@@ -179,7 +171,7 @@ impl CoordinationStore for PgStore {
             .into_iter()
             .map(|row| {
                 Ok(WorkerRecord {
-                    id: worker_id(row.get(0))?,
+                    id: StoreError::stored_worker_id(row.get(0))?,
                     incarnation: Incarnation(row.get::<i64, _>(1) as u64),
                     heartbeat_age: from_millis(row.get(2)),
                     registered_age: from_millis(row.get(3)),
@@ -198,9 +190,15 @@ impl CoordinationStore for PgStore {
             let slot = row.get::<i32, _>(0) as usize;
             if let Some(record) = slots.get_mut(slot) {
                 *record = SlotRecord {
-                    owner: row.get::<Option<String>, _>(1).map(worker_id).transpose()?,
+                    owner: row
+                        .get::<Option<String>, _>(1)
+                        .map(StoreError::stored_worker_id)
+                        .transpose()?,
                     epoch: Epoch(row.get::<i64, _>(2) as u64),
-                    next_owner: row.get::<Option<String>, _>(3).map(worker_id).transpose()?,
+                    next_owner: row
+                        .get::<Option<String>, _>(3)
+                        .map(StoreError::stored_worker_id)
+                        .transpose()?,
                 };
             }
         }
@@ -209,7 +207,10 @@ impl CoordinationStore for PgStore {
             replica_set: replica_set.clone(),
             slot_count,
             generation: Generation(set.get::<i64, _>(1) as u64),
-            members: members.into_iter().map(worker_id).collect::<StoreResult<_>>()?,
+            members: members
+                .into_iter()
+                .map(StoreError::stored_worker_id)
+                .collect::<StoreResult<_>>()?,
             lease,
             workers,
             slots,
@@ -338,10 +339,7 @@ impl CoordinationStore for PgStore {
             .await
             .map_err(|e| classify("acknowledge a generation", e))?;
         if acked.rows_affected() == 0 {
-            return Err(StoreError::NotRegistered {
-                replica_set: replica_set.clone(),
-                worker: worker.clone(),
-            });
+            return Err(StoreError::not_registered(replica_set, worker));
         }
         self.notify_coordination(replica_set).await
     }
@@ -411,9 +409,9 @@ impl CoordinationStore for PgStore {
                     members: row
                         .get::<Vec<String>, _>(1)
                         .into_iter()
-                        .map(worker_id)
+                        .map(StoreError::stored_worker_id)
                         .collect::<StoreResult<_>>()?,
-                    leader: worker_id(row.get(2))?,
+                    leader: StoreError::stored_worker_id(row.get(2))?,
                     age: from_millis(row.get(3)),
                 })
             })

@@ -177,14 +177,12 @@ impl CoordinationSql {
     }
 }
 
-fn worker_id(text: String) -> StoreResult<WorkerId> {
-    WorkerId::new(text)
-        .map_err(|e| StoreError::Other { message: format!("corrupt worker id: {e}"), source: None })
-}
-
 /// Members are stored space-separated: worker ids never contain spaces.
 fn members_from(text: &str) -> StoreResult<Vec<WorkerId>> {
-    text.split(' ').filter(|s| !s.is_empty()).map(|s| worker_id(s.to_owned())).collect()
+    text.split(' ')
+        .filter(|s| !s.is_empty())
+        .map(|s| StoreError::stored_worker_id(s.to_owned()))
+        .collect()
 }
 
 fn members_to(members: &[WorkerId]) -> String {
@@ -261,10 +259,7 @@ impl CoordinationStore for SqliteStore {
             .await
             .map_err(err)?;
         if beat.rows_affected() == 0 {
-            return Err(StoreError::NotRegistered {
-                replica_set: replica_set.clone(),
-                worker: worker.clone(),
-            });
+            return Err(StoreError::not_registered(replica_set, worker));
         }
         let leader = sqlx::query(&sql.take_lease)
             .bind(replica_set.as_str())
@@ -296,7 +291,7 @@ impl CoordinationStore for SqliteStore {
         let slot_count = SlotCount::new(set.get::<i64, _>(0) as u64).unwrap_or_default();
         let lease = match set.get::<Option<String>, _>(3) {
             Some(holder) => Some(Lease {
-                holder: worker_id(holder)?,
+                holder: StoreError::stored_worker_id(holder)?,
                 incarnation: Incarnation(set.get::<i64, _>(4) as u64),
                 remaining: from_millis(set.get(5)),
             }),
@@ -310,7 +305,7 @@ impl CoordinationStore for SqliteStore {
             .into_iter()
             .map(|row| {
                 Ok(WorkerRecord {
-                    id: worker_id(row.get(0))?,
+                    id: StoreError::stored_worker_id(row.get(0))?,
                     incarnation: Incarnation(row.get::<i64, _>(1) as u64),
                     heartbeat_age: from_millis(row.get(2)),
                     registered_age: from_millis(row.get(3)),
@@ -328,9 +323,15 @@ impl CoordinationStore for SqliteStore {
         {
             if let Some(record) = slots.get_mut(row.get::<i64, _>(0) as usize) {
                 *record = SlotRecord {
-                    owner: row.get::<Option<String>, _>(1).map(worker_id).transpose()?,
+                    owner: row
+                        .get::<Option<String>, _>(1)
+                        .map(StoreError::stored_worker_id)
+                        .transpose()?,
                     epoch: Epoch(row.get::<i64, _>(2) as u64),
-                    next_owner: row.get::<Option<String>, _>(3).map(worker_id).transpose()?,
+                    next_owner: row
+                        .get::<Option<String>, _>(3)
+                        .map(StoreError::stored_worker_id)
+                        .transpose()?,
                 };
             }
         }
@@ -457,10 +458,7 @@ impl CoordinationStore for SqliteStore {
             .await
             .map_err(err)?;
         if acked.rows_affected() == 0 {
-            return Err(StoreError::NotRegistered {
-                replica_set: replica_set.clone(),
-                worker: worker.clone(),
-            });
+            return Err(StoreError::not_registered(replica_set, worker));
         }
         tx.commit().await.map_err(err)
     }
@@ -519,7 +517,7 @@ impl CoordinationStore for SqliteStore {
                 Ok(orchestrator_core::ports::GenerationRecord {
                     generation: Generation(row.get::<i64, _>(0) as u64),
                     members: members_from(row.get::<&str, _>(1))?,
-                    leader: worker_id(row.get(2))?,
+                    leader: StoreError::stored_worker_id(row.get(2))?,
                     age: from_millis(row.get(3)),
                 })
             })

@@ -28,6 +28,26 @@ pub async fn first_generation<S: CoordinationStore>(store: &S, leader: &WorkerId
     first_generation_in(store, &replica_set(), leader).await
 }
 
+/// `from` leads generation 1 alone, `to` registers, and generation 2 hands `slot` (at epoch 1)
+/// over to `to`; the incarnations of `from` and `to`.
+async fn hand_off<S: CoordinationStore>(
+    store: &S,
+    from: &WorkerId,
+    to: &WorkerId,
+    slot: Slot,
+) -> (Incarnation, Incarnation) {
+    let rs = replica_set();
+    let incarnation = first_generation(store, from).await;
+    let to_incarnation = store.register(&rs, slots(), to).await.unwrap();
+    let changes =
+        vec![SlotChange { slot, epoch: Epoch(1), action: SlotAction::Handoff { to: to.clone() } }];
+    store
+        .create_generation(&rs, &next_plan(1, from, incarnation, &[from, to], changes))
+        .await
+        .unwrap();
+    (incarnation, to_incarnation)
+}
+
 /// [`first_generation`] in replica set `rs`.
 pub async fn first_generation_in<S: CoordinationStore>(
     store: &S,
@@ -226,17 +246,7 @@ pub async fn handoff_then_release_moves_the_slot_and_bumps_the_epoch<H: Harness>
     let store = h.store();
     let rs = replica_set();
     let (w1, w2) = (worker("w1"), worker("w2"));
-    let incarnation = first_generation(store, &w1).await;
-    store.register(&rs, slots(), &w2).await.unwrap();
-    let changes = vec![SlotChange {
-        slot: Slot(3),
-        epoch: Epoch(1),
-        action: SlotAction::Handoff { to: w2.clone() },
-    }];
-    store
-        .create_generation(&rs, &next_plan(1, &w1, incarnation, &[&w1, &w2], changes))
-        .await
-        .unwrap();
+    let (incarnation, _) = hand_off(store, &w1, &w2, Slot(3)).await;
     let record = store.snapshot(&rs).await.unwrap().slot(Slot(3)).clone();
     assert_eq!(
         (record.owner.as_ref(), record.next_owner.as_ref(), record.epoch),
@@ -279,17 +289,7 @@ pub async fn release_by_a_non_owner_is_fenced<H: Harness>(h: &H) {
     let store = h.store();
     let rs = replica_set();
     let (w1, w2) = (worker("w1"), worker("w2"));
-    let incarnation = first_generation(store, &w1).await;
-    store.register(&rs, slots(), &w2).await.unwrap();
-    let changes = vec![SlotChange {
-        slot: Slot(0),
-        epoch: Epoch(1),
-        action: SlotAction::Handoff { to: w2.clone() },
-    }];
-    store
-        .create_generation(&rs, &next_plan(1, &w1, incarnation, &[&w1, &w2], changes))
-        .await
-        .unwrap();
+    hand_off(store, &w1, &w2, Slot(0)).await;
     for (who, slot, epoch) in
         [(&w2, Slot(0), Epoch(1)), (&w1, Slot(0), Epoch(0)), (&w1, Slot(1), Epoch(1))]
     {
@@ -319,17 +319,7 @@ pub async fn deregister_frees_slots_and_the_lease<H: Harness>(h: &H) {
     let store = h.store();
     let rs = replica_set();
     let (w1, w2) = (worker("w1"), worker("w2"));
-    let incarnation = first_generation(store, &w1).await;
-    store.register(&rs, slots(), &w2).await.unwrap();
-    let changes = vec![SlotChange {
-        slot: Slot(0),
-        epoch: Epoch(1),
-        action: SlotAction::Handoff { to: w2.clone() },
-    }];
-    store
-        .create_generation(&rs, &next_plan(1, &w1, incarnation, &[&w1, &w2], changes))
-        .await
-        .unwrap();
+    let (incarnation, _) = hand_off(store, &w1, &w2, Slot(0)).await;
 
     store.deregister(&rs, &w1, incarnation).await.unwrap();
     let snapshot = store.snapshot(&rs).await.unwrap();
@@ -354,17 +344,7 @@ pub async fn deregister_cancels_handoffs_to_the_leaver<H: Harness>(h: &H) {
     let store = h.store();
     let rs = replica_set();
     let (w1, w2) = (worker("w1"), worker("w2"));
-    let incarnation = first_generation(store, &w1).await;
-    let w2_incarnation = store.register(&rs, slots(), &w2).await.unwrap();
-    let changes = vec![SlotChange {
-        slot: Slot(3),
-        epoch: Epoch(1),
-        action: SlotAction::Handoff { to: w2.clone() },
-    }];
-    store
-        .create_generation(&rs, &next_plan(1, &w1, incarnation, &[&w1, &w2], changes))
-        .await
-        .unwrap();
+    let (incarnation, w2_incarnation) = hand_off(store, &w1, &w2, Slot(3)).await;
     store.deregister(&rs, &w2, w2_incarnation).await.unwrap();
     let snapshot = store.snapshot(&rs).await.unwrap();
     let record = snapshot.slot(Slot(3));

@@ -280,6 +280,19 @@ impl StoreError {
         }
     }
 
+    /// The worker's incarnation is not registered (it was deregistered, evicted, or superseded).
+    pub fn not_registered(replica_set: &ReplicaSetName, worker: &WorkerId) -> Self {
+        StoreError::NotRegistered { replica_set: replica_set.clone(), worker: worker.clone() }
+    }
+
+    /// A worker id as a store read it back: one that is no longer valid means a corrupt row.
+    pub fn stored_worker_id(text: String) -> StoreResult<WorkerId> {
+        WorkerId::new(text).map_err(|e| StoreError::Other {
+            message: format!("corrupt worker id: {e}"),
+            source: None,
+        })
+    }
+
     /// Refuses a worker configured with another slot count than the replica set's `stored` one.
     pub fn check_slot_count(
         replica_set: &ReplicaSetName,
