@@ -39,7 +39,7 @@ const fn migration(version: i32, name: &'static str, sql: &'static str) -> Migra
 }
 
 const DIALECT: LedgerDialect =
-    LedgerDialect { applied_at: "TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()" };
+    LedgerDialect { parameter: "$1", applied_at: "TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()" };
 
 /// Creates or upgrades every table under `prefix`, and records the event store's slot count
 /// (`slot_count` on a new store; an existing store keeps its own and a different one is refused).
@@ -80,12 +80,14 @@ pub async fn migrate_with(
         .map_err(err)?;
     let names: Vec<String> =
         sqlx::query_scalar(&ledger.applied_names_sql()).fetch_all(&mut *tx).await.map_err(err)?;
-    for step in ledger.pending(MIGRATIONS, &versions, slot_count) {
-        tx.execute(step.script.as_str()).await.map_err(|e| classify(&step.what, e))?;
+    for script in ledger.pending(MIGRATIONS, &versions, slot_count) {
+        tx.execute(script.as_str()).await.map_err(err)?;
     }
     stored_slot_count(&mut tx, prefix.as_str(), Some(slot_count)).await?;
+    let record = ledger.record_name_sql();
     for step in ledger.pending_application(schema, &names) {
-        tx.execute(step.script.as_str()).await.map_err(|e| classify(&step.what, e))?;
+        tx.execute(step.sql).await.map_err(|e| classify(&format!("apply {}", step.name), e))?;
+        sqlx::query(&record).bind(step.name).execute(&mut *tx).await.map_err(err)?;
     }
     tx.commit().await.map_err(err)
 }

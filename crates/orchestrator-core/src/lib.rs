@@ -29,7 +29,7 @@ pub use event::{
 pub use ids::{Epoch, Generation, Incarnation, InvalidName, ReplicaSetName, TablePrefix, WorkerId};
 pub use plan::{GenerationPlan, SlotAction, SlotChange};
 pub use quote::{Quoted, quote};
-pub use schema::{LedgerDialect, Migration, MigrationLedger, MigrationStep, SchemaMigration};
+pub use schema::{LedgerDialect, Migration, MigrationLedger, SchemaMigration};
 pub use slot::{Slot, SlotCount, fnv1a_32};
 pub use snapshot::{Lease, PROTOCOL_VERSION, Partition, SlotRecord, Snapshot, WorkerRecord};
 #[cfg(feature = "mock")]

@@ -16,6 +16,7 @@ pub struct SchemaMigration {
 }
 
 /// One of an adapter's own migrations: SQL with `{prefix}` where table names take the prefix.
+/// Its name is recorded as written, so it is a plain word (`dead_letters`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Migration {
     /// Position in the adapter's sequence (1, 2, ...); recorded once applied.
@@ -31,27 +32,20 @@ pub struct Migration {
 pub struct LedgerDialect {
     /// Type and default of an `applied_at` column: when the row was written, by the database.
     pub applied_at: &'static str,
+    /// How a statement names its first bound parameter (`$1`, `?1`).
+    pub parameter: &'static str,
 }
 
 /// A store's migration ledgers under one prefix: `schema_migrations` records the adapter's
 /// [`Migration`]s by version, `application_migrations` the application's [`SchemaMigration`]s by
 /// name. The rules of a migration run live here, so that every SQL adapter applies the same
 /// steps in the same order: the adapter takes its lock, creates the ledgers, reads what they hold,
-/// and runs the scripts of [`MigrationLedger::pending`] and
-/// [`MigrationLedger::pending_application`] in its transaction.
+/// and runs [`MigrationLedger::pending`] and [`MigrationLedger::pending_application`] in its
+/// transaction.
 #[derive(Debug, Clone)]
 pub struct MigrationLedger {
     prefix: String,
     dialect: LedgerDialect,
-}
-
-/// One script of a migration run; it records itself in its ledger.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MigrationStep {
-    /// What the step does, for an error message (`apply 0001_accounts`).
-    pub what: String,
-    /// Its statements, the ledger's record last.
-    pub script: String,
 }
 
 impl MigrationLedger {
@@ -84,62 +78,51 @@ impl MigrationLedger {
         format!("SELECT name FROM {}application_migrations", self.prefix)
     }
 
-    /// The adapter's scripts still to run, in order: its migrations not in `versions`, then the
-    /// event store's slot count, recorded unless one is. The adapter then reads the slot count
-    /// back and refuses a different one before [`MigrationLedger::pending_application`].
+    /// The adapter's scripts still to run, in order, each recording itself in its ledger: its
+    /// migrations not in `versions`, then the event store's slot count, recorded unless one is.
+    /// The adapter then reads the slot count back, refusing a different one, before
+    /// [`MigrationLedger::pending_application`].
     pub fn pending(
         &self,
         migrations: &[Migration],
         versions: &[i32],
         slot_count: crate::SlotCount,
-    ) -> Vec<MigrationStep> {
+    ) -> Vec<String> {
         let p = &self.prefix;
-        let own =
-            migrations.iter().filter(|m| !versions.contains(&m.version)).map(|m| MigrationStep {
-                what: "migrate".to_owned(),
-                script: format!(
-                    "{}\n;\nINSERT INTO {p}schema_migrations (version, name) VALUES ({}, {})",
-                    m.sql.replace("{prefix}", p),
-                    m.version,
-                    literal(m.name)
-                ),
-            });
-        let slots = MigrationStep {
-            what: "migrate".to_owned(),
-            script: format!(
-                "INSERT INTO {p}meta (key, value) VALUES ('slot_count', '{}') \
-                 ON CONFLICT (key) DO NOTHING",
-                slot_count.get()
-            ),
-        };
+        let own = migrations.iter().filter(|m| !versions.contains(&m.version)).map(|m| {
+            format!(
+                "{}\n;\nINSERT INTO {p}schema_migrations (version, name) VALUES ({}, '{}')",
+                m.sql.replace("{prefix}", p),
+                m.version,
+                m.name
+            )
+        });
+        let slots = format!(
+            "INSERT INTO {p}meta (key, value) VALUES ('slot_count', '{}') \
+             ON CONFLICT (key) DO NOTHING",
+            slot_count.get()
+        );
         own.chain(std::iter::once(slots)).collect()
     }
 
-    /// The application's steps not in `names`, in the order given.
-    pub fn pending_application(
+    /// The application's steps not in `names`, in the order given. The adapter runs each step's
+    /// SQL, then [`MigrationLedger::record_name_sql`] with the step's name bound.
+    pub fn pending_application<'a>(
         &self,
-        schema: &[SchemaMigration],
+        schema: &'a [SchemaMigration],
         names: &[String],
-    ) -> Vec<MigrationStep> {
-        let p = &self.prefix;
-        schema
-            .iter()
-            .filter(|step| !names.iter().any(|name| name == step.name))
-            .map(|step| MigrationStep {
-                what: format!("apply {}", step.name),
-                script: format!(
-                    "{}\n;\nINSERT INTO {p}application_migrations (name) VALUES ({})",
-                    step.sql,
-                    literal(step.name)
-                ),
-            })
-            .collect()
+    ) -> impl Iterator<Item = &'a SchemaMigration> {
+        let names = names.to_vec();
+        schema.iter().filter(move |step| !names.iter().any(|name| name == step.name))
     }
-}
 
-/// `text` as an SQL string literal (standard quoting, which both PostgreSQL and SQLite read).
-fn literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
+    /// Records an application step as applied; its name is the one parameter.
+    pub fn record_name_sql(&self) -> String {
+        format!(
+            "INSERT INTO {}application_migrations (name) VALUES ({})",
+            self.prefix, self.dialect.parameter
+        )
+    }
 }
 
 #[cfg(test)]
@@ -155,20 +138,13 @@ mod tests {
     fn ledger() -> MigrationLedger {
         MigrationLedger::new(
             &TablePrefix::new("orch_").unwrap(),
-            LedgerDialect { applied_at: "TEXT" },
+            LedgerDialect { applied_at: "TEXT", parameter: "?1" },
         )
     }
 
     #[test]
     fn a_run_applies_what_the_ledgers_lack_in_order_each_step_recording_itself() {
-        let app = [
-            SchemaMigration { name: "0001_a", sql: "CREATE TABLE a (x INT) -- a comment" },
-            SchemaMigration { name: "0002_b", sql: "CREATE TABLE b (x INT);" },
-        ];
-        let ledger = ledger();
-        let mut steps = ledger.pending(&OWN, &[1], SlotCount::default());
-        steps.extend(ledger.pending_application(&app, &["0001_a".to_owned()]));
-        let scripts: Vec<&str> = steps.iter().map(|s| s.script.as_str()).collect();
+        let scripts = ledger().pending(&OWN, &[1], SlotCount::default());
         assert_eq!(
             scripts,
             [
@@ -176,17 +152,24 @@ mod tests {
              INSERT INTO orch_schema_migrations (version, name) VALUES (2, 'more')",
                 "INSERT INTO orch_meta (key, value) VALUES ('slot_count', '256') \
              ON CONFLICT (key) DO NOTHING",
-                "CREATE TABLE b (x INT);\n;\nINSERT INTO orch_application_migrations (name) \
-             VALUES ('0002_b')",
             ]
         );
-        assert_eq!(steps[2].what, "apply 0002_b");
     }
 
     #[test]
-    fn a_name_with_a_quote_is_recorded_as_written() {
-        let app = [SchemaMigration { name: "it's", sql: "SELECT 1" }];
-        let steps = ledger().pending_application(&app, &[]);
-        assert!(steps[0].script.ends_with("VALUES ('it''s')"), "{}", steps[0].script);
+    fn the_application_steps_not_recorded_run_in_the_order_given() {
+        let app = [
+            SchemaMigration { name: "0002_b", sql: "CREATE TABLE b (x INT)" },
+            SchemaMigration { name: "0001_a", sql: "CREATE TABLE a (x INT)" },
+            SchemaMigration { name: "0003_c", sql: "CREATE TABLE c (x INT)" },
+        ];
+        let ledger = ledger();
+        let pending: Vec<&str> =
+            ledger.pending_application(&app, &["0001_a".to_owned()]).map(|s| s.name).collect();
+        assert_eq!(pending, ["0002_b", "0003_c"]);
+        assert_eq!(
+            ledger.record_name_sql(),
+            "INSERT INTO orch_application_migrations (name) VALUES (?1)"
+        );
     }
 }
