@@ -206,23 +206,20 @@ fn check_deps() -> Result<()> {
 
 /// The seeded simulation: `--seed N` replays one run with its trace, `--seeds K` runs K seeds.
 fn sim(args: &[String]) -> Result<()> {
-    let mut sim = cargo();
-    sim.args([
-        "run",
-        "--quiet",
-        "--release",
-        "-p",
-        "orchestrator-tests",
-        "--bin",
-        "orchestrator-sim",
-    ])
-    .args(["--", "run"])
-    .args(args);
+    let mut sim = sim_command();
+    sim.arg("run").args(args);
     run_step("seeded simulation (real workers, in-memory store, injected faults)", sim)
 }
 
 /// Seed 0 of the simulation as a story (real workers over the in-memory store, simulated clock).
 fn sim_demo() -> Result<()> {
+    let mut sim = sim_command();
+    sim.arg("demo");
+    run_step("seed 0 of the simulation (real workers over the in-memory store)", sim)
+}
+
+/// `cargo run` of the simulation binary (release), waiting for its subcommand.
+fn sim_command() -> Command {
     let mut sim = cargo();
     sim.args([
         "run",
@@ -233,9 +230,8 @@ fn sim_demo() -> Result<()> {
         "--bin",
         "orchestrator-sim",
         "--",
-        "demo",
     ]);
-    run_step("seed 0 of the simulation (real workers over the in-memory store)", sim)
+    sim
 }
 
 fn bench(args: &[String]) -> Result<()> {

@@ -1,12 +1,13 @@
 //! `orchestrator projection reset | remove | resume`: rebuild a projection from the first event,
 //! forget a retired one, or start a stopped one again.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
 use orchestrator_core::ports::{CheckpointStore, CoordinationStore, StoreError};
 use orchestrator_core::{ReplicaSetName, quote};
-use orchestrator_runtime::reset_projection;
+use orchestrator_runtime::{Projection, reset_projection};
 
 use crate::db::Database;
 use crate::demo::{self, DemoProjections};
@@ -45,6 +46,22 @@ async fn refuse_while_running(
     Ok(running)
 }
 
+/// Resets `projection` with its reset hook when it is one of the demo `projections`, otherwise
+/// its checkpoints alone; whether a hook ran.
+async fn reset_one<S: CheckpointStore>(
+    store: &S,
+    replica_set: &ReplicaSetName,
+    projection: &str,
+    projections: &[Arc<dyn Projection<S::Tx>>],
+) -> Result<bool> {
+    let Some(hooked) = projections.iter().find(|p| p.name() == projection) else {
+        store.reset(store.begin().await?, replica_set, projection).await?;
+        return Ok(false);
+    };
+    reset_projection(store, replica_set, hooked.as_ref()).await?;
+    Ok(true)
+}
+
 pub(crate) async fn reset(
     db: &Database,
     replica_set: &ReplicaSetName,
@@ -58,22 +75,10 @@ pub(crate) async fn reset(
     // other projections' read models belong to their applications.
     let hooked = match (db, demo::projections(db, "cli", demo::Aids::default())) {
         (Database::Postgres(store), DemoProjections::Postgres(projections)) => {
-            match projections.iter().find(|p| p.name() == projection) {
-                Some(p) => reset_projection(store, replica_set, p.as_ref()).await.map(|()| true)?,
-                None => store
-                    .reset(store.begin().await?, replica_set, projection)
-                    .await
-                    .map(|()| false)?,
-            }
+            reset_one(store, replica_set, projection, &projections).await?
         }
         (Database::Sqlite(store), DemoProjections::Sqlite(projections)) => {
-            match projections.iter().find(|p| p.name() == projection) {
-                Some(p) => reset_projection(store, replica_set, p.as_ref()).await.map(|()| true)?,
-                None => store
-                    .reset(store.begin().await?, replica_set, projection)
-                    .await
-                    .map(|()| false)?,
-            }
+            reset_one(store, replica_set, projection, &projections).await?
         }
         _ => unreachable!("projections are built for the store they run on"),
     };

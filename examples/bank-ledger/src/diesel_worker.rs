@@ -6,11 +6,10 @@ use std::sync::Arc;
 
 use anyhow::{Result, bail};
 use bank_ledger::diesel_balances::DieselBalances;
-use orchestrator_core::{ReplicaSetName, SlotCount, WorkerId};
 use orchestrator_diesel::{DieselStore, DieselTx};
-use orchestrator_runtime::{Orchestrator, Projection, Settings, Telemetry, shutdown_signal};
+use orchestrator_runtime::{Orchestrator, Projection, shutdown_signal};
 
-use crate::{SLOTS, Store};
+use crate::Store;
 
 pub(crate) async fn worker(
     store: Store,
@@ -21,17 +20,8 @@ pub(crate) async fn worker(
     let Store::Postgres(pg) = store else {
         bail!("--diesel needs a postgres:// database URL");
     };
-    let mut settings = Settings::from_env()?;
-    settings.replica_set = ReplicaSetName::new("bank")?;
-    settings.slots = SlotCount::new(SLOTS)?;
-    if let Some(id) = id {
-        settings.worker_id = WorkerId::new(id)?;
-    }
-    let telemetry = Telemetry::new()?;
-    let _server = match metrics {
-        Some(addr) => Some(telemetry.serve(addr).await?),
-        None => None,
-    };
+    let settings = crate::worker_settings(id)?;
+    let (telemetry, _server) = crate::telemetry(metrics).await?;
     let store = DieselStore::open(pg, DieselStore::connect_pool(url, 4).await?).await?;
     let feed = store.change_feed().await?;
     let projections: Vec<Arc<dyn Projection<DieselTx>>> = vec![Arc::new(DieselBalances)];

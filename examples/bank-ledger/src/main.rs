@@ -18,7 +18,9 @@ use clap::{Parser, Subcommand};
 use orchestrator_core::ports::EventStore;
 use orchestrator_core::{ReplicaSetName, SlotCount, TablePrefix, WorkerId};
 use orchestrator_postgres::PgStore;
-use orchestrator_runtime::{Orchestrator, Projection, Settings, Telemetry, shutdown_signal};
+use orchestrator_runtime::{
+    Orchestrator, Projection, Server, Settings, Telemetry, shutdown_signal,
+};
 use orchestrator_sqlite::SqliteStore;
 use rand::RngExt;
 
@@ -135,18 +137,32 @@ async fn main() -> Result<()> {
     }
 }
 
-async fn worker(store: Store, id: Option<String>, metrics: Option<SocketAddr>) -> Result<()> {
+/// A worker's settings: the environment's (`Settings::from_env`: `BATCH_SIZE`, timeouts, ...) in
+/// the `bank` replica set, under the worker id given, if any.
+pub(crate) fn worker_settings(id: Option<String>) -> Result<Settings> {
     let mut settings = Settings::from_env()?;
     settings.replica_set = ReplicaSetName::new("bank")?;
     settings.slots = SlotCount::new(SLOTS)?;
     if let Some(id) = id {
         settings.worker_id = WorkerId::new(id)?;
     }
+    Ok(settings)
+}
+
+/// The worker's metrics, served on `addr` (`/metrics`, `/healthz`, `/readyz`, the status page)
+/// for as long as the returned server is kept.
+pub(crate) async fn telemetry(addr: Option<SocketAddr>) -> Result<(Telemetry, Option<Server>)> {
     let telemetry = Telemetry::new()?;
-    let _server = match metrics {
+    let server = match addr {
         Some(addr) => Some(telemetry.serve(addr).await?),
         None => None,
     };
+    Ok((telemetry, server))
+}
+
+async fn worker(store: Store, id: Option<String>, metrics: Option<SocketAddr>) -> Result<()> {
+    let settings = worker_settings(id)?;
+    let (telemetry, _server) = telemetry(metrics).await?;
     match store {
         Store::Postgres(store) => {
             let feed = store.change_feed().await?;
