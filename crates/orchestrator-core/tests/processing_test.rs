@@ -28,7 +28,8 @@ struct Harness {
     reads: Vec<(TaskId, orchestrator_core::ports::ReadRequest)>,
     loads: Vec<(TaskId, usize, Vec<Slot>)>,
     processes: Vec<(TaskId, usize, Batch)>,
-    waits: Vec<TaskId>,
+    /// Waits asked for, with their delays.
+    waits: Vec<(TaskId, Duration)>,
     reports: Vec<Command>,
     applied: Vec<Vec<u64>>,
 }
@@ -123,7 +124,7 @@ impl Harness {
                 Command::Process { task, projection, batch } => {
                     self.processes.push((task, projection, batch))
                 }
-                Command::Wait { task, .. } => self.waits.push(task),
+                Command::Wait { task, delay } => self.waits.push((task, delay)),
                 report => self.reports.push(report),
             }
         }
@@ -439,7 +440,7 @@ fn a_failing_projection_stops_alone_and_the_others_go_on() {
             outcome: Outcome::HandlerFailed { index: Some(4), timed_out: false, permanent: false },
         });
         if attempt < 3 {
-            let wait = h.waits.pop().expect("a backoff before the retry");
+            let (wait, _) = h.waits.pop().expect("a backoff before the retry");
             h.feed(Input::Elapsed { task: wait });
             assert_eq!(h.loads.len(), 1, "the retry starts from the stored checkpoints");
         }
@@ -460,7 +461,7 @@ fn a_failing_projection_stops_alone_and_the_others_go_on() {
     // The store was down: the record is asked for again, the same, after a backoff.
     h.reports.clear();
     h.feed(Input::Recorded { task: *task, ok: false });
-    let wait = h.waits.pop().expect("a backoff before recording again");
+    let (wait, _) = h.waits.pop().expect("a backoff before recording again");
     h.feed(Input::Elapsed { task: wait });
     let Some(Command::RecordStop { task, projection: 1, attempts: 3, .. }) = h.reports.pop() else {
         panic!("the record is retried: {:?}", h.reports)
@@ -572,7 +573,7 @@ fn park_without_the_failing_index_goes_one_event_at_a_time() {
     });
     // Attempts are exhausted at 3: two backoffs first.
     for _ in 0..2 {
-        let wait = h.waits.pop().expect("a backoff");
+        let (wait, _) = h.waits.pop().expect("a backoff");
         h.feed(Input::Elapsed { task: wait });
         h.answer_loads();
         h.answer_reads();
@@ -658,7 +659,7 @@ fn a_shared_read_that_fails_is_retried_without_touching_cursors() {
     let (task, _) = h.reads.remove(0);
     h.feed(Input::Read { task, events: None });
     assert!(h.loads.is_empty(), "nothing to reload: no lane's cursors moved");
-    let wait = h.waits.pop().unwrap();
+    let (wait, _) = h.waits.pop().unwrap();
     assert!(h.reads.is_empty());
     h.feed(Input::Elapsed { task: wait });
     assert_eq!(h.reads.len(), 1, "the same read again");
@@ -666,6 +667,27 @@ fn a_shared_read_that_fails_is_retried_without_touching_cursors() {
     for p in 0..3 {
         assert_eq!(h.applied[p].len(), 30);
     }
+}
+
+#[test]
+fn store_errors_in_a_row_back_off_to_a_second_and_an_answer_resets_the_wait() {
+    let mut h = Harness::new(vec![Scope::all(); 2], 1, 10, 30);
+    h.start_all();
+    let mut delays = Vec::new();
+    for _ in 0..6 {
+        let (task, _) = h.reads.remove(0);
+        h.feed(Input::Read { task, events: None });
+        let (wait, delay) = h.waits.pop().expect("a backoff before the same read");
+        delays.push(delay.as_millis());
+        h.feed(Input::Elapsed { task: wait });
+    }
+    assert_eq!(delays, [100, 200, 400, 800, 1000, 1000]);
+    // The store answers (a read of the first events), then fails again: the wait starts over.
+    h.answer_reads();
+    let (task, _) = h.reads.remove(0);
+    h.feed(Input::Read { task, events: None });
+    let (_, delay) = h.waits.pop().expect("a backoff");
+    assert_eq!(delay, Duration::from_millis(100));
 }
 
 #[test]

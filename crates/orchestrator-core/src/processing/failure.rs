@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use crate::slot::Slot;
 
+/// The longest wait between attempts at a store that keeps failing.
+pub const MAX_STORE_BACKOFF: Duration = Duration::from_secs(1);
+
 /// How a failing handler is retried before its projection stops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
@@ -33,10 +36,16 @@ impl RetryPolicy {
         self.initial_backoff.saturating_mul(factor).min(self.max_backoff)
     }
 
-    /// The wait after a store error (connection lost, server restarting): the initial backoff,
-    /// at least 100 ms, so a database that is down is not hammered.
-    pub fn store_backoff(&self) -> Duration {
-        self.initial_backoff.max(Duration::from_millis(100))
+    /// The wait after the `failures`-th store error in a row (connection lost, server
+    /// restarting, database gone): the initial backoff (at least 100 ms), doubled with each
+    /// failure, at most [`MAX_STORE_BACKOFF`]. A database that is down is not hammered, nor its
+    /// log flooded, and one that is back is used again within a second.
+    pub fn store_backoff(&self, failures: u32) -> Duration {
+        let factor = 2u32.saturating_pow(failures.saturating_sub(1));
+        self.initial_backoff
+            .max(Duration::from_millis(100))
+            .saturating_mul(factor)
+            .min(MAX_STORE_BACKOFF.max(self.initial_backoff))
     }
 }
 
@@ -121,8 +130,14 @@ pub enum AfterFailure {
     },
 }
 
-/// Decides what follows `failure`, after `attempts` failed handler attempts in a row before it.
-pub fn after_failure(failure: Failure, attempts: u32, policy: &RetryPolicy) -> AfterFailure {
+/// Decides what follows `failure`, after `attempts` failed handler attempts in a row before it
+/// and with `store_failures` store errors in a row so far (this one included, if it is one).
+pub fn after_failure(
+    failure: Failure,
+    attempts: u32,
+    store_failures: u32,
+    policy: &RetryPolicy,
+) -> AfterFailure {
     match failure {
         Failure::Handler { permanent, .. } => {
             let attempts = attempts.saturating_add(1);
@@ -132,7 +147,9 @@ pub fn after_failure(failure: Failure, attempts: u32, policy: &RetryPolicy) -> A
                 AfterFailure::Retry { after: policy.backoff(attempts), attempts }
             }
         }
-        Failure::Store => AfterFailure::Retry { after: policy.store_backoff(), attempts },
+        Failure::Store => {
+            AfterFailure::Retry { after: policy.store_backoff(store_failures), attempts }
+        }
         Failure::Fenced { slot } | Failure::Regression { slot } => AfterFailure::DropSlot { slot },
     }
 }
@@ -146,21 +163,21 @@ mod tests {
         let policy = RetryPolicy { max_attempts: 3, ..RetryPolicy::default() };
         let handler = Failure::Handler { timed_out: false, permanent: false };
         assert_eq!(
-            after_failure(handler, 0, &policy),
+            after_failure(handler, 0, 0, &policy),
             AfterFailure::Retry { after: Duration::from_millis(100), attempts: 1 }
         );
         assert_eq!(
-            after_failure(Failure::Handler { timed_out: true, permanent: false }, 1, &policy),
+            after_failure(Failure::Handler { timed_out: true, permanent: false }, 1, 0, &policy),
             AfterFailure::Retry { after: Duration::from_millis(200), attempts: 2 }
         );
-        assert_eq!(after_failure(handler, 2, &policy), AfterFailure::GiveUp { attempts: 3 });
+        assert_eq!(after_failure(handler, 2, 0, &policy), AfterFailure::GiveUp { attempts: 3 });
     }
 
     #[test]
     fn a_permanent_error_gives_up_at_once() {
         let permanent = Failure::Handler { timed_out: false, permanent: true };
         assert_eq!(
-            after_failure(permanent, 0, &RetryPolicy::default()),
+            after_failure(permanent, 0, 0, &RetryPolicy::default()),
             AfterFailure::GiveUp { attempts: 1 }
         );
     }
@@ -179,20 +196,32 @@ mod tests {
         let policy =
             RetryPolicy { max_attempts: 1, initial_backoff: Duration::ZERO, ..Default::default() };
         assert_eq!(
-            after_failure(Failure::Store, 7, &policy),
+            after_failure(Failure::Store, 7, 1, &policy),
             AfterFailure::Retry { after: Duration::from_millis(100), attempts: 7 }
         );
+        assert_eq!(
+            after_failure(Failure::Store, 7, 3, &policy),
+            AfterFailure::Retry { after: Duration::from_millis(400), attempts: 7 }
+        );
+    }
+
+    #[test]
+    fn store_backoff_doubles_up_to_a_second() {
+        let policy = RetryPolicy::default();
+        let waits: Vec<u128> = (1..=6).map(|n| policy.store_backoff(n).as_millis()).collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(policy.store_backoff(u32::MAX), MAX_STORE_BACKOFF);
     }
 
     #[test]
     fn refused_commits_drop_the_slot() {
         let policy = RetryPolicy::default();
         assert_eq!(
-            after_failure(Failure::Fenced { slot: Slot(3) }, 0, &policy),
+            after_failure(Failure::Fenced { slot: Slot(3) }, 0, 0, &policy),
             AfterFailure::DropSlot { slot: Slot(3) }
         );
         assert_eq!(
-            after_failure(Failure::Regression { slot: Slot(4) }, 2, &policy),
+            after_failure(Failure::Regression { slot: Slot(4) }, 2, 0, &policy),
             AfterFailure::DropSlot { slot: Slot(4) }
         );
     }

@@ -42,6 +42,8 @@ pub(crate) struct Out<'a> {
     pub(crate) commands: &'a mut Vec<Command>,
     /// See `Processing::completions`.
     pub(crate) completions: &'a mut u64,
+    /// See `Processing::store_failures`.
+    pub(crate) store_failures: u32,
 }
 
 impl Out<'_> {
@@ -54,6 +56,11 @@ impl Out<'_> {
 
     pub(crate) fn emit(&mut self, command: Command) {
         self.commands.push(command);
+    }
+
+    /// The wait before trying the store again, after the store errors in a row so far.
+    pub(crate) fn store_backoff(&self, config: &Config) -> Duration {
+        config.retry.store_backoff(self.store_failures)
     }
 }
 
@@ -950,7 +957,7 @@ impl Group {
             }
             None => {
                 let wait = out.task(Task::PendingLoadWait { group: self.index, projection });
-                out.emit(Command::Wait { task: wait, delay: config.retry.store_backoff() });
+                out.emit(Command::Wait { task: wait, delay: out.store_backoff(config) });
                 self.loading[projection] = Load::Waiting(wait);
             }
         }
@@ -980,7 +987,7 @@ impl Group {
         let Some(events) = events else {
             // No lane's cursors moved: the same read again after a backoff.
             let wait = out.task(Task::SharedWait { group: self.index });
-            out.emit(Command::Wait { task: wait, delay: config.retry.store_backoff() });
+            out.emit(Command::Wait { task: wait, delay: out.store_backoff(config) });
             self.stream.waiting = Some(wait);
             return;
         };
@@ -1178,7 +1185,7 @@ impl Group {
         out: &mut Out<'_>,
     ) -> Option<StopInfo> {
         self.lanes[lane].joined = None;
-        match after_failure(failure, self.lanes[lane].attempts, &config.retry) {
+        match after_failure(failure, self.lanes[lane].attempts, out.store_failures, &config.retry) {
             AfterFailure::Retry { after, attempts } => {
                 let task = out.task(Task::LaneWait { group: self.index, lane });
                 out.emit(Command::Wait { task, delay: after });

@@ -24,7 +24,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 pub use self::batch_events::BatchEvents;
-pub use self::failure::{AfterFailure, Failure, FailurePolicy, RetryPolicy, after_failure};
+pub use self::failure::{
+    AfterFailure, Failure, FailurePolicy, MAX_STORE_BACKOFF, RetryPolicy, after_failure,
+};
 pub use self::lag::{Density, LAG_COUNT_LIMIT, LagEstimate, LagPart, estimate_lag};
 
 use self::group::{Group, Out, StopInfo, Task};
@@ -430,6 +432,9 @@ pub struct Processing {
     completions: u64,
     /// The poll in flight, with the completion count when it was issued.
     polling: Option<(TaskId, u64)>,
+    /// Store errors in a row, whatever the call: the next wait after one grows with it
+    /// ([`RetryPolicy::store_backoff`]); any store answer resets it.
+    store_failures: u32,
 }
 
 impl Processing {
@@ -461,17 +466,20 @@ impl Processing {
             stop_events: BTreeMap::new(),
             completions: 0,
             polling: None,
+            store_failures: 0,
         }
     }
 
     /// Feeds one input; [`Processing::take_commands`] then says what follows.
     pub fn handle(&mut self, input: Input) {
+        self.count_store_answer(&input);
         let mut stops = Vec::new();
         let mut out = Out {
             next_task: &mut self.next_task,
             tasks: &mut self.tasks,
             commands: &mut self.commands,
             completions: &mut self.completions,
+            store_failures: self.store_failures,
         };
         match input {
             Input::Start { slot, epoch } => {
@@ -704,9 +712,30 @@ impl Processing {
             self.next_task += 1;
             self.tasks.insert(wait, Task::RecordWait { projection });
             self.stopped[projection] = StopState::Recording { task: wait, failed, attempts };
-            self.commands
-                .push(Command::Wait { task: wait, delay: self.config.retry.store_backoff() });
+            self.commands.push(Command::Wait { task: wait, delay: self.store_backoff() });
         }
+    }
+
+    /// Counts a store error in a row, or resets the count when the store answered.
+    fn count_store_answer(&mut self, input: &Input) {
+        let failed = match input {
+            Input::Loaded { checkpoints, .. } => checkpoints.is_none(),
+            Input::Read { events, .. } => events.is_none(),
+            Input::Processed { outcome, .. } => *outcome == Outcome::StoreFailed,
+            Input::Polled { state, .. } => state.is_none(),
+            Input::Recorded { ok, .. } => !ok,
+            Input::Start { .. }
+            | Input::Stop { .. }
+            | Input::Elapsed { .. }
+            | Input::Wake
+            | Input::PollDue => return,
+        };
+        self.store_failures = if failed { self.store_failures.saturating_add(1) } else { 0 };
+    }
+
+    /// The wait before trying the store again, after the store errors in a row so far.
+    fn store_backoff(&self) -> Duration {
+        self.config.retry.store_backoff(self.store_failures)
     }
 
     fn retry_record(&mut self, projection: usize) {
@@ -752,6 +781,7 @@ impl Processing {
             tasks: &mut self.tasks,
             commands: &mut self.commands,
             completions: &mut self.completions,
+            store_failures: self.store_failures,
         };
         for group in &mut self.groups {
             for slot in group.poll(&self.config, &mut out) {
