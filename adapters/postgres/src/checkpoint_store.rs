@@ -211,28 +211,28 @@ impl CheckpointSql {
         Self {
             load: format!(
                 "SELECT slot, commit_position, global_position FROM {checkpoints} \
-     WHERE replica_set = $1 AND projection = $2 AND slot = ANY($3) \
-     UNION ALL \
-     SELECT s, p.commit_position, p.global_position FROM {progress} AS p, unnest(p.slots) AS s \
-     WHERE p.replica_set = $1 AND p.projection = $2 AND p.slots && $3 AND s = ANY($3)",
+                 WHERE replica_set = $1 AND projection = $2 AND slot = ANY($3) \
+                 UNION ALL \
+                 SELECT s, p.commit_position, p.global_position FROM {progress} AS p, unnest(p.slots) AS s \
+                 WHERE p.replica_set = $1 AND p.projection = $2 AND p.slots && $3 AND s = ANY($3)",
                 checkpoints = t.checkpoints,
                 progress = t.progress
             ),
             projections: format!(
                 "SELECT projection FROM {} WHERE replica_set = $1 \
-     UNION SELECT projection FROM {} WHERE replica_set = $1 ORDER BY 1",
+                 UNION SELECT projection FROM {} WHERE replica_set = $1 ORDER BY 1",
                 t.checkpoints, t.progress
             ),
             stop_projection: format!(
                 "INSERT INTO {} (replica_set, projection, commit_position, global_position, aggregate, \
-         event_type, error) VALUES ($1, $2, $3, $4, $5, $6, $7) \
-     ON CONFLICT (replica_set, projection) DO NOTHING",
+                     event_type, error) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                 ON CONFLICT (replica_set, projection) DO NOTHING",
                 t.stopped_projections
             ),
             stopped_projections: format!(
                 "SELECT projection, commit_position, global_position, aggregate, event_type, error, \
-         (GREATEST(EXTRACT(EPOCH FROM clock_timestamp() - stopped_at), 0) * 1000)::bigint \
-     FROM {} WHERE replica_set = $1 ORDER BY projection",
+                     (GREATEST(EXTRACT(EPOCH FROM clock_timestamp() - stopped_at), 0) * 1000)::bigint \
+                 FROM {} WHERE replica_set = $1 ORDER BY projection",
                 t.stopped_projections
             ),
             resume_projection: format!(
@@ -241,16 +241,16 @@ impl CheckpointSql {
             ),
             fold_progress: format!(
                 "WITH gone AS (DELETE FROM {progress} WHERE replica_set = $1 AND worker_id = ANY($2) \
-         RETURNING projection, slots, commit_position, global_position), \
-     best AS (SELECT DISTINCT ON (g.projection, s) g.projection, s AS slot, g.commit_position, g.global_position \
-         FROM gone AS g, unnest(g.slots) AS s \
-         ORDER BY g.projection, s, g.commit_position DESC, g.global_position DESC) \
-     INSERT INTO {checkpoints} AS c (replica_set, projection, slot, commit_position, global_position) \
-     SELECT $1, projection, slot, commit_position, global_position FROM best \
-     ON CONFLICT (replica_set, projection, slot) DO UPDATE SET \
-         commit_position = excluded.commit_position, global_position = excluded.global_position, \
-         updated_at = clock_timestamp() \
-     WHERE (c.commit_position, c.global_position) < (excluded.commit_position, excluded.global_position)",
+                     RETURNING projection, slots, commit_position, global_position), \
+                 best AS (SELECT DISTINCT ON (g.projection, s) g.projection, s AS slot, g.commit_position, g.global_position \
+                     FROM gone AS g, unnest(g.slots) AS s \
+                     ORDER BY g.projection, s, g.commit_position DESC, g.global_position DESC) \
+                 INSERT INTO {checkpoints} AS c (replica_set, projection, slot, commit_position, global_position) \
+                 SELECT $1, projection, slot, commit_position, global_position FROM best \
+                 ON CONFLICT (replica_set, projection, slot) DO UPDATE SET \
+                     commit_position = excluded.commit_position, global_position = excluded.global_position, \
+                     updated_at = clock_timestamp() \
+                 WHERE (c.commit_position, c.global_position) < (excluded.commit_position, excluded.global_position)",
                 progress = t.progress,
                 checkpoints = t.checkpoints
             ),

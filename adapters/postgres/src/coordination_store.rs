@@ -487,15 +487,15 @@ impl CoordinationSql {
             ),
             next_incarnation: format!(
                 "UPDATE {} SET last_incarnation = last_incarnation + 1 WHERE name = $1 \
-     RETURNING slot_count, last_incarnation",
+                 RETURNING slot_count, last_incarnation",
                 t.replica_sets
             ),
             upsert_worker: format!(
                 "INSERT INTO {} (replica_set, worker_id, incarnation, registered_at, last_heartbeat, protocol) \
-     VALUES ($1, $2, $3, clock_timestamp(), clock_timestamp(), $4) \
-     ON CONFLICT (replica_set, worker_id) DO UPDATE SET incarnation = excluded.incarnation, \
-         registered_at = excluded.registered_at, last_heartbeat = excluded.last_heartbeat, \
-         acked_generation = 0, protocol = excluded.protocol",
+                 VALUES ($1, $2, $3, clock_timestamp(), clock_timestamp(), $4) \
+                 ON CONFLICT (replica_set, worker_id) DO UPDATE SET incarnation = excluded.incarnation, \
+                     registered_at = excluded.registered_at, last_heartbeat = excluded.last_heartbeat, \
+                     acked_generation = 0, protocol = excluded.protocol",
                 t.workers
             ),
             fence_previous_incarnation: format!(
@@ -504,29 +504,29 @@ impl CoordinationSql {
             ),
             beat: format!(
                 "UPDATE {} SET last_heartbeat = clock_timestamp() \
-     WHERE replica_set = $1 AND worker_id = $2 AND incarnation = $3",
+                 WHERE replica_set = $1 AND worker_id = $2 AND incarnation = $3",
                 t.workers
             ),
             take_lease: format!(
                 "UPDATE {} SET leader = $2, leader_incarnation = $3, \
-         lease_expires_at = clock_timestamp() + $4 * INTERVAL '1 millisecond' \
-     WHERE replica_set = $1 AND (leader IS NULL OR lease_expires_at IS NULL \
-         OR lease_expires_at <= clock_timestamp() \
-         OR (leader = $2 AND leader_incarnation = $3))",
+                     lease_expires_at = clock_timestamp() + $4 * INTERVAL '1 millisecond' \
+                 WHERE replica_set = $1 AND (leader IS NULL OR lease_expires_at IS NULL \
+                     OR lease_expires_at <= clock_timestamp() \
+                     OR (leader = $2 AND leader_incarnation = $3))",
                 t.leases
             ),
             read_replica_set: format!(
                 "SELECT r.slot_count, r.generation, r.members, l.leader, l.leader_incarnation, \
-         (GREATEST(EXTRACT(EPOCH FROM l.lease_expires_at - clock_timestamp()), 0) * 1000)::bigint \
-     FROM {} AS r LEFT JOIN {} AS l ON l.replica_set = r.name WHERE r.name = $1",
+                     (GREATEST(EXTRACT(EPOCH FROM l.lease_expires_at - clock_timestamp()), 0) * 1000)::bigint \
+                 FROM {} AS r LEFT JOIN {} AS l ON l.replica_set = r.name WHERE r.name = $1",
                 t.replica_sets, t.leases
             ),
             read_workers: format!(
                 "SELECT worker_id, incarnation, \
-         (EXTRACT(EPOCH FROM clock_timestamp() - last_heartbeat) * 1000)::bigint, \
-         (EXTRACT(EPOCH FROM clock_timestamp() - registered_at) * 1000)::bigint, \
-         acked_generation, protocol \
-     FROM {} WHERE replica_set = $1 ORDER BY worker_id",
+                     (EXTRACT(EPOCH FROM clock_timestamp() - last_heartbeat) * 1000)::bigint, \
+                     (EXTRACT(EPOCH FROM clock_timestamp() - registered_at) * 1000)::bigint, \
+                     acked_generation, protocol \
+                 FROM {} WHERE replica_set = $1 ORDER BY worker_id",
                 t.workers
             ),
             read_slots: format!(
@@ -535,18 +535,18 @@ impl CoordinationSql {
             ),
             lock_replica_set: format!(
                 "SELECT r.generation, l.leader = $2 AND l.leader_incarnation = $3 \
-         AND l.lease_expires_at > clock_timestamp() \
-     FROM {} AS r LEFT JOIN {} AS l ON l.replica_set = r.name \
-     WHERE r.name = $1 FOR UPDATE OF r",
+                     AND l.lease_expires_at > clock_timestamp() \
+                 FROM {} AS r LEFT JOIN {} AS l ON l.replica_set = r.name \
+                 WHERE r.name = $1 FOR UPDATE OF r",
                 t.replica_sets, t.leases
             ),
             apply_changes: format!(
                 "UPDATE {} AS s SET \
-         owner = CASE WHEN c.kind = 'grant' THEN c.target ELSE s.owner END, \
-         next_owner = CASE WHEN c.kind = 'handoff' THEN c.target ELSE NULL END, \
-         epoch = CASE WHEN c.kind = 'grant' THEN s.epoch + 1 ELSE s.epoch END \
-     FROM unnest($2::int[], $3::bigint[], $4::text[], $5::text[]) AS c(slot, epoch, kind, target) \
-     WHERE s.replica_set = $1 AND s.slot = c.slot AND s.epoch = c.epoch",
+                     owner = CASE WHEN c.kind = 'grant' THEN c.target ELSE s.owner END, \
+                     next_owner = CASE WHEN c.kind = 'handoff' THEN c.target ELSE NULL END, \
+                     epoch = CASE WHEN c.kind = 'grant' THEN s.epoch + 1 ELSE s.epoch END \
+                 FROM unnest($2::int[], $3::bigint[], $4::text[], $5::text[]) AS c(slot, epoch, kind, target) \
+                 WHERE s.replica_set = $1 AND s.slot = c.slot AND s.epoch = c.epoch",
                 t.slots
             ),
             evict_workers: format!(
@@ -567,12 +567,12 @@ impl CoordinationSql {
             ),
             release_slot: format!(
                 "UPDATE {} SET owner = next_owner, next_owner = NULL, epoch = epoch + 1 \
-     WHERE replica_set = $1 AND slot = $2 AND owner = $3 AND epoch = $4 AND next_owner IS NOT NULL",
+                 WHERE replica_set = $1 AND slot = $2 AND owner = $3 AND epoch = $4 AND next_owner IS NOT NULL",
                 t.slots
             ),
             ack_generation: format!(
                 "UPDATE {} SET acked_generation = GREATEST(acked_generation, $4) \
-     WHERE replica_set = $1 AND worker_id = $2 AND incarnation = $3",
+                 WHERE replica_set = $1 AND worker_id = $2 AND incarnation = $3",
                 t.workers
             ),
             delete_worker: format!(
@@ -581,19 +581,19 @@ impl CoordinationSql {
             ),
             hand_over_slots: format!(
                 "UPDATE {} SET owner = CASE WHEN owner = $2 THEN next_owner ELSE owner END, \
-         epoch = CASE WHEN owner = $2 THEN epoch + 1 ELSE epoch END, next_owner = NULL \
-     WHERE replica_set = $1 AND (owner = $2 OR next_owner = $2)",
+                     epoch = CASE WHEN owner = $2 THEN epoch + 1 ELSE epoch END, next_owner = NULL \
+                 WHERE replica_set = $1 AND (owner = $2 OR next_owner = $2)",
                 t.slots
             ),
             resign_lease: format!(
                 "UPDATE {} SET leader = NULL, lease_expires_at = NULL \
-     WHERE replica_set = $1 AND leader = $2 AND leader_incarnation = $3",
+                 WHERE replica_set = $1 AND leader = $2 AND leader_incarnation = $3",
                 t.leases
             ),
             recent_generations: format!(
                 "SELECT generation, members, leader, \
-         (GREATEST(EXTRACT(EPOCH FROM clock_timestamp() - created_at), 0) * 1000)::bigint \
-     FROM {} WHERE replica_set = $1 ORDER BY generation DESC LIMIT $2",
+                     (GREATEST(EXTRACT(EPOCH FROM clock_timestamp() - created_at), 0) * 1000)::bigint \
+                 FROM {} WHERE replica_set = $1 ORDER BY generation DESC LIMIT $2",
                 t.generations
             ),
         }

@@ -340,13 +340,13 @@ impl DeadLetterSql {
         Self {
             parked_keys: format!(
                 "SELECT DISTINCT slot, partition_key FROM {} \
-     WHERE replica_set = $1 AND projection = $2 AND slot = ANY($3) \
-     ORDER BY slot, partition_key",
+                 WHERE replica_set = $1 AND projection = $2 AND slot = ANY($3) \
+                 ORDER BY slot, partition_key",
                 t.dead_letters
             ),
             dead_letters: format!(
                 "SELECT {LETTER_COLUMNS} FROM {} WHERE replica_set = $1 AND {FILTER} \
-     ORDER BY commit_position, global_position, projection",
+                 ORDER BY commit_position, global_position, projection",
                 t.dead_letters
             ),
             dead_letter_counts: format!(
@@ -355,21 +355,21 @@ impl DeadLetterSql {
             ),
             request: format!(
                 "UPDATE {t} SET requested = $5 WHERE replica_set = $1 AND (projection, partition_key) IN \
-         (SELECT projection, partition_key FROM {t} WHERE replica_set = $1 AND {FILTER})",
+                     (SELECT projection, partition_key FROM {t} WHERE replica_set = $1 AND {FILTER})",
                 t = t.dead_letters
             ),
             requests: format!(
                 "SELECT DISTINCT ON (projection, partition_key) projection, slot, partition_key, requested \
-     FROM {} WHERE replica_set = $1 AND requested IS NOT NULL \
-     ORDER BY projection, partition_key, requested",
+                 FROM {} WHERE replica_set = $1 AND requested IS NOT NULL \
+                 ORDER BY projection, partition_key, requested",
                 t.dead_letters
             ),
             parked_events: format!(
                 "SELECT {EVENT_COLUMNS}, d.letter_id FROM {events} AS e \
-     JOIN (SELECT id AS letter_id, global_position AS letter_position FROM {letters} \
-           WHERE replica_set = $1 AND projection = $2 AND partition_key = $3) AS d \
-       ON e.global_position = d.letter_position \
-     ORDER BY e.transaction_id, e.global_position",
+                 JOIN (SELECT id AS letter_id, global_position AS letter_position FROM {letters} \
+                       WHERE replica_set = $1 AND projection = $2 AND partition_key = $3) AS d \
+                   ON e.global_position = d.letter_position \
+                 ORDER BY e.transaction_id, e.global_position",
                 events = t.events,
                 letters = t.dead_letters
             ),

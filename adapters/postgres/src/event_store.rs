@@ -352,14 +352,14 @@ impl EventSql {
             ),
             backlog: format!(
                 "WITH c AS (SELECT * FROM unnest($4::int[], $5::bigint[], $6::bigint[]) \
-                 AS c(slot, commit_position, global_position)) \
-             SELECT (SELECT count(*) FROM (SELECT 1 FROM c JOIN {events} AS e ON e.slot = c.slot \
-                       AND (e.transaction_id, e.global_position) > (c.commit_position::text::xid8, c.global_position) \
-                       WHERE true {SCOPE} LIMIT $1) AS counted), \
-                    (SELECT EXTRACT(EPOCH FROM clock_timestamp() - min(next.created_at))::float8 \
-                     FROM c CROSS JOIN LATERAL (SELECT e.created_at FROM {events} AS e WHERE e.slot = c.slot \
-                       AND (e.transaction_id, e.global_position) > (c.commit_position::text::xid8, c.global_position) \
-                       {SCOPE} ORDER BY e.transaction_id, e.global_position LIMIT 1) AS next)",
+                     AS c(slot, commit_position, global_position)) \
+                 SELECT (SELECT count(*) FROM (SELECT 1 FROM c JOIN {events} AS e ON e.slot = c.slot \
+                           AND (e.transaction_id, e.global_position) > (c.commit_position::text::xid8, c.global_position) \
+                           WHERE true {SCOPE} LIMIT $1) AS counted), \
+                        (SELECT EXTRACT(EPOCH FROM clock_timestamp() - min(next.created_at))::float8 \
+                         FROM c CROSS JOIN LATERAL (SELECT e.created_at FROM {events} AS e WHERE e.slot = c.slot \
+                           AND (e.transaction_id, e.global_position) > (c.commit_position::text::xid8, c.global_position) \
+                           {SCOPE} ORDER BY e.transaction_id, e.global_position LIMIT 1) AS next)",
             ),
             head: format!("SELECT max(global_position) FROM {events}"),
             read_all_slots: read_all_slots_sql(events),

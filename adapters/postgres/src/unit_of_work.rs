@@ -191,13 +191,13 @@ impl UnitOfWorkSql {
         Self {
             insert_events: format!(
                 "INSERT INTO {} (bounded_context, aggregate_type, aggregate_id, aggregate_version, slot, \
-         partition_hash, partition_key, event_id, event_type, event_version, payload, \
-         metadata, causation_id, correlation_id, trace_id) \
-     SELECT $1, $2, $3, v, $4, $5, $6, id::uuid, t, tv, p, m::jsonb, c, r, tr \
-     FROM unnest($7::bigint[], $8::text[], $9::text[], $10::int[], $11::bytea[], $12::text[], \
+                     partition_hash, partition_key, event_id, event_type, event_version, payload, \
+                     metadata, causation_id, correlation_id, trace_id) \
+                 SELECT $1, $2, $3, v, $4, $5, $6, id::uuid, t, tv, p, m::jsonb, c, r, tr \
+                 FROM unnest($7::bigint[], $8::text[], $9::text[], $10::int[], $11::bytea[], $12::text[], \
                  $13::text[], $14::text[], $15::text[]) \
-          AS e(v, id, t, tv, p, m, c, r, tr) \
-     RETURNING global_position, transaction_id::text::bigint",
+                      AS e(v, id, t, tv, p, m, c, r, tr) \
+                 RETURNING global_position, transaction_id::text::bigint",
                 t.events
             ),
             stream_head: format!(
