@@ -242,6 +242,63 @@ pub async fn read_pages_with_limit_in_position_order<H: Harness>(h: &H) {
     assert!(seen.windows(2).all(|w| w[0] < w[1]), "positions ascend: {seen:?}");
 }
 
+/// Every slot at a cursor of its own (some at the start, some part way), a subset of the slots at
+/// one common cursor, with and without a scope, at limits from 1 to all: each read returns the
+/// first `limit` events after the cursors, in scope, in position order, also where one slot
+/// holds most of them.
+pub async fn read_at_differing_cursors_returns_the_first_events_after_each<H: Harness>(h: &H) {
+    let store = h.store();
+    for i in 0..240u64 {
+        let type_ = if i % 3 == 0 { "Invoice" } else { "Order" };
+        // The first 100 are one busy aggregate's, so one slot fills whole reads.
+        let id = if i < 100 { "busy".to_owned() } else { format!("agg-{}", i % 48) };
+        let stream = StreamId::new("sales", type_, id);
+        store.append(&stream, ExpectedVersion::Any, new_events(i, 1, "X")).await.unwrap();
+    }
+    let all = read_all(h).await;
+    assert_eq!(all.len(), 240);
+    let mut slots: Vec<Slot> = all.iter().map(|e| e.slot).collect();
+    slots.sort();
+    slots.dedup();
+    // Slot i's cursor: at its (i mod 4)-th event, the start for 0.
+    let differing: Vec<(Slot, Position)> = slots
+        .iter()
+        .enumerate()
+        .map(|(i, slot)| {
+            let nth = all.iter().filter(|e| e.slot == *slot).nth(i % 4);
+            (
+                *slot,
+                if i % 4 == 0 {
+                    Position::START
+                } else {
+                    nth.map_or(Position::START, |e| e.position)
+                },
+            )
+        })
+        .collect();
+    let common = all[50].position;
+    let subset: Vec<(Slot, Position)> = slots.iter().step_by(2).map(|s| (*s, common)).collect();
+    let orders = Scope { aggregate_types: vec!["Order".into()], bounded_contexts: vec![] };
+    for cursors in [&differing, &subset] {
+        for scope in [Scope::all(), orders.clone()] {
+            for limit in [1, 3, 17, 100, 1000] {
+                let request = ReadRequest { cursors: cursors.clone(), scope: scope.clone(), limit };
+                let got: Vec<Position> =
+                    store.read(&request).await.unwrap().iter().map(|e| e.position).collect();
+                let expected: Vec<Position> = all
+                    .iter()
+                    .filter(|e| scope.includes(&e.stream))
+                    .filter(|e| cursors.iter().any(|(s, at)| *s == e.slot && e.position > *at))
+                    .take(limit)
+                    .map(|e| e.position)
+                    .collect();
+                let shape = if cursors.len() == slots.len() { "differing" } else { "common" };
+                assert_eq!(got, expected, "{shape} cursors, {scope:?}, limit {limit}");
+            }
+        }
+    }
+}
+
 /// Events of one stream come back in version order, interleaved with other streams.
 pub async fn read_keeps_version_order_per_stream<H: Harness>(h: &H) {
     let store = h.store();

@@ -123,6 +123,7 @@ macro_rules! conformance_tests {
             events::read_returns_only_requested_slots_after_their_cursors,
             events::read_filters_by_scope,
             events::read_pages_with_limit_in_position_order,
+            events::read_at_differing_cursors_returns_the_first_events_after_each,
             events::read_keeps_version_order_per_stream,
             events::backlog_counts_events_after_the_cursors_in_scope,
             events::head_is_the_last_committed_position,
