@@ -13,6 +13,7 @@ use orchestrator_core::{Position, ReplicaSetName, Slot};
 use sqlx::Row;
 
 use crate::error::classify;
+use crate::event_store::positions_json;
 use crate::{NOW_MS, SqliteStore, SqliteTx, Tables};
 
 /// The checkpoint store's statements, built once when the store opens.
@@ -168,9 +169,7 @@ impl CheckpointStore for SqliteStore {
         if let Some(slot) = lost {
             return Err(StoreError::Fenced { worker: fence.worker.clone(), slot: *slot });
         }
-        let positions: Vec<String> =
-            checkpoints.iter().map(|(slot, p)| format!("[{},{}]", slot.0, p.global)).collect();
-        let positions = format!("[{}]", positions.join(","));
+        let positions = positions_json(checkpoints);
         let advanced = sqlx::query(&sql.advance)
             .bind(fence.replica_set.as_str())
             .bind(projection)

@@ -106,11 +106,13 @@ impl EventSql {
     }
 }
 
-/// Cursors as a JSON array of `[slot, position]`.
-fn cursors_json(cursors: &[(Slot, Position)]) -> String {
-    let cursors: Vec<String> =
-        cursors.iter().map(|(slot, p)| format!("[{},{}]", slot.0, p.global)).collect();
-    format!("[{}]", cursors.join(","))
+/// Slots and positions as a JSON array of `[slot, global position]`, for `json_each`.
+pub(crate) fn positions_json<'a>(
+    positions: impl IntoIterator<Item = (&'a Slot, &'a Position)>,
+) -> String {
+    let pairs: Vec<(u32, u64)> =
+        positions.into_iter().map(|(slot, p)| (slot.0, p.global)).collect();
+    serde_json::to_string(&pairs).expect("numbers serialize")
 }
 
 /// Scope values as a JSON array, or null (every value) when there are none.
@@ -153,7 +155,8 @@ impl EventStore for SqliteStore {
                     .bind(after.global as i64)
                     .bind(serde_json::Value::from(slots).to_string())
             }
-            None => sqlx::query(&sql.read_merge).bind(cursors_json(&request.cursors)),
+            None => sqlx::query(&sql.read_merge)
+                .bind(positions_json(request.cursors.iter().map(|(s, p)| (s, p)))),
         };
         let query = query
             .bind(i64::try_from(request.limit).unwrap_or(i64::MAX))
@@ -168,7 +171,7 @@ impl EventStore for SqliteStore {
             return Ok(Backlog::default());
         }
         let query = sqlx::query(&self.sql.events.backlog)
-            .bind(cursors_json(&request.cursors))
+            .bind(positions_json(request.cursors.iter().map(|(s, p)| (s, p))))
             .bind(i64::try_from(request.limit).unwrap_or(i64::MAX))
             .bind(scope_json(&request.scope.aggregate_types))
             .bind(scope_json(&request.scope.bounded_contexts));
