@@ -260,7 +260,7 @@ fn demo_event(seq: u64, kind: usize) -> NewEvent {
     let mut event = NewEvent::new(
         new_event_id(),
         EVENT_TYPES[kind % EVENT_TYPES.len()],
-        format!("{{\"seq\":{seq}}}"),
+        serde_json::json!({ "seq": seq }).to_string(),
     );
     event.metadata = "{\"source\":\"orchestrator demo\"}".to_owned();
     event
