@@ -746,21 +746,20 @@ impl Group {
             lane.density.record(0, span);
             return true;
         }
-        self.dispatch(lane, events, checkpoints, span, out);
-        if let LaneState::Busy { reads: held, .. } = &mut self.lanes[lane].state {
-            *held = reads;
-        }
+        self.dispatch(lane, events, checkpoints, span, reads, out);
         false
     }
 
     /// Hands a batch to a lane: the events of parked keys go to the dead letters, the others to
-    /// the handler, in one transaction with the checkpoints.
+    /// the handler, in one transaction with the checkpoints. `span` is the events read for it,
+    /// `reads` the reads it holds (its committed time per read sets the lane's pace).
     fn dispatch(
         &mut self,
         lane: usize,
         events: BatchEvents,
         checkpoints: BTreeMap<Slot, Position>,
         span: u64,
+        reads: usize,
         out: &mut Out<'_>,
     ) {
         let grants: BTreeMap<Slot, Epoch> =
@@ -798,7 +797,7 @@ impl Group {
         });
         let sample = (applied.len() as u64, span);
         self.lanes[lane].state =
-            LaneState::Busy { task, checkpoints, events, applied, sample, reads: 1 };
+            LaneState::Busy { task, checkpoints, events, applied, sample, reads };
     }
 
     /// Carries out an operator's retry or skip of a parked key, as the lane's next step.
@@ -838,7 +837,7 @@ impl Group {
         let next = isolation.events.iter().find(|e| !through(e)).cloned();
         if let Some(event) = next {
             let checkpoints = checkpoints_to(&scope, event.position);
-            self.dispatch(lane, BatchEvents::from(vec![event]), checkpoints, 0, out);
+            self.dispatch(lane, BatchEvents::from(vec![event]), checkpoints, 0, 1, out);
             return true;
         }
         let rest: BTreeMap<Slot, Position> = isolation
@@ -851,7 +850,7 @@ impl Group {
         if rest.is_empty() {
             return false;
         }
-        self.dispatch(lane, BatchEvents::default(), rest, 0, out);
+        self.dispatch(lane, BatchEvents::default(), rest, 0, 1, out);
         true
     }
 
@@ -1069,13 +1068,13 @@ impl Group {
                     l.cursors = advance_all(&l.cursors, at);
                 } else {
                     let checkpoints = checkpoints_to(&request, at);
-                    self.dispatch(lane, BatchEvents::from(events), checkpoints, span, out);
+                    self.dispatch(lane, BatchEvents::from(events), checkpoints, span, 1, out);
                 }
             }
             (None, None) => self.lanes[lane].caught_up = true,
             (None, Some(end)) => {
                 let checkpoints = checkpoints_to(&request, end);
-                self.dispatch(lane, BatchEvents::from(events), checkpoints, span, out);
+                self.dispatch(lane, BatchEvents::from(events), checkpoints, span, 1, out);
             }
         }
         None
@@ -1249,7 +1248,7 @@ impl Group {
             return;
         }
         let events = batch.events.filter(|e| checkpoints.contains_key(&e.slot));
-        self.dispatch(lane, events, checkpoints, 0, out);
+        self.dispatch(lane, events, checkpoints, 0, 1, out);
     }
 
     fn reload(&mut self, lane: usize, out: &mut Out<'_>) {
