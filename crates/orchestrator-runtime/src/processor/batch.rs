@@ -22,7 +22,7 @@ pub(super) async fn process<S: ProcessingStore>(
     letters: Vec<NewDeadLetter>,
 ) -> Done {
     let started = Instant::now();
-    let (outcome, error) = run(&shared, projection, &batch, &letters).await;
+    let (outcome, error) = run(&shared, projection, &batch, &letters, started).await;
     (Input::Processed { task, outcome, took: started.elapsed() }, error)
 }
 
@@ -31,10 +31,10 @@ async fn run<S: ProcessingStore>(
     projection: usize,
     batch: &Batch,
     letters: &[NewDeadLetter],
+    started: Instant,
 ) -> (Outcome, Option<BoxError>) {
     let name = shared.projections[projection].name();
     let metrics = &shared.metrics;
-    let started = Instant::now();
     let mut tx = match shared.store.begin().await {
         Ok(tx) => tx,
         Err(err) => {
