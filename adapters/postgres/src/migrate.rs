@@ -10,33 +10,29 @@ use crate::error::classify;
 
 /// The migrations, in order (SQL with `{prefix}` placeholders).
 const MIGRATIONS: &[Migration] = &[
-    migration(1, "init", include_str!("../../../migrations/postgres/0001_init.sql")),
-    migration(2, "leases", include_str!("../../../migrations/postgres/0002_leases.sql")),
-    migration(
+    Migration::new(1, "init", include_str!("../../../migrations/postgres/0001_init.sql")),
+    Migration::new(2, "leases", include_str!("../../../migrations/postgres/0002_leases.sql")),
+    Migration::new(
         3,
         "partition_keys",
         include_str!("../../../migrations/postgres/0003_partition_keys.sql"),
     ),
-    migration(
+    Migration::new(
         4,
         "worker_protocol",
         include_str!("../../../migrations/postgres/0004_worker_protocol.sql"),
     ),
-    migration(
+    Migration::new(
         5,
         "stopped_projections",
         include_str!("../../../migrations/postgres/0005_stopped_projections.sql"),
     ),
-    migration(
+    Migration::new(
         6,
         "dead_letters",
         include_str!("../../../migrations/postgres/0006_dead_letters.sql"),
     ),
 ];
-
-const fn migration(version: i32, name: &'static str, sql: &'static str) -> Migration {
-    Migration { version, name, sql }
-}
 
 const DIALECT: LedgerDialect =
     LedgerDialect { parameter: "$1", applied_at: "TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()" };

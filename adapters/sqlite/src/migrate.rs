@@ -11,28 +11,28 @@ use crate::error::classify;
 
 /// The migrations, in order (SQL with `{prefix}` placeholders).
 const MIGRATIONS: &[Migration] = &[
-    migration(1, "init", include_str!("../../../migrations/sqlite/0001_init.sql")),
-    migration(
+    Migration::new(1, "init", include_str!("../../../migrations/sqlite/0001_init.sql")),
+    Migration::new(
         2,
         "partition_keys",
         include_str!("../../../migrations/sqlite/0002_partition_keys.sql"),
     ),
-    migration(
+    Migration::new(
         3,
         "worker_protocol",
         include_str!("../../../migrations/sqlite/0003_worker_protocol.sql"),
     ),
-    migration(
+    Migration::new(
         4,
         "stopped_projections",
         include_str!("../../../migrations/sqlite/0004_stopped_projections.sql"),
     ),
-    migration(5, "dead_letters", include_str!("../../../migrations/sqlite/0005_dead_letters.sql")),
+    Migration::new(
+        5,
+        "dead_letters",
+        include_str!("../../../migrations/sqlite/0005_dead_letters.sql"),
+    ),
 ];
-
-const fn migration(version: i32, name: &'static str, sql: &'static str) -> Migration {
-    Migration { version, name, sql }
-}
 
 const DIALECT: LedgerDialect = LedgerDialect {
     parameter: "?1",

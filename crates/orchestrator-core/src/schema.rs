@@ -27,6 +27,13 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
+impl Migration {
+    /// Migration `version`, named `name`, running `sql`.
+    pub const fn new(version: i32, name: &'static str, sql: &'static str) -> Self {
+        Self { version, name, sql }
+    }
+}
+
 /// What the two migration ledgers' SQL differs in between databases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LedgerDialect {
@@ -110,9 +117,8 @@ impl MigrationLedger {
     pub fn pending_application<'a>(
         &self,
         schema: &'a [SchemaMigration],
-        names: &[String],
+        names: &'a [String],
     ) -> impl Iterator<Item = &'a SchemaMigration> {
-        let names = names.to_vec();
         schema.iter().filter(move |step| !names.iter().any(|name| name == step.name))
     }
 
